@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Idempotent setup: a .venv with llama-cpp-python built from source with ggml-rpc (plus any
+# CMAKE_ARGS you set, e.g. -DGGML_CUDA=on), and rotary-gguf installed in editable mode.
+# The second run takes seconds: nothing is rebuilt when the right build is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LLAMA_VERSION=0.3.36
+PY=${PYTHON:-python3}
+VENV=.venv
+VPY=$VENV/bin/python
+
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "error: rotary-gguf needs Python 3.11 or newer ($PY is $("$PY" --version 2>&1))" >&2
+    exit 2
+fi
+[ -x "$VPY" ] || "$PY" -m venv "$VENV"
+
+want_cuda=0
+case " ${CMAKE_ARGS:-} " in *"-DGGML_CUDA=on"*|*"-DGGML_CUDA=ON"*) want_cuda=1 ;; esac
+
+llama_ok() {
+    WANT_CUDA=$want_cuda "$VPY" - "$LLAMA_VERSION" <<'PY' 2>/dev/null
+import os, pathlib, sys
+import importlib.metadata as md
+if md.version("llama-cpp-python") != sys.argv[1]:
+    sys.exit(1)
+spec = __import__("importlib.util").util.find_spec("llama_cpp")
+lib = pathlib.Path(spec.origin).parent / "lib"
+needed = ["libggml-rpc.so"] + (["libggml-cuda.so"] if os.environ["WANT_CUDA"] == "1" else [])
+sys.exit(0 if all((lib / n).exists() for n in needed) else 1)
+PY
+}
+
+if ! llama_ok; then
+    export CMAKE_ARGS="${CMAKE_ARGS:+$CMAKE_ARGS }-DGGML_RPC=on"
+    echo "building llama-cpp-python $LLAMA_VERSION from source with CMAKE_ARGS='$CMAKE_ARGS' (about 6-12 minutes on 2 cores)..."
+    "$VPY" -m pip install --quiet --upgrade pip
+    "$VPY" -m pip install --quiet "llama-cpp-python==$LLAMA_VERSION"
+    if ! llama_ok; then
+        # pip reuses a wheel it built earlier whatever CMAKE_ARGS say: rebuild without the cache.
+        echo "the cached llama-cpp-python build lacks the wanted backends; rebuilding without pip's cache..."
+        "$VPY" -m pip install --quiet --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$LLAMA_VERSION"
+    fi
+    llama_ok || { echo "error: llama-cpp-python $LLAMA_VERSION was built without the RPC backend" >&2; exit 1; }
+fi
+
+stamp=$VENV/.rotary-gguf-installed
+want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VPY" -c 'import rotary_gguf' 2>/dev/null; then
+    echo "installing rotary-gguf and its dependencies into $VENV..."
+    "$VPY" -m pip install --quiet -e ".[dev]"
+    echo "$want" > "$stamp"
+fi
