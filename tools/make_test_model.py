@@ -1,0 +1,662 @@
+#!/usr/bin/env python3
+"""Generate small synthetic Mixture-of-Experts GGUF models for tests.
+
+The files load and run in llama.cpp (llama-cpp-python 0.3.36) on CPU in well
+under a second. Three architectures are supported:
+
+* ``qwen3moe``  - Qwen3-30B-A3B style: every block is full attention + routed
+  experts (no shared expert).
+* ``qwen35moe`` - Qwen3.5/3.6-35B-A3B style hybrid: block ``i`` is full
+  (gated) attention when ``(i + 1) % 4 == 0`` and Gated DeltaNet otherwise;
+  every block has routed experts plus a sigmoid-gated shared expert.
+* ``qwen3``     - a small *dense* model (no experts at all), useful for testing
+  "not a MoE model" error paths. ``--ff`` is its dense FFN size there.
+
+Weights are drawn from ``numpy.random.default_rng`` seeded by ``--seed`` and the
+tensor name, so equal arguments give byte-identical files (also for the
+quantized types, which are produced by llama.cpp's own quantizer).
+
+Routing skew (``--router-skew S``): channel 0 of the residual stream is a
+constant "bias" channel: every token embedding holds ``BIAS_VALUE`` there, no
+layer writes to it and only the routers read it. The router rows of a few hot
+experts per layer (``hot_experts()``: ``2*used`` of them, at most half the
+experts, different per layer, chosen from the seed) get ``S * ROUTER_SKEW_GAIN``
+on that channel; all other router weights on it are zero. ``S = 0`` gives
+near-uniform routing; with the defaults the hot experts take about 80-87% of
+the selections at ``S = 1`` and about 99% at ``S = 2``.
+
+Defaults: 4 layers, 32 experts, 4 used, ``embd`` 64 and ``ff`` 32 (about 3.5 MB
+in f32, ~1 MB in q8_0). K-quants need rows that are a multiple of 256, so with
+``--quant q4_k_m`` the defaults become ``embd`` 256 and ``ff`` 256 (~16 MB,
+~2 s to generate) so that all expert tensors really are K-quants (Q4_K, and
+Q6_K for some ffn_down_exps as llama.cpp's Q4_K_M mix does). For other sizes
+llama.cpp falls back to a legacy type (Q5_0/Q5_1/Q8_0) for tensors whose row
+size does not fit: ``embd``/``ff`` must be multiples of 32 for q8_0 and of 256
+for K-quants to be used everywhere.
+
+Constraints from llama.cpp: ``qwen35moe`` needs ``layers >= 4`` (a hybrid model
+without any full-attention block aborts), and ``--fused-gate-up`` only works
+for ``qwen35moe`` (the qwen3moe loader only reads separate gate/up tensors).
+Control tokens get all-zero output rows so greedy decoding never picks them
+(generation runs to ``max_tokens`` instead of stopping at ``<|im_end|>``).
+
+Usage::
+
+    python tools/make_test_model.py -o /tmp/tiny.gguf --arch qwen35moe \\
+        --quant q8_0 --router-skew 1.5 --seed 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import zlib
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+
+import gguf
+
+__all__ = [
+    "ARCHS",
+    "QUANTS",
+    "BIAS_CHANNEL",
+    "BIAS_VALUE",
+    "ROUTER_SKEW_GAIN",
+    "make_model",
+    "hot_experts",
+    "model_dims",
+    "build_tokenizer",
+    "CHAT_TEMPLATE",
+    "main",
+]
+
+ARCHS = ("qwen3moe", "qwen35moe", "qwen3")
+QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
+
+DEFAULT_LAYERS = 4
+DEFAULT_EXPERTS = 32
+DEFAULT_USED = 4
+DEFAULT_EMBD = 64
+DEFAULT_FF = 32
+# K-quants (Q4_K/Q6_K) work on 256-wide blocks along a row.
+DEFAULT_EMBD_KQUANT = 256
+DEFAULT_FF_KQUANT = 256
+
+CONTEXT_LENGTH = 4096
+RMS_EPS = 1e-6
+
+# residual-stream channel that carries a constant, used to skew routing
+BIAS_CHANNEL = 0
+BIAS_VALUE = 4.0
+# router logit boost per unit of --router-skew and per unit of the
+# (normalised) bias channel
+ROUTER_SKEW_GAIN = 0.5
+# random attention mostly averages values over the context, which adds a
+# component common to all tokens; keeping it small keeps routing token-specific
+ATTN_OUT_GAIN = 0.5
+
+# llama.cpp's llama_ftype values
+_FTYPE_ALL_F32 = 0
+_FTYPE_MOSTLY_F16 = 1
+_FTYPE_MOSTLY_Q8_0 = 7
+_FTYPE_MOSTLY_Q4_K_M = 15
+
+# number of threads given to llama.cpp's quantizer (the result does not depend
+# on it, but a fixed value keeps runs identical in every respect)
+_QUANT_THREADS = 4
+
+# GGUF token types
+_TOKEN_NORMAL = 1
+_TOKEN_CONTROL = 3
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+# A few dozen byte-level BPE merges of common English pairs, in GPT-2's
+# byte-to-unicode spelling ("Ġ" is a space, "Ċ" a newline). Merge order is rank.
+_MERGES = (
+    "Ġ t", "Ġ a", "h e", "i n", "r e", "o n", "Ġt he", "e r", "Ġ s", "a t",
+    "Ġ w", "Ġ o", "e n", "Ġ c", "i t", "i s", "a n", "o r", "e s", "Ġ b",
+    "e d", "Ġ f", "in g", "Ġ p", "o u", "Ġa n", "a l", "a r", "Ġt o", "Ġ m",
+    "Ġo f", "Ġ in", "Ġ d", "Ġ h", "Ġan d", "i c", "a s", "l e", "Ġt h", "i on",
+    "o m", "l l", "en t", "Ġ n", "Ġ l", "s t", "Ġ re", "v e", "Ġ e", "r o",
+    "l y", "Ġb e", "Ġ g", "Ġ T", "c t", "Ġ S", "i d", "o t", "Ġ I", "u t",
+    "e t", "Ġ A", "Ġ is", "Ġo n", "Ġ y", "Ġy ou", "Ġw h", "Ġh e", "Ġ H", "Ġw it",
+    "Ġwit h", "Ġth at", "Ġf or", "Ġ Ġ", "Ċ Ċ", "e l", "l o",
+)
+
+
+# ---------------------------------------------------------------------------
+# tokenizer
+
+
+def _bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character mapping."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    mapping: Dict[int, str] = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def build_tokenizer() -> Dict[str, object]:
+    """Build the vocabulary: 256 byte symbols (id == byte value), merged
+    tokens, then the special tokens. Returns a dict with ``tokens``,
+    ``types``, ``merges`` and the ids of the special tokens."""
+    byte_map = _bytes_to_unicode()
+    tokens: List[str] = [byte_map[b] for b in range(256)]
+    seen = set(tokens)
+    merges: List[str] = []
+    for merge in _MERGES:
+        left, right = merge.split(" ")
+        if left not in seen or right not in seen:
+            raise AssertionError(f"merge {merge!r} uses an unknown token")
+        if merge in merges:
+            raise AssertionError(f"duplicate merge {merge!r}")
+        merges.append(merge)
+        merged = left + right
+        if merged not in seen:
+            seen.add(merged)
+            tokens.append(merged)
+    types = [_TOKEN_NORMAL] * len(tokens)
+    ids = {}
+    for special in SPECIAL_TOKENS:
+        ids[special] = len(tokens)
+        tokens.append(special)
+        types.append(_TOKEN_CONTROL)
+    return {
+        "tokens": tokens,
+        "types": types,
+        "merges": merges,
+        "bos_id": ids["<|endoftext|>"],
+        "eos_id": ids["<|im_end|>"],
+        "pad_id": ids["<|endoftext|>"],
+        "im_start_id": ids["<|im_start|>"],
+        "control_ids": [ids[s] for s in SPECIAL_TOKENS],
+    }
+
+
+# ---------------------------------------------------------------------------
+# dimensions
+
+
+def _rope_sections(n_pairs: int) -> List[int]:
+    """Split ``n_pairs`` rotary pairs over (t, h, w) like Qwen3.5's [11,11,10]."""
+    base, rem = divmod(n_pairs, 3)
+    secs = [base + (1 if i < rem else 0) for i in range(3)]
+    return secs + [0]
+
+
+def model_dims(
+    *,
+    arch: str = "qwen3moe",
+    layers: int = DEFAULT_LAYERS,
+    experts: int = DEFAULT_EXPERTS,
+    used: int = DEFAULT_USED,
+    embd: int = DEFAULT_EMBD,
+    ff: int = DEFAULT_FF,
+) -> Dict[str, object]:
+    """All derived hyper-parameters of a generated model."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if layers < 1:
+        raise ValueError("layers must be >= 1")
+    if embd < 16 or embd % 8:
+        raise ValueError("embd must be a multiple of 8 and >= 16")
+    if ff < 1:
+        raise ValueError("ff must be >= 1")
+    moe = arch != "qwen3"
+    if moe:
+        if experts < 2 or experts > 512:
+            raise ValueError("experts must be in [2, 512]")
+        if used < 1 or used > experts:
+            raise ValueError("used must be in [1, experts]")
+
+    d: Dict[str, object] = {
+        "arch": arch,
+        "moe": moe,
+        "layers": layers,
+        "embd": embd,
+        "ff": ff,
+        "experts": experts if moe else 0,
+        "used": used if moe else 0,
+        "n_head": 4,
+        "n_head_kv": 2,
+    }
+    if arch == "qwen35moe" and layers < 4:
+        # llama.cpp aborts (GGML_ASSERT(buffer) in ggml-backend) when a hybrid
+        # model has no full-attention block, i.e. an empty KV cache
+        raise ValueError("qwen35moe needs layers >= 4 (block 3 is the first full-attention block)")
+    if arch == "qwen35moe":
+        # real: n_embd 2048, head_dim 256, rope dims 64 (partial 0.25),
+        # sections [11, 11, 10, 0], linear attn: 16 k-heads, 32 v-heads, dim 128
+        head_dim = max(16, embd // 2)
+        n_rot = max(4, head_dim // 4)
+        d.update(
+            head_dim=head_dim,
+            n_rot=n_rot,
+            rope_sections=_rope_sections(n_rot // 2),
+            rope_base=1e7,
+            full_attention_interval=4,
+            ff_shexp=ff,
+            ssm_d_state=max(8, head_dim // 2),
+            ssm_n_group=2,
+            ssm_dt_rank=4,
+            ssm_d_conv=4,
+        )
+        d["ssm_d_inner"] = d["ssm_d_state"] * d["ssm_dt_rank"]
+        d["recurrent"] = [(i + 1) % 4 != 0 for i in range(layers)]
+    else:
+        # real Qwen3-30B-A3B: n_embd 2048, 32 heads, 4 kv heads, head_dim 128
+        head_dim = max(16, embd // 4)
+        d.update(head_dim=head_dim, n_rot=head_dim, rope_base=1e6)
+        d["recurrent"] = [False] * layers
+    return d
+
+
+def hot_experts(
+    layers: int = DEFAULT_LAYERS,
+    experts: int = DEFAULT_EXPERTS,
+    used: int = DEFAULT_USED,
+    seed: int = 0,
+) -> List[List[int]]:
+    """The experts that ``--router-skew`` favours, per layer (sorted ids).
+
+    ``min(2*used, experts//2)`` experts per layer, chosen from the seed; the
+    choice does not depend on the skew value."""
+    n_hot = max(1, min(2 * used, experts // 2))
+    out = []
+    for il in range(layers):
+        rng = np.random.default_rng([int(seed), zlib.crc32(f"blk.{il}.router_hot".encode())])
+        out.append(sorted(int(x) for x in rng.permutation(experts)[:n_hot]))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# weights
+
+
+class _Weights:
+    """Deterministic per-tensor random weights (depend on seed + name only)."""
+
+    def __init__(self, seed: int) -> None:
+        if seed < 0:
+            raise ValueError("seed must be >= 0")
+        self.seed = int(seed)
+
+    def rng(self, name: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+
+    def normal(self, name: str, shape: Sequence[int], std: float) -> np.ndarray:
+        x = self.rng(name).standard_normal(tuple(shape), dtype=np.float32)
+        return x * np.float32(std)
+
+    def linear(self, name: str, n_out: int, n_in: int, gain: float = 1.0) -> np.ndarray:
+        """numpy (n_out, n_in) == ggml ne {n_in, n_out}."""
+        return self.normal(name, (n_out, n_in), gain / math.sqrt(n_in))
+
+    def norm(self, name: str, n: int) -> np.ndarray:
+        return np.float32(1.0) + self.normal(name, (n,), 0.02)
+
+    def uniform(self, name: str, shape: Sequence[int], lo: float, hi: float) -> np.ndarray:
+        return self.rng(name).uniform(lo, hi, size=tuple(shape)).astype(np.float32)
+
+
+def _no_bias_write(w: np.ndarray) -> np.ndarray:
+    """Zero the output row of the bias channel (numpy axis -2 is ggml ne[1])."""
+    w[..., BIAS_CHANNEL, :] = 0.0
+    return w
+
+
+def _no_bias_read(w: np.ndarray) -> np.ndarray:
+    """Zero the input column of the bias channel (numpy axis -1 is ggml ne[0]),
+    so that only the router sees the constant."""
+    w[..., BIAS_CHANNEL] = 0.0
+    return w
+
+
+def _tensors(d: Dict[str, object], n_vocab: int, control_ids: Sequence[int],
+             seed: int, router_skew: float, fused_gate_up: bool
+             ) -> Iterator[Tuple[str, np.ndarray]]:
+    W = _Weights(seed)
+    arch = d["arch"]
+    E = int(d["embd"])
+    F = int(d["ff"])
+    NH, NKV, HD = int(d["n_head"]), int(d["n_head_kv"]), int(d["head_dim"])
+    X = int(d["experts"])
+
+    emb = W.normal("token_embd.weight", (n_vocab, E), 1.0)
+    emb[:, BIAS_CHANNEL] = BIAS_VALUE
+    yield "token_embd.weight", emb
+
+    hot = hot_experts(int(d["layers"]), X, int(d["used"]), seed) if d["moe"] else None
+
+    for il in range(int(d["layers"])):
+        p = f"blk.{il}."
+        yield p + "attn_norm.weight", W.norm(p + "attn_norm.weight", E)
+
+        if d["recurrent"][il]:
+            # Gated DeltaNet (linear attention)
+            ds, ng, nv, kc = (int(d["ssm_d_state"]), int(d["ssm_n_group"]),
+                              int(d["ssm_dt_rank"]), int(d["ssm_d_conv"]))
+            key_dim, value_dim = ds * ng, ds * nv
+            conv_dim = 2 * key_dim + value_dim
+            yield p + "attn_qkv.weight", _no_bias_read(W.linear(p + "attn_qkv.weight", conv_dim, E))
+            yield p + "attn_gate.weight", _no_bias_read(W.linear(p + "attn_gate.weight", value_dim, E))
+            yield p + "ssm_conv1d.weight", W.normal(p + "ssm_conv1d.weight", (conv_dim, kc), 1.0 / math.sqrt(kc))
+            yield p + "ssm_dt.bias", np.float32(1.0) + W.normal(p + "ssm_dt.bias", (nv,), 0.1)
+            # ssm_a = -exp(A_log) < 0 so that the decay exp(softplus(.) * a) is in (0, 1)
+            yield p + "ssm_a", -W.uniform(p + "ssm_a", (nv,), 0.5, 8.0)
+            yield p + "ssm_beta.weight", _no_bias_read(W.linear(p + "ssm_beta.weight", nv, E))
+            yield p + "ssm_alpha.weight", _no_bias_read(W.linear(p + "ssm_alpha.weight", nv, E))
+            yield p + "ssm_norm.weight", W.norm(p + "ssm_norm.weight", ds)
+            yield p + "ssm_out.weight", _no_bias_write(W.linear(p + "ssm_out.weight", E, value_dim))
+        else:
+            if arch == "qwen35moe":
+                # query and output gate interleaved per head: [q_h, gate_h] x n_head
+                q_out = 2 * NH * HD
+            else:
+                q_out = NH * HD
+            yield p + "attn_q.weight", _no_bias_read(W.linear(p + "attn_q.weight", q_out, E))
+            yield p + "attn_k.weight", _no_bias_read(W.linear(p + "attn_k.weight", NKV * HD, E))
+            yield p + "attn_v.weight", _no_bias_read(W.linear(p + "attn_v.weight", NKV * HD, E))
+            yield p + "attn_output.weight", _no_bias_write(W.linear(p + "attn_output.weight", E, NH * HD, ATTN_OUT_GAIN))
+            yield p + "attn_q_norm.weight", W.norm(p + "attn_q_norm.weight", HD)
+            yield p + "attn_k_norm.weight", W.norm(p + "attn_k_norm.weight", HD)
+
+        if arch == "qwen35moe":
+            yield p + "post_attention_norm.weight", W.norm(p + "post_attention_norm.weight", E)
+        else:
+            yield p + "ffn_norm.weight", W.norm(p + "ffn_norm.weight", E)
+
+        if not d["moe"]:
+            yield p + "ffn_gate.weight", _no_bias_read(W.linear(p + "ffn_gate.weight", F, E))
+            yield p + "ffn_up.weight", _no_bias_read(W.linear(p + "ffn_up.weight", F, E))
+            yield p + "ffn_down.weight", _no_bias_write(W.linear(p + "ffn_down.weight", E, F))
+            continue
+
+        # router: nothing reads the bias channel except the hot experts' boost
+        router = W.linear(p + "ffn_gate_inp.weight", X, E)
+        router[:, BIAS_CHANNEL] = 0.0
+        if router_skew:
+            router[hot[il], BIAS_CHANNEL] = np.float32(router_skew * ROUTER_SKEW_GAIN)
+        yield p + "ffn_gate_inp.weight", router
+
+        # routed experts: numpy (n_expert, n_out, n_in) == ggml {n_in, n_out, n_expert}
+        gate = _no_bias_read(W.normal(p + "ffn_gate_exps.weight", (X, F, E), 1.0 / math.sqrt(E)))
+        up = _no_bias_read(W.normal(p + "ffn_up_exps.weight", (X, F, E), 1.0 / math.sqrt(E)))
+        down = _no_bias_write(W.normal(p + "ffn_down_exps.weight", (X, E, F), 1.0 / math.sqrt(F)))
+        if fused_gate_up:
+            # per expert: rows [0, ff) are gate, rows [ff, 2ff) are up
+            yield p + "ffn_gate_up_exps.weight", np.concatenate([gate, up], axis=1)
+        else:
+            yield p + "ffn_gate_exps.weight", gate
+            yield p + "ffn_up_exps.weight", up
+        yield p + "ffn_down_exps.weight", down
+
+        if arch == "qwen35moe":
+            FS = int(d["ff_shexp"])
+            yield p + "ffn_gate_inp_shexp.weight", _no_bias_read(W.normal(p + "ffn_gate_inp_shexp.weight", (E,), 1.0 / math.sqrt(E)))
+            yield p + "ffn_gate_shexp.weight", _no_bias_read(W.linear(p + "ffn_gate_shexp.weight", FS, E))
+            yield p + "ffn_up_shexp.weight", _no_bias_read(W.linear(p + "ffn_up_shexp.weight", FS, E))
+            yield p + "ffn_down_shexp.weight", _no_bias_write(W.linear(p + "ffn_down_shexp.weight", E, FS))
+
+    yield "output_norm.weight", W.norm("output_norm.weight", E)
+    out = W.linear("output.weight", n_vocab, E)
+    out[:, BIAS_CHANNEL] = 0.0
+    # control tokens get logit 0, which a greedy sampler never picks over the
+    # random logits of the ordinary tokens, so generation never stops early
+    out[list(control_ids), :] = 0.0
+    yield "output.weight", out
+
+
+def _keep_f32(name: str, arr: np.ndarray) -> bool:
+    """Tensors llama.cpp expects in f32 (mirrors convert_hf_to_gguf)."""
+    return (
+        arr.ndim <= 1
+        or name.endswith("_norm.weight")
+        or ".ffn_gate_inp." in name
+        or ".ffn_gate_inp_shexp." in name
+        or ".ssm_conv1d." in name
+    )
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+
+def _write_gguf(path: pathlib.Path, d: Dict[str, object], tok: Dict[str, object],
+                seed: int, router_skew: float, fused_gate_up: bool, f16: bool) -> None:
+    arch = str(d["arch"])
+    w = gguf.GGUFWriter(path, arch)
+
+    w.add_name(f"rotary-gguf synthetic {arch}")
+    w.add_file_type(_FTYPE_MOSTLY_F16 if f16 else _FTYPE_ALL_F32)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    w.add_context_length(CONTEXT_LENGTH)
+    w.add_embedding_length(int(d["embd"]))
+    w.add_block_count(int(d["layers"]))
+    w.add_head_count(int(d["n_head"]))
+    w.add_head_count_kv(int(d["n_head_kv"]))
+    w.add_key_length(int(d["head_dim"]))
+    w.add_value_length(int(d["head_dim"]))
+    w.add_layer_norm_rms_eps(RMS_EPS)
+    w.add_rope_freq_base(float(d["rope_base"]))
+    w.add_rope_dimension_count(int(d["n_rot"]))
+    if d["moe"]:
+        # dense-equivalent size (llama.cpp falls back to ff / used for the
+        # expert size when expert_feed_forward_length is absent)
+        w.add_feed_forward_length(int(d["ff"]) * int(d["used"]))
+        w.add_expert_feed_forward_length(int(d["ff"]))
+        w.add_expert_count(int(d["experts"]))
+        w.add_expert_used_count(int(d["used"]))
+    else:
+        w.add_feed_forward_length(int(d["ff"]))
+    if arch == "qwen35moe":
+        w.add_expert_shared_feed_forward_length(int(d["ff_shexp"]))
+        w.add_rope_dimension_sections([int(x) for x in d["rope_sections"]])
+        w.add_full_attention_interval(int(d["full_attention_interval"]))
+        w.add_ssm_conv_kernel(int(d["ssm_d_conv"]))
+        w.add_ssm_inner_size(int(d["ssm_d_inner"]))
+        w.add_ssm_state_size(int(d["ssm_d_state"]))
+        w.add_ssm_time_step_rank(int(d["ssm_dt_rank"]))
+        w.add_ssm_group_count(int(d["ssm_n_group"]))
+
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    w.add_bos_token_id(int(tok["bos_id"]))
+    w.add_eos_token_id(int(tok["eos_id"]))
+    w.add_eot_token_id(int(tok["eos_id"]))
+    w.add_pad_token_id(int(tok["pad_id"]))
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    n_vocab = len(tok["tokens"])
+    for name, arr in _tensors(d, n_vocab, tok["control_ids"], seed, router_skew, fused_gate_up):
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if f16 and not _keep_f32(name, arr):
+            arr = arr.astype(np.float16)
+        w.add_tensor(name, arr)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _quantize(src: pathlib.Path, dst: pathlib.Path, ftype: int) -> None:
+    import ctypes
+    import logging
+
+    import llama_cpp  # lazy: only needed for q8_0 / q4_k_m
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = _QUANT_THREADS
+    params.ftype = ftype
+    # llama-cpp-python routes llama.cpp's log through this logger (when its own
+    # callback is installed); keep the per-tensor quantizer chatter out of
+    # stderr but let errors through, then restore the caller's level
+    logger = logging.getLogger("llama-cpp-python")
+    old_level = logger.level
+    if old_level < logging.ERROR:
+        logger.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(
+            os.fsencode(str(src)), os.fsencode(str(dst)), ctypes.byref(params)
+        )
+    finally:
+        logger.setLevel(old_level)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed with code {rc}")
+
+
+def _tmp_path(folder: pathlib.Path, stem: str, suffix: str) -> pathlib.Path:
+    fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=folder)
+    os.close(fd)
+    return pathlib.Path(name)
+
+
+def make_model(
+    output,
+    *,
+    arch: str = "qwen3moe",
+    layers: int = DEFAULT_LAYERS,
+    experts: int = DEFAULT_EXPERTS,
+    used: int = DEFAULT_USED,
+    embd: int | None = None,
+    ff: int | None = None,
+    quant: str = "f32",
+    router_skew: float = 0.0,
+    seed: int = 0,
+    fused_gate_up: bool = False,
+) -> pathlib.Path:
+    """Write a synthetic GGUF model to ``output`` (atomically) and return its path.
+
+    ``embd``/``ff`` default to 64/32, or 256/256 for ``quant="q4_k_m"``.
+    ``experts``/``used`` are ignored for the dense ``arch="qwen3"``, where
+    ``ff`` is the dense FFN size. ``fused_gate_up`` writes
+    ``ffn_gate_up_exps`` (gate rows then up rows per expert) instead of
+    ``ffn_gate_exps`` + ``ffn_up_exps``; llama.cpp only reads the fused tensor
+    for ``qwen35moe``."""
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quant {quant!r}; expected one of {QUANTS}")
+    kquant = quant == "q4_k_m"
+    if embd is None:
+        embd = DEFAULT_EMBD_KQUANT if kquant else DEFAULT_EMBD
+    if ff is None:
+        ff = DEFAULT_FF_KQUANT if kquant else DEFAULT_FF
+    if fused_gate_up and arch != "qwen35moe":
+        raise ValueError(
+            "fused_gate_up is only supported for arch 'qwen35moe' "
+            "(llama.cpp's qwen3moe/qwen3 loaders do not read ffn_gate_up_exps)"
+        )
+    router_skew = float(router_skew)
+    if not math.isfinite(router_skew) or router_skew < 0:
+        raise ValueError("router_skew must be a finite value >= 0")
+    if router_skew and arch == "qwen3":
+        raise ValueError("router_skew needs a MoE arch")
+
+    d = model_dims(arch=arch, layers=layers, experts=experts, used=used, embd=embd, ff=ff)
+    tok = build_tokenizer()
+
+    out = pathlib.Path(output)
+    folder = out.parent if str(out.parent) else pathlib.Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    tmp_final = _tmp_path(folder, out.name, ".tmp")
+    tmp_f32 = None
+    try:
+        if quant in ("f32", "f16"):
+            _write_gguf(tmp_final, d, tok, seed, router_skew, fused_gate_up, f16=(quant == "f16"))
+        else:
+            tmp_f32 = _tmp_path(folder, out.name, ".f32.tmp")
+            _write_gguf(tmp_f32, d, tok, seed, router_skew, fused_gate_up, f16=False)
+            ftype = _FTYPE_MOSTLY_Q8_0 if quant == "q8_0" else _FTYPE_MOSTLY_Q4_K_M
+            _quantize(tmp_f32, tmp_final, ftype)
+        os.replace(tmp_final, out)
+    except BaseException:
+        tmp_final.unlink(missing_ok=True)
+        raise
+    finally:
+        if tmp_f32 is not None:
+            tmp_f32.unlink(missing_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description="Write a small synthetic (MoE) GGUF model that llama.cpp can run.",
+    )
+    ap.add_argument("-o", "--output", required=True, help="output .gguf path")
+    ap.add_argument("--arch", choices=ARCHS, default="qwen3moe",
+                    help="qwen3moe, qwen35moe (hybrid DeltaNet/attention MoE) or qwen3 (dense)")
+    ap.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="number of blocks")
+    ap.add_argument("--experts", type=int, default=DEFAULT_EXPERTS, help="routed experts per block")
+    ap.add_argument("--used", type=int, default=DEFAULT_USED, help="experts used per token")
+    ap.add_argument("--embd", type=int, default=None,
+                    help=f"embedding size (default {DEFAULT_EMBD}, {DEFAULT_EMBD_KQUANT} for q4_k_m)")
+    ap.add_argument("--ff", type=int, default=None,
+                    help=f"expert FFN size, dense FFN size for qwen3 "
+                         f"(default {DEFAULT_FF}, {DEFAULT_FF_KQUANT} for q4_k_m)")
+    ap.add_argument("--quant", choices=QUANTS, default="f32", help="weight type")
+    ap.add_argument("--router-skew", type=float, default=0.0,
+                    help="0 = near-uniform routing; 1-2 = a few hot experts per layer take most selections")
+    ap.add_argument("--seed", type=int, default=0, help="weights seed")
+    ap.add_argument("--fused-gate-up", action="store_true",
+                    help="write ffn_gate_up_exps instead of ffn_gate_exps + ffn_up_exps (qwen35moe)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        path = make_model(
+            args.output,
+            arch=args.arch,
+            layers=args.layers,
+            experts=args.experts,
+            used=args.used,
+            embd=args.embd,
+            ff=args.ff,
+            quant=args.quant,
+            router_skew=args.router_skew,
+            seed=args.seed,
+            fused_gate_up=args.fused_gate_up,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{path} {path.stat().st_size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
