@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import datetime
+import functools
+import json
 import os
+import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +27,7 @@ from . import native
 from .errors import UserError
 from .inventory import read_inventory
 from .plan import Placement
+from .stats import LiveStats
 
 
 @dataclass
@@ -33,6 +39,8 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     repeat_last_n: int = 64
     seed: int | None = None
 
@@ -72,13 +80,42 @@ class TokenEvent:
 
 @dataclass
 class LoadReport:
-    """What llama.cpp actually allocated for the weights, per buffer type name."""
+    """What llama.cpp allocated while loading, per buffer name, read from its load log (sizes in MiB
+    with two decimals: each figure is within 5 KiB). A mapped weight buffer ("CPU_Mapped") is the
+    span of the file its tensors lie in, paged in on use, not memory set aside."""
 
     weight_bytes: dict[str, int] = field(default_factory=dict)
+    kv_bytes: dict[str, int] = field(default_factory=dict)
+    recurrent_bytes: dict[str, int] = field(default_factory=dict)
+    compute_bytes: dict[str, int] = field(default_factory=dict)
+    output_bytes: dict[str, int] = field(default_factory=dict)
+
+    _LINE = re.compile(r"(?P<buffer>\S+)\s+(?P<kind>model|KV|RS|compute|output) buffer size =\s*(?P<mib>[\d.]+) MiB")
+    _FIELDS = {"model": "weight_bytes", "KV": "kv_bytes", "RS": "recurrent_bytes", "compute": "compute_bytes", "output": "output_bytes"}
+
+    @classmethod
+    def from_log(cls, lines: Sequence[str]) -> "LoadReport":
+        report = cls()
+        for line in lines:
+            m = cls._LINE.search(line)
+            if m:
+                sizes = getattr(report, cls._FIELDS[m["kind"]])
+                sizes[m["buffer"]] = sizes.get(m["buffer"], 0) + round(float(m["mib"]) * 2**20)
+        return report
+
+
+class PromptError(UserError):
+    """A prompt this model cannot take: empty, longer than the context, or refused by the chat template."""
 
 
 class Engine:
     """A loaded model and one context. Not thread-safe: one generation at a time."""
+
+    load_report: LoadReport  # what llama.cpp allocated, set by `load`
+    # Make every token of a batch an output, so every block routes every token: some archs
+    # (qwen3moe) run the last block's FFN only for output tokens. For routing profiles; costs
+    # n_batch x n_vocab floats of logits.
+    output_every_token = False
 
     def __init__(self, path: Path, model, ctx, placement: Placement, keepalive: list):
         self.path = path
@@ -91,6 +128,7 @@ class Engine:
         self.n_batch = llama_cpp.llama_n_batch(ctx)
         self._cached: list[int] = []  # tokens whose state is in the context memory
         self.inventory = read_inventory(path)
+        self.live = LiveStats()  # totals over every generation, read by /metrics and the dashboard
 
     # --- lifecycle -----------------------------------------------------------------------------
     @classmethod
@@ -102,8 +140,11 @@ class Engine:
         n_ctx: int = 2048,
         n_batch: int = 512,
         n_threads: int | None = None,
+        telemetry=None,
     ) -> "Engine":
-        """Load `path` with `placement` (default: everything on the CPU) and create a context."""
+        """Load `path` with `placement` (default: everything on the CPU) and create a context.
+        `telemetry` (e.g. a `telemetry.RoutingTelemetry`) is installed as llama.cpp's eval callback:
+        anything with `callback` (an EvalCallback) and `user_data`."""
         path = Path(path)
         inv = read_inventory(path)  # clear errors for missing/broken files before llama.cpp sees them
         placement = placement or Placement.all_cpu()
@@ -129,20 +170,26 @@ class Engine:
             keepalive.append(ov)
             mparams.tensor_buft_overrides = native.address(ov)
 
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
-        if not model:
-            raise UserError(f"llama.cpp could not load {path} (arch {inv.arch}); run with --verbose for its log")
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = n_batch
-        threads = n_threads or default_threads()
-        cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
-        if not ctx:
-            llama_cpp.llama_model_free(model)
-            raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
-        return cls(path, model, ctx, placement, keepalive)
+        with native.capture_llama_log() as log_lines:
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+            if not model:
+                raise UserError(f"llama.cpp could not load {path} (arch {inv.arch}); run with --verbose for its log")
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = n_ctx
+            cparams.n_batch = cparams.n_ubatch = n_batch
+            threads = n_threads or default_threads()
+            cparams.n_threads = cparams.n_threads_batch = threads
+            cparams.no_perf = True
+            if telemetry is not None:
+                cparams.cb_eval, cparams.cb_eval_user_data = telemetry.callback, telemetry.user_data
+                keepalive.append(telemetry)
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
+            if not ctx:
+                llama_cpp.llama_model_free(model)
+                raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+        engine = cls(path, model, ctx, placement, keepalive)
+        engine.load_report = LoadReport.from_log(log_lines)
+        return engine
 
     def close(self) -> None:
         if self._ctx:
@@ -152,6 +199,14 @@ class Engine:
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
+    def accelerator_memory(self) -> dict[str, tuple[int, int]]:
+        """(used, total) bytes of each accelerator in the placement, as the device reports them."""
+        return {
+            d.name: (d.total - d.free, d.total)
+            for d in native.devices()
+            if d.is_accelerator and d.name in self.placement.devices
+        }
+
     def __enter__(self) -> "Engine":
         return self
 
@@ -160,7 +215,10 @@ class Engine:
 
     # --- text --------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a JSON "\ud800" escape
+            raise PromptError(f"the text is not valid Unicode ({e.reason} at character {e.start})") from None
         buf = (llama_cpp.llama_token * (len(data) + 8))()
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, len(buf), add_special, parse_special)
         if n < 0:
@@ -182,6 +240,30 @@ class Engine:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
+    @property
+    def chat_template(self) -> str | None:
+        """The model's default chat template (GGUF tokenizer.chat_template), if it has one."""
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        return template.decode("utf-8", errors="replace") if template else None
+
+    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+        """The tokens of `messages` ({"role", "content"} dicts) in the model's chat template,
+        ending where the assistant's reply begins."""
+        template = self.chat_template
+        if not template:
+            raise PromptError(f"{self.path.name} has no chat template; send a plain completion prompt instead")
+        bos, eos = llama_cpp.llama_vocab_bos(self._vocab), llama_cpp.llama_vocab_eos(self._vocab)
+        text = render_chat_template(template, messages, bos_token=self._special_text(bos), eos_token=self._special_text(eos))
+        tokens = self.tokenize(text, add_special=True, parse_special=True)
+        if len(tokens) > 1 and tokens[0] == tokens[1] == bos:  # the template wrote the BOS llama.cpp adds
+            del tokens[0]
+        return tokens
+
+    def _special_text(self, token: int) -> str:
+        if token == llama_cpp.LLAMA_TOKEN_NULL:
+            return ""
+        return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
     # --- evaluation --------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the context memory (KV cache and recurrent state)."""
@@ -195,7 +277,11 @@ class Engine:
         for start in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[start : start + self.n_batch])
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)
-            rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
+            batch = llama_cpp.llama_batch_get_one(arr, len(chunk))
+            if self.output_every_token:
+                outputs = (ctypes.c_int8 * len(chunk))(*[1] * len(chunk))
+                batch.logits = ctypes.cast(outputs, type(batch.logits))
+            rc = llama_cpp.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             self._cached.extend(chunk)
@@ -225,23 +311,26 @@ class Engine:
         max_tokens: int = 128,
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
+        cancel: threading.Event | None = None,
     ) -> Iterator[TokenEvent]:
-        """Stream tokens after `prompt`. Text is whole UTF-8 characters; stop strings are cut out."""
-        if not prompt:
-            raise UserError("empty prompt")
-        if len(prompt) >= self.n_ctx:
-            raise UserError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
+        """Stream tokens after `prompt`. Text is whole UTF-8 characters; stop strings are cut out.
+        Setting `cancel` (from any thread) ends the generation before its next token."""
+        self.check_prompt(prompt)
         stats = GenerationStats(prompt_tokens=len(prompt))
         sampler = Sampler(self, sampling or SamplingParams(), history=prompt)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text_filter = StopFilter(stop)
         budget = min(max_tokens, self.n_ctx - len(prompt))
+        self.live.generation_started(stats)
         try:
             t0 = time.perf_counter()
             stats.cached_prompt_tokens = self.prepare(prompt)
             stats.prompt_seconds = time.perf_counter() - t0
             t_decode = time.perf_counter()
             while True:
+                if cancel is not None and cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    return
                 token = sampler.sample()
                 stats.completion_tokens += 1
                 if stats.completion_tokens == 1:
@@ -258,15 +347,32 @@ class Engine:
                 elif stats.completion_tokens >= budget:
                     stats.finish_reason = "length"
                     text += text_filter.flush(decoder.decode(b"", final=True))
-                if stats.finish_reason:
-                    stats.decode_seconds = time.perf_counter() - t_decode
-                    yield TokenEvent(token, text, stats)
-                    return
-                self.eval([token])
                 stats.decode_seconds = time.perf_counter() - t_decode
                 yield TokenEvent(token, text, stats)
+                if stats.finish_reason:
+                    return
+                # Evaluated once the consumer asks for the next token: it can hand this one on first
+                # (a server thread then sends it while llama.cpp computes).
+                self.eval([token])
+        except GeneratorExit:  # the consumer stopped reading (perhaps right after the last token)
+            stats.finish_reason = stats.finish_reason or "cancelled"
+            raise
+        except Exception:
+            stats.finish_reason = "error"
+            self.reset()  # a failed decode leaves the context memory in an unknown state
+            raise
         finally:
             sampler.close()
+            self.live.generation_finished(stats)
+
+    def check_prompt(self, prompt: Sequence[int]) -> None:
+        """PromptError unless `prompt` leaves room in the context for at least one new token."""
+        if not prompt:
+            raise PromptError("the prompt is empty")
+        if len(prompt) >= self.n_ctx:
+            raise PromptError(
+                f"the prompt is {len(prompt)} tokens, which leaves no room in the context of {self.n_ctx} tokens"
+            )
 
     def greedy(self, prompt: Sequence[int], n: int) -> list[int]:
         """The `n` greedy tokens after `prompt` (stops early at end of generation)."""
@@ -280,8 +386,17 @@ class Sampler:
         self._engine = engine
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        if params.repeat_penalty != 1.0:
-            add(llama_cpp.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        penalize = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
+        if penalize:
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    engine.n_vocab,
+                    params.repeat_last_n,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                )
+            )
         if params.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -294,7 +409,7 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_temp(params.temperature))
             seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
             add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        for token in history[-params.repeat_last_n :] if params.repeat_penalty != 1.0 else ():
+        for token in history[-params.repeat_last_n :] if penalize else ():
             llama_cpp.llama_sampler_accept(chain, token)
         self._chain = chain
 
@@ -333,6 +448,36 @@ class StopFilter:
         out, _ = self.feed(text)
         out, self.pending = out + self.pending, ""
         return out
+
+
+def render_chat_template(template: str, messages: Sequence[dict], **variables) -> str:
+    """Apply a Hugging Face style jinja chat template in a sandbox, with the generation prompt."""
+    compiled = _compile_chat_template(template)
+    try:
+        return compiled.render(messages=list(messages), add_generation_prompt=True, **variables)
+    except Exception as e:  # the template is the model's code: any failure means it refused these messages
+        raise PromptError(f"the model's chat template cannot render these messages: {e}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _compile_chat_template(template: str):
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise PromptError(f"the model's chat template does not parse: {e}") from None
 
 
 def buffer_types() -> dict[str, int]:

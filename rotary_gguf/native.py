@@ -8,18 +8,27 @@ from the shared libraries it ships in `llama_cpp/lib/`.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
+import math
 import os
 import socket
 import struct
+import subprocess
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from .errors import UserError
 from .log import llama_logger
+from .plan import CUDA_RUNTIME_RESERVE, Accelerator, LinkFigures
 
 LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
 
@@ -55,6 +64,17 @@ _dev_buffer_type = _bind("ggml_backend_dev_buffer_type", c_void_p, c_void_p)
 _dev_host_buffer_type = _bind("ggml_backend_dev_host_buffer_type", c_void_p, c_void_p)
 _buft_name = _bind("ggml_backend_buft_name", c_char_p, c_void_p)
 _register = _bind("ggml_backend_register", None, c_void_p)
+_dev_init = _bind("ggml_backend_dev_init", c_void_p, c_void_p, c_char_p)
+_dev_offload_op = _bind("ggml_backend_dev_offload_op", ctypes.c_bool, c_void_p, c_void_p)
+_backend_free = _bind("ggml_backend_free", None, c_void_p)
+_graph_compute = _bind("ggml_backend_graph_compute", ctypes.c_int, c_void_p, c_void_p)
+_cpu_set_n_threads = _bind("ggml_backend_cpu_set_n_threads", None, c_void_p, ctypes.c_int)
+_buft_alloc_buffer = _bind("ggml_backend_buft_alloc_buffer", c_void_p, c_void_p, c_size_t)
+_buffer_base = _bind("ggml_backend_buffer_get_base", c_void_p, c_void_p)
+_buffer_clear = _bind("ggml_backend_buffer_clear", None, c_void_p, ctypes.c_uint8)
+_buffer_free = _bind("ggml_backend_buffer_free", None, c_void_p)
+_alloc_ctx_tensors = _bind("ggml_backend_alloc_ctx_tensors_from_buft", c_void_p, c_void_p, c_void_p)
+_tensor_set = _bind("ggml_backend_tensor_set", None, c_void_p, c_void_p, c_size_t, c_size_t)
 _rpc_add_server = _bind("ggml_backend_rpc_add_server", c_void_p, c_char_p)
 _rpc_start_server = _bind(
     "ggml_backend_rpc_start_server", None, c_char_p, c_char_p, c_size_t, c_size_t, ctypes.POINTER(c_void_p)
@@ -99,8 +119,13 @@ def _device(handle: int) -> Device:
     )
 
 
+_backends_loaded = False  # ggml registers its backends (and CUDA reads its settings) on first use
+
+
 def devices() -> list[Device]:
     """Every device registered with ggml, CPU included, in registration order."""
+    global _backends_loaded
+    _backends_loaded = True
     return [_device(_dev_get(i)) for i in range(_dev_count())]
 
 
@@ -189,6 +214,127 @@ def serve_rpc(endpoint: str, n_threads: int) -> None:
     _rpc_start_server(endpoint.encode(), None, n_threads, 1, cpu)
 
 
+# --- the accelerator as the planner sees it ------------------------------------------------------
+def find_accelerator(rpc: str | None = None) -> Accelerator | None:
+    """The device to plan for: the ggml-rpc server at `rpc` when given, else the first GPU, else None."""
+    if rpc:
+        dev = add_rpc_device(rpc)
+    else:
+        dev = next((d for d in devices() if d.type in ("gpu", "igpu") and not d.name.startswith("RPC")), None)
+        if dev is None:
+            return None
+    streams = offloads_ops(dev)
+    pinned = dev.host_buffer_type
+    return Accelerator(
+        name=dev.name,
+        buffer_type=buffer_type_name(dev.buffer_type),
+        pinned_host_buffer_type=buffer_type_name(pinned) if pinned else None,
+        free_bytes=dev.free,
+        streams_host_ops=streams,
+        runtime_reserve=CUDA_RUNTIME_RESERVE if streams else 0,
+    )
+
+
+class _InitParams(ctypes.Structure):
+    """struct ggml_init_params, passed by value to ggml_init."""
+
+    _fields_ = [("mem_size", c_size_t), ("mem_buffer", c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+_GGML_TYPE_F32 = 0
+_ggml_init = _bind("ggml_init", c_void_p, _InitParams)
+_ggml_free = _bind("ggml_free", None, c_void_p)
+_tensor_overhead = _bind("ggml_tensor_overhead", c_size_t)
+_graph_overhead = _bind("ggml_graph_overhead", c_size_t)
+_new_tensor_2d = _bind("ggml_new_tensor_2d", c_void_p, c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_mul_mat = _bind("ggml_mul_mat", c_void_p, c_void_p, c_void_p, c_void_p)
+_new_graph = _bind("ggml_new_graph", c_void_p, c_void_p)
+_build_forward_expand = _bind("ggml_build_forward_expand", None, c_void_p, c_void_p)
+_row_size = _bind("ggml_row_size", c_size_t, ctypes.c_int, ctypes.c_int64)
+
+
+@contextmanager
+def _metadata_context(n_tensors: int) -> Iterator[int]:
+    """A ggml context that holds tensor and graph metadata only; data lives in backend buffers."""
+    ctx = _ggml_init(_InitParams(n_tensors * _tensor_overhead() + _graph_overhead(), None, True))
+    try:
+        yield ctx
+    finally:
+        _ggml_free(ctx)
+
+
+def offloads_ops(dev: Device) -> bool:
+    """Whether the device's backend runs ops on host-resident weights (offload_op): CUDA does for
+    large enough batches; ggml-rpc does not. Asked with a matmul over a very large batch."""
+    with _metadata_context(3) as ctx:
+        weight = _new_tensor_2d(ctx, _GGML_TYPE_F32, 256, 256)
+        batch = _new_tensor_2d(ctx, _GGML_TYPE_F32, 256, 1 << 20)
+        return bool(_dev_offload_op(dev.handle, _mul_mat(ctx, weight, batch)))
+
+
+def upload_bytes_per_s(dev: Device, nbytes: int = 256 * 2**20, repeats: int = 3) -> float:
+    """Measured host -> device copy speed, from the device's pinned host memory where it has one."""
+    src_buft = dev.host_buffer_type or cpu_device().buffer_type
+    src = _buft_alloc_buffer(src_buft, nbytes)
+    if not src:
+        raise UserError(f"could not allocate {nbytes} bytes of host memory to measure uploads to {dev.name}")
+    try:
+        with _metadata_context(1) as ctx:
+            tensor = _new_tensor_2d(ctx, _GGML_TYPE_F32, nbytes // 4, 1)
+            dst = _alloc_ctx_tensors(ctx, dev.buffer_type)
+            if not dst:
+                raise UserError(f"could not allocate {nbytes} bytes on {dev.name} to measure uploads")
+            try:
+                return nbytes / _best_time(repeats, lambda: _tensor_set(tensor, _buffer_base(src), 0, nbytes))
+            finally:
+                _buffer_free(dst)
+    finally:
+        _buffer_free(src)
+
+
+def cpu_matvec_bytes_per_s(ggml_type: int, n_embd: int, n_threads: int, nbytes: int = 64 * 2**20, repeats: int = 5) -> float:
+    """Measured speed of the CPU backend multiplying a weight matrix of `ggml_type` (an expert
+    tensor's type) by one activation vector, in weight bytes per second: what decode does with
+    host experts in cpu mode."""
+    row = _row_size(ggml_type, n_embd)
+    rows = max(1, nbytes // row)
+    cpu = cpu_device()
+    backend = _dev_init(cpu.handle, None)
+    try:
+        _cpu_set_n_threads(backend, n_threads)
+        with _metadata_context(3) as ctx:
+            weight = _new_tensor_2d(ctx, ggml_type, n_embd, rows)
+            vector = _new_tensor_2d(ctx, _GGML_TYPE_F32, n_embd, 1)
+            graph = _new_graph(ctx)
+            _build_forward_expand(graph, _mul_mat(ctx, weight, vector))
+            buf = _alloc_ctx_tensors(ctx, cpu.buffer_type)
+            try:
+                _buffer_clear(buf, 0)  # zero blocks are valid in every format
+                return rows * row / _best_time(repeats, lambda: _graph_compute(backend, graph))
+            finally:
+                _buffer_free(buf)
+    finally:
+        _backend_free(backend)
+
+
+def measure_link(accelerator: Accelerator, expert_type: int, n_embd: int, n_threads: int) -> LinkFigures:
+    """The speeds `plan.choose_mode` compares, measured on this machine."""
+    return LinkFigures(
+        upload_bytes_per_s=upload_bytes_per_s(device_by_name(accelerator.name)),
+        cpu_expert_bytes_per_s=cpu_matvec_bytes_per_s(expert_type, n_embd, n_threads),
+    )
+
+
+def _best_time(repeats: int, fn) -> float:
+    fn()  # warm up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return max(best, 1e-9)
+
+
 # --- llama.cpp structs that llama-cpp-python declares as void* ----------------------------------
 class BuftOverride(ctypes.Structure):
     """struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }"""
@@ -217,12 +363,32 @@ def address(obj: ctypes.Array) -> int:
 _LEVELS = {0: logging.CRITICAL, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
 
 
+_captures: list[list[str]] = []  # open capture_llama_log blocks, innermost last
+
+
 @llama_cpp.llama_log_callback
 def _route_log(level: int, text: bytes, _user_data) -> None:
+    chunk = text.decode("utf-8", errors="replace")
+    for chunks in _captures:
+        chunks.append(chunk)
     if llama_logger.isEnabledFor(logging.DEBUG):
-        line = text.decode("utf-8", errors="replace").rstrip("\n")
+        line = chunk.rstrip("\n")
         if line:
             llama_logger.log(_LEVELS.get(level, logging.DEBUG), line)
+
+
+@contextmanager
+def capture_llama_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines while the block runs, whatever the log level; the list is
+    filled when the block ends."""
+    chunks: list[str] = []
+    lines: list[str] = []
+    _captures.append(chunks)
+    try:
+        yield lines
+    finally:
+        _captures.remove(chunks)
+        lines.extend("".join(chunks).splitlines())
 
 
 def route_llama_logs() -> None:
@@ -232,7 +398,130 @@ def route_llama_logs() -> None:
 
 def set_offload_min_batch(n: int) -> None:
     """GGML_OP_OFFLOAD_MIN_BATCH is read once when the CUDA backend registers: set it first."""
+    current = os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH")
+    if _backends_loaded and current != str(n) and any(offloads_ops(d) for d in devices() if d.type != "cpu"):
+        raise UserError(
+            f"the GPU backend is already loaded with offload threshold {current or 'default'}, not {n}: "
+            "choose the host-expert mode before the first device query (a new process can)"
+        )
     os.environ["GGML_OP_OFFLOAD_MIN_BATCH"] = str(n)
+
+
+# --- the routing tap: a native eval callback (csrc/moe_tap.c) -----------------------------------
+# llama.cpp calls the eval callback for every graph node; a Python callback costs ~0.3 us a call,
+# more than a whole decode step of a small model is worth. The tap answers in C and keeps counts
+# in memory that numpy views read in place. It is compiled on first use into a cache folder.
+MOE_TAP_SOURCE = Path(__file__).with_name("csrc") / "moe_tap.c"
+GGML_INCLUDE_DIR = Path(llama_cpp.__file__).parent.parent / "include"  # installed with llama-cpp-python
+EvalCallback = llama_cpp.ggml_backend_sched_eval_callback
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rotary-gguf"
+
+
+def _build_moe_tap() -> Path:
+    """The compiled tap for this source, these headers and this ggml; built once, then reused."""
+    headers = [GGML_INCLUDE_DIR / h for h in ("ggml.h", "ggml-backend.h")]
+    if not all(h.exists() for h in headers):
+        raise UserError(f"the ggml headers are missing from {GGML_INCLUDE_DIR}; re-run the setup to reinstall llama-cpp-python")
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in (MOE_TAP_SOURCE, *headers)) + str(LIB_DIR).encode())
+    target = _cache_dir() / f"moe_tap-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {target.parent} for the routing telemetry callback ({e.strerror}); "
+                        "set XDG_CACHE_HOME to a writable folder") from None
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    compiler = os.environ.get("CC", "cc")
+    cmd = [compiler, "-O2", "-std=c11", "-shared", "-fPIC", "-I", str(GGML_INCLUDE_DIR), str(MOE_TAP_SOURCE),
+           "-o", str(tmp), "-L", str(LIB_DIR), "-lggml-base", f"-Wl,-rpath,{LIB_DIR}"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise UserError(f"routing telemetry needs a C compiler to build its native callback ({compiler}: {e.strerror})") from None
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:200])
+        raise UserError(f"could not compile the routing telemetry callback: {first}")
+    os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
+    return target
+
+
+@cache
+def _moe_tap_library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_build_moe_tap()))
+    i32, i64p = ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)
+    lib.moe_tap_new.restype, lib.moe_tap_new.argtypes = c_void_p, [i32, i32, i32, i32, ctypes.c_bool]
+    lib.moe_tap_free.restype, lib.moe_tap_free.argtypes = None, [c_void_p]
+    lib.moe_tap_reset.restype, lib.moe_tap_reset.argtypes = None, [c_void_p]
+    lib.moe_tap_set_enabled.restype, lib.moe_tap_set_enabled.argtypes = None, [c_void_p, ctypes.c_bool]
+    for name in ("moe_tap_tokens", "moe_tap_counts", "moe_tap_recent", "moe_tap_pairs"):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = i64p, [c_void_p]
+    return lib
+
+
+class MoeTap:
+    """The native routing tap of one context. Hand `callback` and `user_data` to the context
+    (llama_context_params.cb_eval); the arrays count in expert positions of the file:
+    tokens [n_layer], counts and recent [n_layer, n_expert], pairs [n_layer, n_expert, n_expert]
+    (None unless asked for). They are views of C memory: copy what must outlive the tap."""
+
+    def __init__(self, n_layer: int, n_expert: int, n_used: int, *, window: int, pairs: bool):
+        lib = _moe_tap_library()
+        handle = lib.moe_tap_new(n_layer, n_expert, n_used, window, pairs)
+        if not handle:
+            raise UserError(f"could not allocate routing telemetry for {n_layer} blocks of {n_expert} experts")
+        self._lib, self.user_data = lib, handle
+        self.callback = EvalCallback(ctypes.cast(lib.moe_tap_eval, c_void_p).value)
+        view = lambda fn, *shape: np.ctypeslib.as_array(fn(handle), shape=shape)  # noqa: E731
+        self.tokens = view(lib.moe_tap_tokens, n_layer)
+        self.counts = view(lib.moe_tap_counts, n_layer, n_expert)
+        self.recent = view(lib.moe_tap_recent, n_layer, n_expert)
+        self.pairs = view(lib.moe_tap_pairs, n_layer, n_expert, n_expert) if pairs else None
+        self._free = weakref.finalize(self, lib.moe_tap_free, handle)
+
+    def set_enabled(self, enabled: bool) -> None:
+        """A disabled tap answers every question with no: the graph runs unsplit."""
+        self._lib.moe_tap_set_enabled(self.user_data, enabled)
+
+    def reset(self) -> None:
+        """Zero every count (between decode calls, not during one)."""
+        self._lib.moe_tap_reset(self.user_data)
+
+
+class GgmlTensor(ctypes.Structure):
+    """struct ggml_tensor (ggml.h), the fields up to its name: what a Python eval callback reads."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", c_void_p * 10),
+        ("view_src", c_void_p),
+        ("view_offs", c_size_t),
+        ("data", c_void_p),
+        ("name", ctypes.c_char * 64),
+    ]
+
+
+_tensor_get = _bind("ggml_backend_tensor_get", None, c_void_p, c_void_p, c_size_t, c_size_t)
+_nbytes = _bind("ggml_nbytes", c_size_t, c_void_p)
+
+
+def tensor_bytes(tensor: int) -> bytes:
+    """All bytes a tensor spans (a view's rows and the gaps between them), from any backend."""
+    size = _nbytes(tensor)
+    buf = ctypes.create_string_buffer(size)
+    _tensor_get(tensor, buf, 0, size)
+    return buf.raw
 
 
 route_llama_logs()

@@ -1,0 +1,225 @@
+"""The planner on its own: budget math, the policy, the minimum-budget error, modes, JSON.
+
+Pure: no llama.cpp is loaded. Figures come from generated GGUF files (through the inventory) or
+are built by hand with the real model's widths (Qwen3.6-35B-A3B, DESIGN facts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from rotary_gguf import arch as names
+from rotary_gguf.errors import UserError
+from rotary_gguf.inventory import read_inventory
+from rotary_gguf.plan import (
+    Accelerator,
+    LinkFigures,
+    ModelFigures,
+    accelerator_compute_bytes,
+    choose_mode,
+    kv_cache_bytes,
+    make_plan,
+    predicted_token_seconds,
+    recurrent_state_bytes,
+)
+
+MiB, GiB = 2**20, 2**30
+RPC = Accelerator("RPC0", "RPC0[127.0.0.1:1]", None, 64 * GiB, streams_host_ops=False, runtime_reserve=0)
+CUDA = Accelerator.planned_cuda()
+
+
+def qwen36_figures(n_layer: int = 40, fused: bool = False) -> ModelFigures:
+    """Qwen3.6-35B-A3B at Q4_K_M as DESIGN describes it: Q4_K gate/up (144 MiB each), Q6_K down
+    (210 MiB), 10 full-attention blocks of 40, 248320-token vocabulary."""
+    tensors = [("token_embd.weight", 2048 * 248320 // 256 * 144), ("output_norm.weight", 2048 * 4),
+               ("output.weight", 2048 * 248320 // 256 * 210)]
+    attention = tuple("full" if (i + 1) % 4 == 0 else "linear" for i in range(n_layer))
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        tensors += [(p + "attn_norm.weight", 8192), (p + "ffn_gate_inp.weight", 2048 * 256 * 4),
+                    (p + "attn_qkv.weight" if attention[i] == "linear" else p + "attn_q.weight", 2048 * 8192 // 32 * 34)]
+        if fused:
+            tensors.append((p + "ffn_gate_up_exps.weight", 288 * MiB))
+        else:
+            tensors += [(p + "ffn_gate_exps.weight", 144 * MiB), (p + "ffn_up_exps.weight", 144 * MiB)]
+        tensors.append((p + "ffn_down_exps.weight", 210 * MiB))
+    return ModelFigures(
+        name="qwen3.6-35b-a3b", arch="qwen35moe", n_layer=n_layer, tensors=tuple(tensors), attention=attention,
+        n_vocab=248320, n_embd=2048, n_expert=256, n_expert_used=8, n_ff_exp=512, n_head=16, n_head_kv=2,
+        head_dim_k=256, head_dim_v=256, recurrent_conv=3 * (4096 + 2 * 16 * 128), recurrent_ssm=128 * 4096,
+        recurrent_width=2 * 8192 + 4096 + 4 * 64 * 32,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(test_model):
+    return {a: ModelFigures.from_inventory(read_inventory(test_model(arch=a))) for a in ("qwen3moe", "qwen35moe")}
+
+
+# --- memory model -----------------------------------------------------------------------------------
+def test_kv_cache_and_recurrent_state_for_the_real_widths():
+    m = qwen36_figures()
+    # 10 full-attention blocks x (K + V) x 2 KV heads x 256 dims x 2 bytes (F16) = 20 KiB a token
+    assert kv_cache_bytes(m, 1024) == 1024 * 20 * 1024
+    assert kv_cache_bytes(m, 1000) == kv_cache_bytes(m, 1024)  # llama.cpp pads the context to 256
+    assert kv_cache_bytes(m, 1024, "q8_0") == 1024 * 10 * 2 * (512 // 32 * 34)
+    # 30 Gated DeltaNet blocks x (conv 3 x 8192 + ssm 128 x 4096) f32: ~63 MiB a sequence
+    assert recurrent_state_bytes(m) == 30 * (3 * 8192 + 128 * 4096) * 4
+    assert 62 * MiB < recurrent_state_bytes(m) < 64 * MiB
+
+
+def test_compute_estimate_grows_with_batch_and_context():
+    m = qwen36_figures()
+    small, big_batch, big_ctx = (accelerator_compute_bytes(m, c, b) for c, b in ((4096, 64), (4096, 512), (65536, 512)))
+    assert small < big_batch < big_ctx
+    # llama.cpp reserves logits for every token of the batch: vocab x batch x 4 bytes at least
+    assert big_batch >= 248320 * 512 * 4
+    # and never reserves for more tokens than the context holds
+    assert accelerator_compute_bytes(m, 256, 512) == accelerator_compute_bytes(m, 256, 256)
+
+
+def test_unknown_kv_type_is_one_line():
+    with pytest.raises(UserError, match="unknown KV cache type 'q3_x'"):
+        kv_cache_bytes(qwen36_figures(), 1024, "q3_x")
+
+
+def test_figures_from_a_generated_model(tiny):
+    m = tiny["qwen35moe"]
+    assert m.attention == ("linear", "linear", "linear", "full")
+    assert all(m.expert_bytes(i) > 0 for i in range(m.n_layer))
+    total = sum(n for _, n in m.tensors)
+    experts = sum(m.expert_bytes(i) for i in range(m.n_layer))
+    assert m.base_weight_bytes == total - experts - m.embedding_bytes  # the model has its own output tensor
+    assert recurrent_state_bytes(m) > 0 and recurrent_state_bytes(tiny["qwen3moe"]) == 0
+
+
+def test_dense_model_is_refused(test_model):
+    with pytest.raises(UserError, match="not a Mixture-of-Experts model"):
+        ModelFigures.from_inventory(read_inventory(test_model(arch="qwen3")))
+
+
+# --- policy -----------------------------------------------------------------------------------------
+def test_real_model_on_an_8_gib_gpu():
+    m = qwen36_figures()
+    plan = make_plan(m, CUDA, 8 * GiB, ctx=32768)
+    use = plan.accelerator_use
+    assert use.total <= 8 * GiB and plan.margin >= 0
+    assert use.kv_cache == 32768 * 20 * 1024 and use.runtime_reserve > 0
+    assert 0 < len(plan.resident) < m.n_layer
+    # the blocks are all the same size: one block's bytes more budget keeps exactly one more resident
+    more = make_plan(m, CUDA, 8 * GiB + m.expert_bytes(0), ctx=32768)
+    assert len(more.resident) == len(plan.resident) + 1
+    assert use.staging == 210 * MiB  # the largest host expert tensor (Q6_K down)
+    assert plan.host_use.weights == m.embedding_bytes + sum(m.expert_bytes(i) for i in plan.host_layers)
+
+
+def test_budget_too_small_states_the_minimum():
+    m = qwen36_figures()
+    minimum = make_plan(m, CUDA, 64 * GiB).minimum_budget
+    assert make_plan(m, CUDA, minimum).resident == frozenset()
+    with pytest.raises(UserError) as err:
+        make_plan(m, CUDA, minimum - 1)
+    message = str(err.value)
+    assert "\n" not in message and "too small" in message
+    assert f"--vram {-(-minimum // MiB)}MiB" in message
+
+
+def test_largest_blocks_stay_resident_first_and_ties_prefer_later_blocks(tiny):
+    m = tiny["qwen3moe"]
+    minimum = make_plan(m, RPC, 10 * GiB).minimum_budget
+    layer = m.expert_bytes(0)
+    two = make_plan(m, RPC, minimum + 2 * layer)
+    assert sorted(two.resident) == [2, 3] and two.host_layers == [0, 1]
+    assert sorted(make_plan(m, RPC, 10 * GiB).resident) == [0, 1, 2, 3]
+
+    uneven = qwen36_figures(n_layer=4)
+    big = dict(uneven.tensors) | {"blk.1.ffn_down_exps.weight": 400 * MiB}
+    uneven = dataclasses.replace(uneven, tensors=tuple(big.items()))
+    base = make_plan(uneven, RPC, 64 * GiB).minimum_budget
+    assert make_plan(uneven, RPC, base + uneven.expert_bytes(1)).resident == {1}
+
+
+def test_overrides_match_exactly_the_host_expert_tensors():
+    for fused in (False, True):
+        m = qwen36_figures(n_layer=8, fused=fused)
+        plan = make_plan(m, RPC, make_plan(m, RPC, 64 * GiB).minimum_budget + 3 * m.expert_bytes(0))
+        ((pattern, buft),) = plan.overrides
+        assert buft == "CPU"
+        matched = {name for name, _ in m.tensors if re.search(pattern, name)}
+        expected = {name for name, _ in m.tensors if names.expert_kind(name) and names.block_index(name) in plan.host_layers}
+        assert matched == expected and len(expected) == len(plan.host_layers) * (2 if fused else 3)
+        for name, _ in m.tensors:
+            assert plan.location(name) == ("CPU" if name in expected or name == "token_embd.weight" else RPC.buffer_type)
+
+
+def test_placement_for_each_mode():
+    m = qwen36_figures()
+    cpu = make_plan(m, CUDA, 8 * GiB).placement
+    assert cpu.devices == ("CUDA0",) and cpu.n_gpu_layers == -1
+    assert cpu.offload_min_batch is None and cpu.use_mmap and cpu.repack
+    rotary = make_plan(m, CUDA, 8 * GiB, mode="rotary")
+    assert rotary.placement.offload_min_batch == 1
+    assert not rotary.placement.use_mmap and not rotary.placement.repack  # pinned memory, plain layout
+    assert {buft for _, buft in rotary.overrides} == {"CUDA_Host"}
+    everything = make_plan(m, CUDA, 64 * GiB)
+    assert everything.overrides == () and everything.accelerator_use.staging == 0
+
+
+def test_staging_copy_only_where_llama_cpp_makes_one():
+    m = qwen36_figures()
+    budget = 8 * GiB
+    assert make_plan(m, RPC, budget).accelerator_use.staging == 0  # RPC has no offload_op
+    assert make_plan(m, CUDA, budget, n_batch=16).accelerator_use.staging == 0  # decode and small batches stay on the CPU
+    assert make_plan(m, CUDA, budget, n_batch=16, mode="rotary").accelerator_use.staging == 210 * MiB
+    assert make_plan(m, CUDA, budget, n_batch=512).accelerator_use.staging == 210 * MiB  # prompt batches are offloaded
+
+
+# --- modes ------------------------------------------------------------------------------------------
+def test_rotary_needs_a_gpu():
+    with pytest.raises(UserError, match="rotary mode needs a CUDA GPU"):
+        make_plan(qwen36_figures(), RPC, 8 * GiB, mode="rotary")
+    with pytest.raises(UserError, match="unknown host-expert mode"):
+        make_plan(qwen36_figures(), RPC, 8 * GiB, mode="fast")
+
+
+def test_auto_mode_without_a_gpu_says_why():
+    mode, reason = choose_mode("auto", RPC)
+    assert mode == "cpu" and "no CUDA device" in reason and "offload_op" in reason
+    mode, reason = choose_mode("auto", CUDA)
+    assert mode == "cpu" and "not on this machine" in reason
+    assert choose_mode("rotary", RPC)[0] == "rotary"  # an explicit choice is make_plan's to refuse
+
+
+def test_auto_mode_picks_the_faster_predicted_token():
+    gpu = Accelerator("CUDA0", "CUDA0", "CUDA_Host", 8 * GiB, streams_host_ops=True, runtime_reserve=256 * MiB)
+    plan = make_plan(qwen36_figures(), gpu, 8 * GiB)
+    slow_link = LinkFigures(upload_bytes_per_s=3e9, cpu_expert_bytes_per_s=40e9)
+    fast_link = LinkFigures(upload_bytes_per_s=50e9, cpu_expert_bytes_per_s=5e9)
+    assert choose_mode("auto", gpu, plan, slow_link)[0] == "cpu"
+    mode, reason = choose_mode("auto", gpu, plan, fast_link)
+    assert mode == "rotary" and "ms" in reason
+    cpu_s, rotary_s = predicted_token_seconds(plan, slow_link)
+    # 8 of 256 experts of each host block: the bytes a token reads, over the measured speed
+    per_token = plan.host_expert_bytes_per_token
+    assert per_token == pytest.approx(sum(plan.model.expert_bytes(i) for i in plan.host_layers) * 8 / 256)
+    assert cpu_s == pytest.approx(per_token / 40e9, rel=0.5) and rotary_s > per_token / 3e9
+    everything = make_plan(qwen36_figures(), gpu, 64 * GiB)
+    assert choose_mode("auto", gpu, everything, fast_link) == ("cpu", "every expert block fits on the accelerator: no host experts to run")
+
+
+# --- JSON -------------------------------------------------------------------------------------------
+def test_json_is_stable_and_complete(tiny):
+    m = tiny["qwen35moe"]
+    budget = make_plan(m, RPC, 10 * GiB).minimum_budget + 2 * m.expert_bytes(0)
+    first = json.dumps(make_plan(m, RPC, budget).to_json())
+    assert first == json.dumps(make_plan(m, RPC, budget).to_json())
+    s = json.loads(first)
+    assert s["vram_budget"] == budget and s["host_expert_mode"] == "cpu"
+    assert s["predicted"]["accelerator_bytes"] <= budget and s["predicted"]["host_bytes"] > 0
+    assert [(layer["index"], layer["experts"]) for layer in s["layers"]] == [(0, "host"), (1, "host"), (2, "accelerator"), (3, "accelerator")]
+    assert s["overrides"] == [[names.expert_pattern([0, 1]), "CPU"]]
+    assert s["margin_bytes"] == budget - s["predicted"]["accelerator_bytes"]
