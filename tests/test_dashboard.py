@@ -1,0 +1,159 @@
+"""The dashboard rendered into a recording rich Console after real generations: it fits the
+terminal, shows the engine's figures, the plan and memory, and a heat map of the right shape."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from rich.console import Console
+
+from conftest import CLI, free_port
+from make_test_model import hot_experts
+from test_chat import Terminal
+from rotary_gguf import native
+from rotary_gguf.dashboard import Dashboard, heat_rows, hottest, sparkline
+from rotary_gguf.engine import Engine
+from rotary_gguf.inventory import read_inventory
+from rotary_gguf.plan import ModelFigures, make_plan
+from rotary_gguf.telemetry import RoutingTelemetry
+from rotary_gguf.units import human_bytes
+
+PROMPT = "The river bends twice before it reaches the sea, and"
+HEAT_ROW = re.compile(r"^(?:│ )?(L(\d+)(?:-(\d+))?) ")
+
+
+def render(dashboard: Dashboard, width: int, height: int) -> list[str]:
+    console = Console(width=width, height=height, record=True, file=io.StringIO(), force_terminal=True)
+    dashboard.sample()
+    console.print(dashboard)
+    return console.export_text().splitlines()
+
+
+def heat_map(lines: list[str], layers: list[int]) -> dict[str, str]:
+    """label -> the row's cells, read from the rendered text."""
+    label_width = len(f"L{max(layers)}-{max(layers)}") + 1
+    rows = {}
+    for line in lines:
+        m = HEAT_ROW.match(line)
+        if m:
+            cells = line[m.start(1) + label_width :].split("│")[0]
+            rows[m.group(1)] = cells[:-1] if line.count("│") else cells.rstrip()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def skewed(test_model):
+    """An engine on a skewed 4-block model, with telemetry, after two generations."""
+    path = test_model(router_skew=2.0)
+    telemetry = RoutingTelemetry.for_model(path)
+    with Engine.load(path, n_ctx=256, n_threads=1, telemetry=telemetry) as engine:
+        dashboard = Dashboard(engine, telemetry=telemetry, serving=True)
+        for _ in range(2):
+            engine.greedy(engine.tokenize(PROMPT), 40)
+        yield engine, telemetry, dashboard
+
+
+def test_fits_80x24_and_shows_the_figures(skewed):
+    engine, telemetry, dashboard = skewed
+    lines = render(dashboard, 80, 24)
+    assert len(lines) <= 24 and max(map(len, lines)) <= 80
+    text = "\n".join(lines)
+    s = engine.live.snapshot()
+    assert f"{s.last_decode_tps:.1f} t/s" in text
+    assert f"avg {s.avg_decode_tps:.1f}" in text
+    assert f"{s.prompt_tokens + s.completion_tokens:,}" in text
+    assert f"{s.prompt_tokens:,} in · {s.completion_tokens:,} out" in text
+    assert re.search(r"decode .*t/s .*[▁▂▃▄▅▆▇█]", text), "no decode sparkline"
+    assert "0 in flight · 0 queued" in text and "2 done" in text
+    assert re.search(r"[1-9][\d.]* req/min", text)
+    assert "everything on the CPU" in text and "RSS" in text and "RAM" in text
+    assert f"routing · last {min(telemetry.window, telemetry.tokens)} tokens" in text
+
+
+def test_heat_map_rows_are_blocks_and_the_hot_experts_glow(skewed):
+    engine, telemetry, dashboard = skewed
+    inv = engine.inventory
+    hot = hot_experts(inv.n_layer, inv.n_expert, inv.n_expert_used, 0)
+    rows = heat_map(render(dashboard, 80, 24), telemetry.layers)
+    assert list(rows) == [f"L{i}" for i in telemetry.layers]
+    widths = {len(cells) for cells in rows.values()}
+    assert len(widths) == 1 and widths.pop() >= inv.n_expert  # experts stretched over the width
+    for i in telemetry.layers:
+        cells = rows[f"L{i}"]
+        glowing = {c * inv.n_expert // len(cells) for c, ch in enumerate(cells) if ch in "▓█"}
+        assert glowing == set(hot[i]) and set(cells) <= set(" ░▓█"), (i, cells)
+    top = hottest(telemetry.recent(), telemetry.layers, inv.n_expert_used, 3)
+    assert all(expert in hot[layer] for layer, expert, _ in top)
+
+
+def test_uses_a_large_terminal_and_shrinks_for_chat(test_model):
+    path = test_model(layers=40)
+    telemetry = RoutingTelemetry.for_model(path)
+    with Engine.load(path, n_ctx=256, n_threads=1, telemetry=telemetry) as engine:
+        engine.greedy(engine.tokenize(PROMPT), 8)
+        dashboard = Dashboard(engine, telemetry=telemetry)
+        lines = render(dashboard, 160, 48)
+        assert len(lines) == 48 and max(map(len, lines)) <= 160
+        rows = heat_map(lines, telemetry.layers)
+        # every block in exactly one row, in order; as many rows as fit
+        spans = [(int(a), int(b or a)) for a, b in (re.match(r"L(\d+)(?:-(\d+))?", label).groups() for label in rows)]
+        covered = [i for a, b in spans for i in range(a, b + 1)]
+        assert covered == list(range(40)) and 30 <= len(rows) < 40
+        assert {len(c) for c in rows.values()} == {max(len(c) for c in rows.values())} and len(next(iter(rows.values()))) > 100
+        dashboard.height = 12
+        compact = render(dashboard, 80, 24)
+        assert len(compact) == 12 and "decode" in compact[1] and heat_map(compact, telemetry.layers)
+
+
+def test_plan_and_placed_memory_on_the_simulated_accelerator(test_model, rpc_endpoint):
+    path = test_model()
+    accelerator = native.find_accelerator(rpc_endpoint)
+    figures = ModelFigures.from_inventory(read_inventory(path))
+    minimum = make_plan(figures, accelerator, 2**40, ctx=256, n_batch=64).minimum_budget
+    plan = make_plan(figures, accelerator, minimum + 2 * figures.expert_bytes(0), ctx=256, n_batch=64)
+    assert 0 < len(plan.resident) < figures.n_layer
+    with Engine.load(path, plan.placement, n_ctx=256, n_batch=64, n_threads=1) as engine:
+        report = engine.load_report
+        placed = sum(n for sizes in (report.weight_bytes, report.kv_bytes, report.compute_bytes)
+                     for buffer, n in sizes.items() if buffer == accelerator.buffer_type)
+        text = "\n".join(render(Dashboard(engine, plan=plan), 100, 30))
+    assert f"{human_bytes(placed)} / {human_bytes(plan.budget)} placed on RPC0" in text
+    assert f"{len(plan.resident)}/{figures.n_layer} blocks resident · host: cpu" in text
+    assert f"budget {human_bytes(plan.budget)} · margin {human_bytes(plan.margin)}" in text
+    assert "".join("■" if i in plan.resident else "□" for i in range(figures.n_layer)) in text
+    assert "routing" not in text  # no telemetry, no heat map
+
+
+def test_heat_levels_and_sparkline():
+    uniform = np.full((4, 256), 10)
+    rows = heat_rows(uniform, [0, 1, 2, 3], rows=2, columns=50)
+    assert [label for label, _ in rows] == ["L0-1", "L2-3"]
+    assert all(len(cells) == 50 and set(cells) == {2} for _, cells in rows)  # ratio 1.0: the middle level
+    skewed = np.zeros((1, 8), dtype=np.int64)
+    skewed[0, 3] = 100
+    assert heat_rows(skewed, [0], rows=5, columns=8) == [("L0", [0, 0, 0, 4, 0, 0, 0, 0])]
+    assert hottest(skewed, [0], 1, 2) == [(0, 3, 1.0)]
+    assert sparkline([1, 2, 4, 8], 3) == "▃▅█" and sparkline([], 10) == "" and sparkline([5.0], 0) == ""
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux to watch the dashboard in a real terminal")
+def test_serve_dashboard_follows_the_requests(test_model):
+    port = free_port()
+    term = Terminal(f"{CLI} serve {test_model(router_skew=1.0)} --dashboard --port {port} --threads 1", 100, 30)
+    try:
+        term.wait_for(lambda s: f"at http://127.0.0.1:{port}/v1 · idle" in s and "0 done" in s)
+        for _ in range(2):
+            reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                               json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16})
+            assert reply.status_code == 200
+        screen = term.wait_for(lambda s: "2 done" in s and re.search(r"0 in flight · 0 queued · [1-9][\d.]* req/min", s))
+        assert "routing · last" in screen and "L0" in screen and "decode" in screen
+        term.send("C-c")
+        term.wait_for(lambda s: "EXIT=0" in s, timeout=30)
+    finally:
+        term.close()
