@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
+# A small qwen3moe trained on CPython's documentation by tools/train_demo_model.py (see README).
+DEMO_MODEL = Path(__file__).with_name("data") / "demo-moe.gguf"
 
 
 def resolve_model(model: Path | None) -> Path:
-    if model is not None:
-        return model
-    raise UserError("no built-in demo model yet: pass a GGUF file")
+    return model if model is not None else DEMO_MODEL
