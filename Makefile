@@ -7,5 +7,6 @@ setup:
 demo: setup
 	@bash scripts/demo.sh
 
-test: setup
+test:
+	@EXTRAS=dev,train bash scripts/setup.sh
 	.venv/bin/python -m pytest

@@ -34,6 +34,19 @@ RpcOpt = Annotated[
     Optional[str],
     typer.Option("--rpc", metavar="HOST:PORT", help="Use a ggml-rpc server (see `rpc-device`) as the accelerator."),
 ]
+ModeOpt = Annotated[
+    str,
+    typer.Option(
+        "--mode",
+        help="Host experts: 'cpu' computes them on the CPU, 'rotary' streams each token's experts to the GPU, "
+        "'auto' measures and picks the faster.",
+    ),
+]
+VramOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Accelerator memory to fill, e.g. 8GiB (default: what the GPU reports free).", show_default=False),
+]
+ThreadsOpt = Annotated[int, typer.Option(min=0, help="CPU threads (0: all cores).")]
 
 
 def _version(value: bool) -> None:
@@ -199,6 +212,364 @@ def generate(
                 f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prompt_tps:.1f} t/s, "
                 f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} t/s[/]"
             )
+
+
+@app.command()
+def serve(
+    model: OptionalModelArg = None,
+    vram: VramOpt = None,
+    mode: ModeOpt = "auto",
+    ctx: Annotated[int, typer.Option(min=16, help="Context length in tokens (prompt plus reply).")] = 4096,
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback exposes the API to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on.")] = 8080,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(envvar="ROTARY_GGUF_API_KEY", help="Require 'Authorization: Bearer KEY' on every request but /health."),
+    ] = None,
+    rpc: RpcOpt = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait for the engine; more get 503.")] = 64,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads (0: all cores).")] = 0,
+    dashboard: Annotated[
+        bool, typer.Option("--dashboard", help="Show the live dashboard (memory, speed, requests, routing) while serving.")
+    ] = False,
+) -> None:
+    """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /metrics)."""
+    from . import serve as serving
+    from .demo import resolve_model
+    from .engine import Engine
+    from .inventory import read_inventory
+    from .plan import DEFAULT_BATCH
+
+    path = resolve_model(model)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
+    sock = serving.listen(host, port)
+    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc)
+    placement = the_plan.placement if the_plan else None
+    telemetry = _dashboard_telemetry(read_inventory(path)) if dashboard else None
+    with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry) as engine:
+        options = serving.ServeOptions(model_id=path.name.removesuffix(".gguf"), max_queue=max_queue, api_key=api_key)
+        if not dashboard:
+            serving.run(engine, options, sock)
+            return
+        from .dashboard import Dashboard
+
+        title = f"{path.name} at http://{host}:{sock.getsockname()[1]}/v1"
+        with Dashboard(engine, telemetry=telemetry, plan=the_plan, serving=True, title=title).live(log.stderr):
+            serving.run(engine, options, sock)
+
+
+def _dashboard_telemetry(inv):
+    """Routing telemetry for a MoE model's dashboard; None for a dense model, or (with a warning)
+    where its native callback cannot be built."""
+    from .telemetry import RoutingTelemetry
+
+    if not inv.is_moe:
+        return None
+    try:
+        return RoutingTelemetry(inv)
+    except UserError as e:
+        log.logger.warning("no routing heat map: %s", e)
+        return None
+
+
+
+
+def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: str, rpc: Optional[str]):
+    """The plan for `model` on this machine's accelerator (or the RPC device at `rpc`, or a GPU
+    this machine lacks, sized by `vram`). Decides the host-expert mode before loading anything."""
+    import os
+
+    from . import native
+    from .inventory import read_inventory
+    from .plan import HOST_MODES, ROTARY_OFFLOAD_MIN_BATCH, Accelerator, ModelFigures, choose_mode, make_plan
+    from .units import parse_size
+
+    if mode not in (*HOST_MODES, "auto"):
+        raise UserError(f"unknown --mode {mode!r}: use auto, cpu or rotary")
+    inv = read_inventory(model)
+    figures = ModelFigures.from_inventory(inv)
+    if mode == "rotary":
+        native.set_offload_min_batch(ROTARY_OFFLOAD_MIN_BATCH)  # read once, when the GPU backend loads
+    accelerator = native.find_accelerator(rpc)
+    notes: list[str] = []
+    if vram is not None:
+        budget, source = parse_size(vram), "--vram"
+    elif accelerator is None:
+        raise UserError("no GPU here and no --rpc: pass --vram SIZE to plan for a GPU with that much free memory")
+    else:
+        budget, source = accelerator.free_bytes, f"free memory {accelerator.name} reports"
+        if not accelerator.streams_host_ops:
+            notes.append(f"{accelerator.name} reports the RPC server's free RAM; pass --vram to simulate a smaller GPU")
+    if accelerator is None:
+        accelerator = Accelerator.planned_cuda()
+        notes.append(f"no GPU on this machine: planning for a CUDA GPU with {human_bytes(budget)} free")
+    elif accelerator.free_bytes is not None and budget > accelerator.free_bytes:
+        notes.append(f"the budget is more than the {human_bytes(accelerator.free_bytes)} {accelerator.name} reports free")
+    options = dict(budget_source=source, ctx=ctx, n_batch=n_batch, notes=tuple(notes))
+    link = None
+    if mode == "auto" and accelerator.present and accelerator.streams_host_ops:
+        cpu_plan = make_plan(figures, accelerator, budget, mode="cpu", **options)
+        if cpu_plan.host_layers:
+            expert_type = next(t.ggml_type for t in inv.expert_tensors if t.layer == cpu_plan.host_layers[0])
+            link = native.measure_link(accelerator, expert_type, inv.n_embd, os.cpu_count() or 1)
+        chosen, reason = choose_mode(mode, accelerator, cpu_plan, link)
+    else:
+        chosen, reason = choose_mode(mode, accelerator)
+    return make_plan(figures, accelerator, budget, mode=chosen, mode_reason=reason, **options)
+
+
+@app.command()
+def plan(
+    model: ModelArg,
+    vram: Annotated[
+        Optional[str],
+        typer.Option(help="Accelerator memory to fill, e.g. 8GiB (default: what the GPU reports free).", show_default=False),
+    ] = None,
+    ctx: Annotated[int, typer.Option(min=1, help="Context length in tokens.")] = 4096,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size for prompt processing (sizes the compute buffers).")] = 512,
+    mode: ModeOpt = "auto",
+    rpc: RpcOpt = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Also load the model with the plan and show what llama.cpp allocated.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decide where every tensor lives for a VRAM budget, and predict each device's memory."""
+    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=batch, mode=mode, rpc=rpc)
+    rows = _check_plan(model, the_plan) if check else None
+    if as_json:
+        summary = the_plan.to_json()
+        if rows is not None:
+            summary["check"] = [{"device": d, "purpose": p, "predicted": pr, "actual": a} for d, p, pr, a in rows]
+        print(json.dumps(summary, indent=2))
+        return
+    _print_plan(the_plan)
+    if rows is not None:
+        _print_check(rows, the_plan)
+
+
+def _check_plan(model: Path, the_plan) -> list[tuple[str, str, int, int]]:
+    """Load `model` with the plan; (device, purpose, predicted, actual) for each buffer kind."""
+    from .engine import Engine
+
+    if not the_plan.accelerator.present:
+        raise UserError(f"--check loads the model, and {the_plan.accelerator.name} is not on this machine")
+    with Engine.load(model, the_plan.placement, n_ctx=the_plan.ctx, n_batch=the_plan.n_batch) as engine:
+        return the_plan.compare(engine.load_report)
+
+
+def _print_plan(p) -> None:
+    from .plan import DeviceUse
+
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    acc = p.accelerator
+    head.add_row("model", f"{p.model.name} ({p.model.arch}, {p.model.n_layer} blocks)")
+    head.add_row("accelerator", f"{acc.name} ({acc.kind}), buffer type {acc.buffer_type}")
+    head.add_row("budget", f"{human_bytes(p.budget)} ({p.budget_source})")
+    head.add_row("host experts", f"{p.mode}: {p.mode_reason}")
+    head.add_row("context", f"{p.ctx} tokens, batch {p.n_batch}, KV cache {p.kv_type}")
+    out.print(head)
+
+    blocks = Table(title="expert tensors per block", title_justify="left", box=None, pad_edge=False)
+    for col, justify in (("block", "right"), ("attention", "left"), ("experts", "right"), ("live in", "left")):
+        blocks.add_column(col, justify=justify)
+    for i in range(p.model.n_layer):
+        where = f"accelerator ({acc.buffer_type})" if i in p.resident else f"host ({p.host_buffer_type})"
+        blocks.add_row(str(i), p.model.attention[i], human_bytes(p.model.expert_bytes(i)), where)
+    out.print(blocks)
+
+    totals = Table(title="predicted memory (~ = estimate)", title_justify="left", box=None, pad_edge=False)
+    for col in ("", "accelerator", "host"):
+        totals.add_column(col, justify="right" if col else "left")
+    for part, a in p.accelerator_use.parts().items():
+        h = getattr(p.host_use, part)
+        if a or h:
+            mark = "~" if part in DeviceUse.ESTIMATES else ""
+            totals.add_row(part.replace("_", " "), *(mark + human_bytes(n) if n else "-" for n in (a, h)))
+    totals.add_row("[bold]total[/]", f"[bold]{human_bytes(p.accelerator_use.total)}[/]", f"[bold]{human_bytes(p.host_use.total)}[/]")
+    out.print(totals)
+    resident = len(p.resident)
+    out.print(
+        f"accelerator: {human_bytes(p.accelerator_use.total)} of {human_bytes(p.budget)}, margin {human_bytes(p.margin)}; "
+        f"{resident} of {resident + len(p.host_layers)} expert blocks resident (minimum budget {human_bytes(p.minimum_budget)})"
+    )
+    for pattern, buft in p.overrides:
+        out.print(f"override: {pattern} -> {buft}", markup=False)
+    for note in p.notes:
+        out.print(f"[yellow]note:[/] {note}")
+
+
+def _print_check(rows: list[tuple[str, str, int, int]], the_plan) -> None:
+    table = Table(title="predicted vs allocated by llama.cpp", title_justify="left", box=None, pad_edge=False)
+    for col in ("device", "purpose", "predicted", "allocated"):
+        table.add_column(col, justify="left" if col in ("device", "purpose") else "right")
+    for device, purpose, predicted, actual in rows:
+        if predicted or actual:
+            table.add_row(device, purpose.replace("_", " "), human_bytes(predicted), human_bytes(actual))
+    out.print(table)
+    if the_plan.placement.use_mmap:
+        out.print("[dim]host weights in a mapped buffer count the file span they lie in (paged in on use)[/]")
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(metavar="IN", help="The GGUF model to repack (only read, never changed).", show_default=False)],
+    output: Annotated[Path, typer.Argument(metavar="OUT", help="Where to write the repacked model.", show_default=False)],
+    profile: Annotated[
+        Optional[Path],
+        typer.Option(help="Routing profile (JSON): reorder each block's experts so those used together are adjacent."),
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Check the new file against the input with llama.cpp before keeping it.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+) -> None:
+    """Repack a MoE model for expert streaming: fused gate+up experts, profile-guided expert order, same output."""
+    from .arch import LAYOUT_VERSION
+    from .convert import convert as run_convert
+
+    result = run_convert(source, output, profile=profile, force=force, verify=verify)
+    plan = result.plan
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    seconds = max(result.seconds, 1e-9)
+    head.add_row("wrote", f"{result.output} ({human_bytes(result.bytes_written)} in {result.seconds:.1f} s, {human_bytes(result.bytes_written / seconds)}/s)")
+    n_moe = len(plan.orders)
+    fused_now = len(plan.fused_layers)
+    already = sum(1 for t in plan.source.expert_tensors if t.expert_kind == "gate_up")
+    head.add_row("gate+up", f"fused in {fused_now + already} of {n_moe} blocks" + (f" ({already} already fused)" if already else ""))
+    if profile is not None:
+        estimate = ""
+        if plan.copies_before is not None:
+            estimate = f"; estimated copies per token and expert tensor {plan.copies_before:.2f} -> {plan.copies_after:.2f}"
+        head.add_row("expert order", f"{len(plan.reordered_layers)} of {n_moe} blocks reordered by {profile.name}{estimate}")
+    head.add_row("layout", f"rotary-v{LAYOUT_VERSION}")
+    if result.verification is not None:
+        head.add_row("verify", result.verification.summary())
+    out.print(head)
+    for note in plan.notes:
+        out.print(f"[yellow]note:[/] {note}")
+
+
+@app.command("verify")
+def verify_cmd(
+    a: Annotated[Path, typer.Argument(metavar="A", help="The reference GGUF model (e.g. the original).", show_default=False)],
+    b: Annotated[Path, typer.Argument(metavar="B", help="The GGUF model to check against it (e.g. a converted one).", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check that two models compute the same: their weights, and llama.cpp's logits and greedy tokens."""
+    from .verify import OutputsDiffer, verify_models
+
+    result = verify_models(a, b)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        head = Table.grid(padding=(0, 2))
+        head.add_column(style="bold")
+        head.add_column()
+        head.add_row("weights", result.weights_difference or ("match after undoing the expert order" if result.orders_differ else "match"))
+        head.add_row("logits", f"{result.compared} vectors, {result.differing} differ, max |difference| {result.max_abs_diff:.3g}")
+        diverged = result.first_divergence
+        head.add_row("greedy tokens", "equal" if diverged is None else f"differ from sequence {diverged[0]} step {diverged[1]}")
+        out.print(head)
+        if result.passed:
+            out.print(result.summary())
+    if not result.passed:
+        raise OutputsDiffer(result.summary())
+
+
+
+
+def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, ctx: int, n_batch: int, rpc: Optional[str]):
+    """The plan for MoE `model` when there is an accelerator to fill (a GPU, or the RPC device at
+    `rpc`), else None: everything runs on the CPU (always so for a dense model)."""
+    from . import native
+    from .inventory import read_inventory
+
+    if not read_inventory(model).is_moe:
+        return None
+
+    if vram is None and rpc is None and mode != "rotary" and not any(d.type in ("gpu", "igpu") for d in native.devices()):
+        return None
+    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=n_batch, mode=mode, rpc=rpc)
+    if not the_plan.accelerator.present:
+        raise UserError(f"there is no GPU on this machine to fill with --vram {vram}; use --rpc HOST:PORT for a simulated one")
+    return the_plan
+
+
+@app.command()
+def profile(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the profile (JSON).", show_default=False)],
+    prompts: Annotated[
+        Optional[Path],
+        typer.Option(help="Prompts to run: a JSON list of strings, or one prompt per line (default: a built-in mix "
+                     "of prose, code, math and dialogue).", show_default=False),
+    ] = None,
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Tokens to generate after each prompt.")] = 128,
+    ctx: Annotated[int, typer.Option(min=16, help="Context length: a prompt plus its tokens must fit.")] = 4096,
+    vram: VramOpt = None,
+    mode: ModeOpt = "auto",
+    rpc: RpcOpt = None,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Record which experts every block selects over a set of prompts: the routing profile `convert --profile` reads."""
+    from .engine import Engine
+    from .telemetry import BUILTIN_PROMPTS, PROFILE_BATCH, RoutingTelemetry, read_prompts, record_profile, write_profile
+
+    texts = read_prompts(prompts) if prompts is not None else list(BUILTIN_PROMPTS)
+    telemetry = RoutingTelemetry.for_model(model, pairs=True)
+    the_plan = plan_or_cpu(model, vram=vram, mode=mode, ctx=ctx, n_batch=PROFILE_BATCH, rpc=rpc)
+    placement = the_plan.placement if the_plan else None
+
+    def progress(index: int, stats) -> None:
+        out.print(f"[dim]prompt {index + 1}/{len(texts)}: {stats.prompt_tokens} + {stats.completion_tokens} tokens, "
+                  f"decode {stats.decode_tps:.1f} t/s[/]")
+
+    with Engine.load(model, placement, n_ctx=ctx, n_batch=PROFILE_BATCH, n_threads=threads or None,
+                     telemetry=telemetry) as engine:
+        doc = record_profile(engine, telemetry, texts, tokens, on_prompt=progress)
+    write_profile(doc, output)
+    top = 2 * telemetry.n_expert_used
+    out.print(f"wrote {output}: {doc['tokens']} tokens over {len(texts)} prompts, {len(doc['layers'])} blocks; "
+              f"each block's {top} busiest experts took {telemetry.busiest_share(top):.0%} of its selections "
+              f"(uniform routing: {min(1.0, top / telemetry.n_expert):.0%})")
+
+
+@app.command()
+def chat(
+    model: OptionalModelArg = None,
+    vram: VramOpt = None,
+    mode: ModeOpt = "auto",
+    ctx: Annotated[int, typer.Option(min=16, help="Context length in tokens (the whole conversation).")] = 4096,
+    rpc: RpcOpt = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one answer may have.")] = 512,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Sampling temperature (0: greedy).")] = 0.7,
+    system: Annotated[Optional[str], typer.Option(help="A system message to start every conversation with.")] = None,
+    routing: Annotated[bool, typer.Option(help="Watch expert routing for the dashboard's heat map.")] = True,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Chat with a model in the terminal: streamed answers above a live dashboard of memory, speed and routing."""
+    from . import chat as chatting
+    from .dashboard import Dashboard
+    from .demo import resolve_model
+    from .engine import Engine, SamplingParams
+    from .inventory import read_inventory
+    from .plan import DEFAULT_BATCH
+
+    path = resolve_model(model)
+    inv = read_inventory(path)
+    telemetry = _dashboard_telemetry(inv) if routing else None
+    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc)
+    placement = the_plan.placement if the_plan else None
+    with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry) as engine:
+        dashboard = Dashboard(engine, telemetry=telemetry, plan=the_plan)
+        chatting.run(engine, dashboard, out, max_tokens=max_tokens, system=system,
+                     sampling=SamplingParams(temperature=temperature, top_p=0.95, seed=None))
 
 
 def main() -> None:

@@ -45,10 +45,12 @@ if ! llama_ok; then
     llama_ok || { echo "error: llama-cpp-python $LLAMA_VERSION was built without the RPC backend" >&2; exit 1; }
 fi
 
+# Extras to install: "dev" by default; `make test` adds "train" (torch, for the demo-model trainer's test).
+EXTRAS=${EXTRAS:-dev}
 stamp=$VENV/.rotary-gguf-installed
-want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$( (cat pyproject.toml; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VPY" -c 'import rotary_gguf' 2>/dev/null; then
     echo "installing rotary-gguf and its dependencies into $VENV..."
-    "$VPY" -m pip install --quiet -e ".[dev]"
+    "$VPY" -m pip install --quiet -e ".[$EXTRAS]"
     echo "$want" > "$stamp"
 fi
