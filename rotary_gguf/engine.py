@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,8 @@ class Engine:
     # (qwen3moe) run the last block's FFN only for output tokens. For routing profiles; costs
     # n_batch x n_vocab floats of logits.
     output_every_token = False
+    expert_cache = None
+    before_decode = None  # called with each batch's size before llama_decode (the expert cache)
 
     def __init__(self, path: Path, model, ctx, placement: Placement, keepalive: list):
         self.path = path
@@ -141,10 +144,15 @@ class Engine:
         n_batch: int = 512,
         n_threads: int | None = None,
         telemetry=None,
+        expert_cache=None,
     ) -> "Engine":
         """Load `path` with `placement` (default: everything on the CPU) and create a context.
         `telemetry` (e.g. a `telemetry.RoutingTelemetry`) is installed as llama.cpp's eval callback:
-        anything with `callback` (an EvalCallback) and `user_data`."""
+        anything with `callback` (an EvalCallback) and `user_data`. `expert_cache` (an
+        `expert_cache.ExpertCache`) takes the eval callback's place and is attached after loading."""
+        if telemetry is not None and expert_cache is not None:
+            raise UserError("routing telemetry and the expert cache cannot share the eval callback yet")
+        telemetry = telemetry if expert_cache is None else expert_cache
         path = Path(path)
         inv = read_inventory(path)  # clear errors for missing/broken files before llama.cpp sees them
         placement = placement or Placement.all_cpu()
@@ -183,15 +191,26 @@ class Engine:
             if telemetry is not None:
                 cparams.cb_eval, cparams.cb_eval_user_data = telemetry.callback, telemetry.user_data
                 keepalive.append(telemetry)
-            ctx = llama_cpp.llama_init_from_model(model, cparams)
+            with _graph_reuse_disabled(expert_cache is not None):
+                ctx = llama_cpp.llama_init_from_model(model, cparams)
             if not ctx:
                 llama_cpp.llama_model_free(model)
                 raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         engine = cls(path, model, ctx, placement, keepalive)
         engine.load_report = LoadReport.from_log(log_lines)
+        if expert_cache is not None:
+            engine.expert_cache, engine.before_decode = expert_cache, expert_cache.before_decode
+            try:
+                expert_cache.attach(engine)
+            except BaseException:
+                engine.close()
+                raise
         return engine
 
     def close(self) -> None:
+        if self.expert_cache is not None:  # give the model its host expert tensors back first
+            self.expert_cache.close()
+            self.expert_cache = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -281,6 +300,8 @@ class Engine:
             if self.output_every_token:
                 outputs = (ctypes.c_int8 * len(chunk))(*[1] * len(chunk))
                 batch.logits = ctypes.cast(outputs, type(batch.logits))
+            if self.before_decode is not None:
+                self.before_decode(len(chunk))
             rc = llama_cpp.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
@@ -478,6 +499,23 @@ def _compile_chat_template(template: str):
         return env.from_string(template)
     except TemplateError as e:
         raise PromptError(f"the model's chat template does not parse: {e}") from None
+
+
+@contextmanager
+def _graph_reuse_disabled(disabled: bool) -> Iterator[None]:
+    """LLAMA_GRAPH_REUSE_DISABLE=1 while a context is created: the expert cache rebinds weights
+    between decode calls, so a graph built before must never be reused after."""
+    previous = os.environ.get("LLAMA_GRAPH_REUSE_DISABLE")
+    if disabled:
+        os.environ["LLAMA_GRAPH_REUSE_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if disabled:
+            if previous is None:
+                os.environ.pop("LLAMA_GRAPH_REUSE_DISABLE", None)
+            else:
+                os.environ["LLAMA_GRAPH_REUSE_DISABLE"] = previous
 
 
 def buffer_types() -> dict[str, int]:

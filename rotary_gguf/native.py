@@ -420,39 +420,40 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rotary-gguf"
 
 
-def _build_moe_tap() -> Path:
-    """The compiled tap for this source, these headers and this ggml; built once, then reused."""
+def _build_native(source: Path, purpose: str) -> Path:
+    """The compiled `source` for these headers and this ggml; built once, then reused.
+    `purpose` names it in errors ("the routing telemetry callback")."""
     headers = [GGML_INCLUDE_DIR / h for h in ("ggml.h", "ggml-backend.h")]
     if not all(h.exists() for h in headers):
         raise UserError(f"the ggml headers are missing from {GGML_INCLUDE_DIR}; re-run the setup to reinstall llama-cpp-python")
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in (MOE_TAP_SOURCE, *headers)) + str(LIB_DIR).encode())
-    target = _cache_dir() / f"moe_tap-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in (source, *headers)) + str(LIB_DIR).encode())
+    target = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {target.parent} for the routing telemetry callback ({e.strerror}); "
+        raise UserError(f"cannot create {target.parent} for {purpose} ({e.strerror}); "
                         "set XDG_CACHE_HOME to a writable folder") from None
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     compiler = os.environ.get("CC", "cc")
-    cmd = [compiler, "-O2", "-std=c11", "-shared", "-fPIC", "-I", str(GGML_INCLUDE_DIR), str(MOE_TAP_SOURCE),
-           "-o", str(tmp), "-L", str(LIB_DIR), "-lggml-base", f"-Wl,-rpath,{LIB_DIR}"]
+    cmd = [compiler, "-O2", "-std=c11", "-shared", "-fPIC", "-I", str(GGML_INCLUDE_DIR), str(source),
+           "-o", str(tmp), "-L", str(LIB_DIR), "-lggml-base", "-lm", f"-Wl,-rpath,{LIB_DIR}"]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
-        raise UserError(f"routing telemetry needs a C compiler to build its native callback ({compiler}: {e.strerror})") from None
+        raise UserError(f"{purpose} needs a C compiler to be built ({compiler}: {e.strerror})") from None
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:200])
-        raise UserError(f"could not compile the routing telemetry callback: {first}")
+        raise UserError(f"could not compile {purpose}: {first}")
     os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
     return target
 
 
 @cache
 def _moe_tap_library() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_build_moe_tap()))
+    lib = ctypes.CDLL(str(_build_native(MOE_TAP_SOURCE, "the routing telemetry callback")))
     i32, i64p = ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)
     lib.moe_tap_new.restype, lib.moe_tap_new.argtypes = c_void_p, [i32, i32, i32, i32, ctypes.c_bool]
     lib.moe_tap_free.restype, lib.moe_tap_free.argtypes = None, [c_void_p]
@@ -523,5 +524,106 @@ def tensor_bytes(tensor: int) -> bytes:
     _tensor_get(tensor, buf, 0, size)
     return buf.raw
 
+
+
+# --- the expert cache (expert_cache.py): slot buffers on the accelerator, uploads, tensor rebinding
+_buffer_is_host = _bind("ggml_backend_buffer_is_host", ctypes.c_bool, c_void_p)
+
+
+def alloc_buffer(buft: int, size: int) -> int:
+    """A backend buffer of `size` bytes of buffer type `buft`; free it with `free_buffer`."""
+    buf = _buft_alloc_buffer(buft, size)
+    if not buf:
+        raise UserError(f"could not allocate {size} bytes of {buffer_type_name(buft)}")
+    return buf
+
+
+def buffer_base(buf: int) -> int:
+    return _buffer_base(buf)
+
+
+def free_buffer(buf: int) -> None:
+    _buffer_free(buf)
+
+
+def buffer_is_host(buf: int) -> bool:
+    return bool(_buffer_is_host(buf))
+
+
+def tensor_set(tensor: int, src: int, offset: int, size: int) -> None:
+    """Copy `size` bytes from host address `src` into `tensor` at byte `offset` (any backend)."""
+    _tensor_set(tensor, src, offset, size)
+
+
+def set_tensor_bytes(tensor: int, data: bytes) -> None:
+    """Write all bytes a tensor spans (as `tensor_bytes` read them), on any backend."""
+    _tensor_set(tensor, data, 0, len(data))
+
+
+# --- the expert cache's hot path: a native eval callback (csrc/expert_cache.c) -------------------
+EXPERT_CACHE_SOURCE = Path(__file__).with_name("csrc") / "expert_cache.c"
+EXPERT_CACHE_MODES = {"host": 0, "cached": 1, "look": 2}
+
+
+@cache
+def _expert_cache_library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_build_native(EXPERT_CACHE_SOURCE, "the expert cache callback")))
+    i32, i64p = ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)
+    lib.expert_cache_new.restype = c_void_p
+    lib.expert_cache_new.argtypes = [i32, i32, i32, i32, ctypes.c_double, EvalCallback]
+    lib.expert_cache_free.restype, lib.expert_cache_free.argtypes = None, [c_void_p]
+    lib.expert_cache_reset.restype, lib.expert_cache_reset.argtypes = None, [c_void_p]
+    lib.expert_cache_set_mode.restype, lib.expert_cache_set_mode.argtypes = None, [c_void_p, i32]
+    lib.expert_cache_set_weight.restype = ctypes.c_bool
+    lib.expert_cache_set_weight.argtypes = [c_void_p, i32, i32, c_void_p, c_void_p, c_size_t]
+    for name in ("expert_cache_hits", "expert_cache_misses", "expert_cache_uploaded_bytes", "expert_cache_failures"):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = i64p, [c_void_p]
+    lib.expert_cache_slot_of.restype = ctypes.POINTER(ctypes.c_int32)
+    lib.expert_cache_slot_of.argtypes = [c_void_p, i32]
+    return lib
+
+
+class NativeExpertCache:
+    """The native hot path of one context's expert cache (decayed-LFU policy, uploads, id and
+    probability remap). Hand `callback` and `user_data` to the context; in "look" mode every
+    question goes to `look` (a Python EvalCallback). hits and misses [n_layer] and slot_of(layer)
+    [n_expert] are views of C memory."""
+
+    def __init__(self, n_layer: int, n_expert: int, n_used: int, slots: int, decay: float, look):
+        lib = _expert_cache_library()
+        handle = lib.expert_cache_new(n_layer, n_expert, n_used, slots, decay, look)
+        if not handle:
+            raise UserError(f"could not set up the expert cache for {n_layer} blocks of {n_expert} experts")
+        self._lib, self.user_data, self._look = lib, handle, look
+        self.callback = EvalCallback(ctypes.cast(lib.expert_cache_eval, c_void_p).value)
+        self.n_expert = n_expert
+        self.hits = np.ctypeslib.as_array(lib.expert_cache_hits(handle), shape=(n_layer,))
+        self.misses = np.ctypeslib.as_array(lib.expert_cache_misses(handle), shape=(n_layer,))
+        self._uploaded = lib.expert_cache_uploaded_bytes(handle)
+        self._failures = lib.expert_cache_failures(handle)
+        self._free = weakref.finalize(self, lib.expert_cache_free, handle)
+
+    def set_mode(self, mode: str) -> None:
+        self._lib.expert_cache_set_mode(self.user_data, EXPERT_CACHE_MODES[mode])
+
+    def set_weight(self, layer: int, index: int, tensor: int, host: int, expert_bytes: int) -> None:
+        if not self._lib.expert_cache_set_weight(self.user_data, layer, index, tensor, host, expert_bytes):
+            raise ValueError(f"no room for expert weight {index} of block {layer}")
+
+    def reset(self) -> None:
+        self._lib.expert_cache_reset(self.user_data)
+
+    def slot_of(self, layer: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self._lib.expert_cache_slot_of(self.user_data, layer), shape=(self.n_expert,))
+
+    @property
+    def uploaded_bytes(self) -> int:
+        return int(self._uploaded[0])
+
+    @property
+    def failures(self) -> int:
+        """topk nodes the hot path could not serve (the output of that call is wrong)."""
+        return int(self._failures[0])
 
 route_llama_logs()

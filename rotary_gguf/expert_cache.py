@@ -1,0 +1,591 @@
+"""The rotary expert cache: which host experts hold a slot in accelerator memory, per MoE block.
+
+This module holds the replacement policies (pure Python, shared by the live cache and the offline
+simulator), routing traces (the experts each decode call selected, per block) and their replay.
+A policy sees one step per block and decode call: the distinct experts that call's tokens select.
+Every one of them must be resident for the call to use the cache; the ones that are not are
+uploaded into slots, evicting the experts the policy values least. A call whose tokens could
+select more distinct experts than there are slots (tokens x experts used > slots) runs llama.cpp's
+own path and leaves the cache as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from . import native
+from .errors import UserError
+from .log import logger
+
+TOPK_PREFIX = b"ffn_moe_topk-"
+# Decayed LFU's per-step decay (half-life ~13 steps): 0.8..0.99 were within a point of each other
+# on the traces tools/simulate_cache.py records; 0.95 was best or within 0.2 points on each.
+DEFAULT_DECAY = 0.95
+SELF_CHECK_TEXT = "The cache checks itself once."
+# What the cache relies on: the llama-cpp-python whose ggml it was verified against, and struct
+# ggml_tensor's layout there (ggml.h): the fields it rebinds and the name it reads.
+VERIFIED_LLAMA_CPP_PYTHON = ("0.3.36",)
+GGML_TENSOR_OFFSETS = {"buffer": 8, "ne": 16, "nb": 48, "src": 152, "view_src": 232, "data": 248, "name": 256}
+
+
+# --- policies -------------------------------------------------------------------------------------
+class Policy:
+    """Slots of one block: expert -> slot, and the choice of what to evict. Subclasses rank the
+    resident experts with `_score` (lowest is evicted first; ties go to the lower expert id, so
+    a replay is deterministic) and learn from `_touch`."""
+
+    name = "base"
+
+    def __init__(self, slots: int, n_expert: int):
+        if slots < 1:
+            raise ValueError("a cache needs at least one slot")
+        self.slots, self.n_expert = slots, n_expert
+        self.slot_of: dict[int, int] = {}  # resident expert -> slot
+        self.step = 0
+
+    def admit(self, experts: Iterable[int]) -> list[tuple[int, int]] | None:
+        """Make every expert of `experts` resident; returns the (expert, slot) uploads this needs,
+        or None when they do not all fit (the step falls back, the cache is unchanged)."""
+        needed = sorted(set(experts))
+        self.step += 1  # fallback steps count too: time passes for decay, and Belady's index
+        if len(needed) > self.slots:
+            return None
+        missing = [e for e in needed if e not in self.slot_of]
+        free = sorted(set(range(self.slots)) - set(self.slot_of.values()))
+        if len(missing) > len(free):
+            keep = set(needed)
+            victims = sorted((e for e in self.slot_of if e not in keep), key=lambda e: (self._score(e), e))
+            for victim in victims[: len(missing) - len(free)]:
+                free.append(self.slot_of.pop(victim))
+            free.sort()
+        uploads = []
+        for expert, slot in zip(missing, free):
+            self.slot_of[expert] = slot
+            uploads.append((expert, slot))
+        for e in needed:
+            self._touch(e)
+        return uploads
+
+    def _score(self, expert: int) -> float:
+        raise NotImplementedError
+
+    def _touch(self, expert: int) -> None:
+        raise NotImplementedError
+
+
+class LRU(Policy):
+    """Evict the expert used longest ago."""
+
+    name = "lru"
+
+    def __init__(self, slots: int, n_expert: int):
+        super().__init__(slots, n_expert)
+        self.last_use = np.zeros(n_expert, dtype=np.int64)
+
+    def _score(self, expert: int) -> float:
+        return float(self.last_use[expert])
+
+    def _touch(self, expert: int) -> None:
+        self.last_use[expert] = self.step
+
+
+class DecayedLFU(Policy):
+    """Evict the expert with the lowest use count, where every count decays by `decay` per step
+    (a half-life of log(0.5)/log(decay) steps); ties go to the least recently used. The counts
+    of evicted experts are kept, so an expert that comes back often wins its slot back."""
+
+    name = "lfu-decay"
+
+    def __init__(self, slots: int, n_expert: int, decay: float = DEFAULT_DECAY):
+        super().__init__(slots, n_expert)
+        self.decay = decay
+        self.base = 0  # counts are kept scaled by decay**-(step - base), so a touch is O(1)
+        self.scaled = np.zeros(n_expert)
+        self.last_use = np.zeros(n_expert, dtype=np.int64)
+
+    def count(self, expert: int) -> float:
+        """The decayed use count of `expert` now."""
+        return float(self.scaled[expert] * self.decay ** (self.step - self.base))
+
+    def _score(self, expert: int) -> tuple:
+        return (self.scaled[expert], self.last_use[expert])
+
+    def _touch(self, expert: int) -> None:
+        if self.step - self.base >= 512:  # rescale before decay**-(step - base) overflows
+            self.scaled *= self.decay ** (self.step - self.base)
+            self.base = self.step
+        self.scaled[expert] += self.decay ** -(self.step - self.base)
+        self.last_use[expert] = self.step
+
+
+class ProfileSeeded(Policy):
+    """Decayed LFU plus a frequency prior from a routing profile: the resident expert with the
+    lowest (prior share x weight + decayed use count) is evicted. Starts empty like the others."""
+
+    name = "profile-lfu"
+
+    def __init__(self, slots: int, n_expert: int, prior: Sequence[float], decay: float = DEFAULT_DECAY, weight: float = 8.0):
+        super().__init__(slots, n_expert)
+        self.inner = DecayedLFU(slots, n_expert, decay)
+        selections = float(sum(prior)) or 1.0
+        self.prior = np.asarray(prior, dtype=float) / selections * weight
+
+    def _score(self, expert: int) -> tuple:
+        return (self.prior[expert] + self.inner.count(expert), self.inner.last_use[expert])
+
+    def _touch(self, expert: int) -> None:
+        self.inner.step = self.step
+        self.inner._touch(expert)
+
+
+class Belady(Policy):
+    """The offline optimum for a known future (evict the expert needed furthest ahead): an upper
+    bound for the simulator, not a policy a live cache can run."""
+
+    name = "belady"
+
+    def __init__(self, slots: int, n_expert: int, future: Sequence[Sequence[int]]):
+        super().__init__(slots, n_expert)
+        self.next_use: list[dict[int, int]] = []  # per step: expert -> next step it is needed
+        upcoming: dict[int, int] = {}
+        for i in range(len(future) - 1, -1, -1):
+            self.next_use.append(dict(upcoming))
+            for e in set(future[i]):
+                upcoming[e] = i
+        self.next_use.reverse()
+
+    def _score(self, expert: int) -> float:
+        return -float(self.next_use[self.step - 1].get(expert, 1 << 60))
+
+    def _touch(self, expert: int) -> None:
+        pass
+
+
+POLICIES = ("lru", "lfu-decay", "profile-lfu")
+
+
+def make_policy(name: str, slots: int, n_expert: int, *, prior: Sequence[float] | None = None,
+                future: Sequence[Sequence[int]] | None = None) -> Policy:
+    if name == "lru":
+        return LRU(slots, n_expert)
+    if name == "lfu-decay":
+        return DecayedLFU(slots, n_expert)
+    if name == "profile-lfu":
+        if prior is None:
+            raise UserError("the profile-lfu policy needs a routing profile")
+        return ProfileSeeded(slots, n_expert, prior)
+    if name == "belady":
+        return Belady(slots, n_expert, future or [])
+    raise UserError(f"unknown cache policy {name!r} (known: {', '.join(POLICIES)}, belady)")
+
+
+# --- statistics ---------------------------------------------------------------------------------
+@dataclass
+class CacheStats:
+    """Counts of one block's cache: selections of distinct experts per step, served from a slot
+    (hits) or uploaded first (misses); steps that fell back to llama.cpp's path."""
+
+    hits: int = 0
+    misses: int = 0
+    fallback_steps: int = 0
+    steps: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def add(self, other: "CacheStats") -> None:
+        self.hits += other.hits
+        self.misses += other.misses
+        self.fallback_steps += other.fallback_steps
+        self.steps += other.steps
+
+
+def play_step(policy: Policy, experts: Iterable[int], stats: CacheStats) -> list[tuple[int, int]] | None:
+    """One step of one block through `policy`, counted in `stats`; the uploads, or None to fall back."""
+    needed = set(experts)
+    stats.steps += 1
+    uploads = policy.admit(needed)
+    if uploads is None:
+        stats.fallback_steps += 1
+        return None
+    stats.misses += len(uploads)
+    stats.hits += len(needed) - len(uploads)
+    return uploads
+
+
+# --- routing traces -----------------------------------------------------------------------------
+@dataclass
+class Trace:
+    """The experts selected per block and decode call, in the file's expert positions:
+    steps[layer] is a list of calls, each a list of token selections (lists of expert ids)."""
+
+    n_expert: int
+    n_expert_used: int
+    steps: dict[int, list[list[list[int]]]] = field(default_factory=dict)
+
+    def record(self, layer: int, selections: list[list[int]]) -> None:
+        self.steps.setdefault(layer, []).append(selections)
+
+    def layer_steps(self, layer: int) -> list[set[int]]:
+        """The distinct experts each call of `layer` needs."""
+        return [{e for token in call for e in token} for call in self.steps.get(layer, [])]
+
+    def counts(self) -> dict[int, np.ndarray]:
+        out = {}
+        for layer, calls in self.steps.items():
+            c = np.zeros(self.n_expert, dtype=np.int64)
+            for call in calls:
+                for token in call:
+                    np.add.at(c, token, 1)
+            out[layer] = c
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        data = {"n_expert": self.n_expert, "n_expert_used": self.n_expert_used,
+                "steps": {str(k): v for k, v in self.steps.items()}}
+        Path(path).write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Trace":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(data["n_expert"], data["n_expert_used"], {int(k): v for k, v in data["steps"].items()})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a routing trace ({e})") from None
+
+
+def replay(trace: Trace, policy: str, slots: int, *, prior: dict[int, Sequence[float]] | None = None) -> dict[int, CacheStats]:
+    """Per block: the statistics of a cache of `slots` slots run by `policy` over `trace`, with
+    the live cache's rule for falling back: a call of more tokens than slots / experts used."""
+    out = {}
+    for layer in sorted(trace.steps):
+        calls = trace.steps[layer]
+        cached = [{e for token in call for e in token} for call in calls if fits(len(call), trace.n_expert_used, slots)]
+        p = make_policy(policy, slots, trace.n_expert, prior=None if prior is None else prior[layer], future=cached)
+        stats = CacheStats(steps=len(calls) - len(cached), fallback_steps=len(calls) - len(cached))
+        for needed in cached:
+            play_step(p, needed, stats)
+        out[layer] = stats
+    return out
+
+
+def fits(n_tokens: int, n_expert_used: int, slots: int) -> bool:
+    """Whether a call of `n_tokens` tokens can use the cache: they can select at most
+    n_tokens x n_expert_used distinct experts, and the slots must hold them all."""
+    return n_tokens * n_expert_used <= slots
+
+
+def total(stats: dict[int, CacheStats]) -> CacheStats:
+    out = CacheStats()
+    for s in stats.values():
+        out.add(s)
+    return out
+
+
+def platform_problem() -> str | None:
+    """Why the live cache cannot run on this llama-cpp-python, or None."""
+    version = getattr(llama_cpp, "__version__", "unknown")
+    if version not in VERIFIED_LLAMA_CPP_PYTHON:
+        return f"llama-cpp-python {version} is not one the cache was verified with ({', '.join(VERIFIED_LLAMA_CPP_PYTHON)})"
+    wrong = [f for f, offset in GGML_TENSOR_OFFSETS.items() if getattr(native.GgmlTensor, f).offset != offset]
+    if wrong:
+        return f"struct ggml_tensor is laid out differently than expected ({', '.join(wrong)})"
+    return None
+
+
+class TraceRecorder:
+    """An eval callback that records every `ffn_moe_topk-<layer>` selection into a Trace: hand
+    `callback` and `user_data` to Engine.load (its `telemetry` argument). Python, so it costs
+    about a microsecond per graph node: for tests and the simulator, not for serving."""
+
+    user_data = None
+
+    def __init__(self, n_expert: int, n_expert_used: int):
+        self.trace = Trace(n_expert, n_expert_used)
+        self.callback = native.EvalCallback(self._eval)
+
+    def _eval(self, tensor, ask, _user_data) -> bool:
+        t = native.GgmlTensor.from_address(tensor)
+        if ask:
+            return t.name.startswith(TOPK_PREFIX)
+        layer = int(t.name[len(TOPK_PREFIX):])
+        ids = topk_ids(tensor, t)
+        self.trace.record(layer, ids.tolist())
+        return True
+
+
+def topk_ids(tensor: int, t: native.GgmlTensor) -> np.ndarray:
+    """[n_tokens, n_used] expert ids of a topk view, wherever it lives."""
+    raw = np.frombuffer(native.tensor_bytes(tensor), dtype=np.uint8)
+    n_used, n_tokens, row = t.ne[0], t.ne[1], t.nb[1]
+    padded = np.zeros(n_tokens * row, dtype=np.uint8)
+    padded[: raw.size] = raw
+    return padded.reshape(n_tokens, row)[:, : n_used * 4].copy().view(np.int32)
+
+
+# --- the live cache ---------------------------------------------------------------------------
+WEIGHT_NODES = ("ffn_moe_gate", "ffn_moe_up", "ffn_moe_down", "ffn_moe_gate_up")  # MUL_MAT_ID nodes
+
+
+@dataclass
+class _ExpertTensor:
+    """A host-resident expert weight of one block, and its slot buffer on the accelerator."""
+
+    handle: int  # struct ggml_tensor *
+    host_buffer: int
+    host_data: int
+    n_expert: int
+    expert_bytes: int  # nb[2]
+    slot_buffer: int = 0
+    slot_base: int = 0
+
+
+class ExpertCache:
+    """Serves the experts of host-resident blocks from `slots` slots per block on the accelerator.
+
+    Load with it (Engine.load(..., expert_cache=cache)), host experts in ggml's standard layout
+    (Placement(repack=False)): it becomes the eval callback, and `attach(engine)` finds the host
+    expert tensors with one look-only decode, allocates the slots and checks itself. Before each decode
+    call, `before_decode(n_tokens)` binds the expert tensors to their slots, or, for a batch that
+    could need more distinct experts than the slots hold, leaves them on the host (llama.cpp's own
+    path for that call). At each block's `ffn_moe_topk` node the selected experts are admitted by
+    the policy, misses uploaded, and the ids and routing probabilities rewritten to slot numbers.
+
+    hot_path "native" runs that last step in C (csrc/expert_cache.c, decayed LFU only); "python"
+    runs it here with any policy, and can record what it sees in `trace`.
+    """
+
+    user_data = None
+
+    def __init__(self, n_layer: int, n_expert: int, n_expert_used: int, slots: int, accelerator_buft: int,
+                 policy: str = "lfu-decay", hot_path: str = "native"):
+        if not n_expert_used <= slots <= n_expert:
+            raise UserError(f"the expert cache needs {n_expert_used}..{n_expert} slots per block, not {slots}")
+        if hot_path not in ("native", "python"):
+            raise ValueError(f"unknown hot path {hot_path!r}")
+        if hot_path == "native" and policy != "lfu-decay":
+            raise UserError(f"the native expert cache runs the lfu-decay policy, not {policy!r}")
+        self.n_expert, self.n_expert_used, self.slots = n_expert, n_expert_used, slots
+        self.policy_name, self.buft = policy, accelerator_buft
+        self.tensors: dict[int, list[_ExpertTensor]] = {}  # layer -> its host expert tensors
+        self.policies: dict[int, Policy] = {}
+        self.stats: dict[int, CacheStats] = {}
+        self.uploaded_bytes = 0
+        self._since, self._last_totals = time.monotonic(), (0, 0)
+        self.trace: Trace | None = None  # set to a Trace to record the steps the cache sees (python)
+        self._mode = "look"  # look: find tensors; cached: remap; host: llama.cpp's path; off
+        self.disabled_reason: str | None = None
+        self._python_callback = native.EvalCallback(self._eval)
+        self._native = None
+        if hot_path == "native":
+            self._native = native.NativeExpertCache(n_layer, n_expert, n_expert_used, slots, DEFAULT_DECAY,
+                                                    self._python_callback)
+            self.callback, self.user_data = self._native.callback, self._native.user_data
+        else:
+            self.callback = self._python_callback
+
+    def _set_mode(self, mode: str) -> None:
+        self._mode = mode
+        if self._native is not None:
+            self._native.set_mode(mode if mode in ("look", "cached") else "host")
+
+    # --- control plane -----------------------------------------------------------------------
+    def attach(self, engine) -> None:
+        """Find the host expert tensors (one look-only decode, then forgotten), allocate the
+        slots and check that a cached decode gives the uncached logits; on any failed check the
+        cache turns itself off (`disabled_reason` says why) and llama.cpp's own path runs."""
+        problem = platform_problem()
+        if problem:
+            self.disable(problem)
+            return
+        engine.reset()
+        engine.eval(engine.tokenize("a")[:1])
+        engine.reset()
+        self._set_mode("host")
+        if not self.tensors:
+            self.disable("no host-resident expert tensors in this placement")
+            return
+        for layer, tensors in self.tensors.items():
+            for t in tensors:
+                t.slot_buffer = native.alloc_buffer(self.buft, self.slots * t.expert_bytes)
+                t.slot_base = native.buffer_base(t.slot_buffer)
+            for index, t in enumerate(tensors if self._native is not None else ()):
+                self._native.set_weight(layer, index, t.handle, t.host_data, t.expert_bytes)
+        self._reset_policies()
+        if not self._self_check(engine):
+            self.disable("a cached decode did not reproduce the uncached logits")
+            return
+        self._reset_policies()  # the check's uploads and counts are not the user's
+
+    def _reset_policies(self) -> None:
+        self.policies = {layer: make_policy(self.policy_name, self.slots, self.n_expert) for layer in self.tensors}
+        self.stats = {layer: CacheStats() for layer in self.tensors}
+        self.uploaded_bytes = 0
+        self._since, self._last_totals = time.monotonic(), (0, 0)
+        if self._native is not None:
+            self._native.reset()
+        if self.trace is not None:
+            self.trace = Trace(self.n_expert, self.n_expert_used)
+
+    def _self_check(self, engine) -> bool:
+        """Token-by-token decode of a short text with the experts on the host, then cached."""
+        tokens = engine.tokenize(SELF_CHECK_TEXT)
+        runs = []
+        for cached in (False, True):
+            engine.reset()
+            logits = []
+            for token in tokens:
+                self._bind(cached)
+                self._set_mode("cached" if cached else "host")
+                engine.before_decode, hook = None, engine.before_decode
+                try:
+                    engine.eval([token])
+                finally:
+                    engine.before_decode = hook
+                logits.append(engine.logits())
+            runs.append(np.array(logits))
+        engine.reset()
+        self._bind(False)
+        self._set_mode("host")
+        return bool(np.array_equal(runs[0], runs[1]))
+
+    def disable(self, reason: str) -> None:
+        """Turn the cache off for good: experts back on the host, slots freed."""
+        self.close()
+        self.policies, self.disabled_reason = {}, reason
+        self._set_mode("off")
+        logger.warning(f"expert cache off: {reason}")
+
+    def before_decode(self, n_tokens: int) -> None:
+        """Bind the experts to their slots for this call, or leave them on the host when the
+        batch could select more distinct experts than the slots hold."""
+        if not self.policies:
+            return
+        if self._native is not None and self._native.failures:
+            self.disable("the native hot path met a routing node it could not serve")
+            return
+        if fits(n_tokens, self.n_expert_used, self.slots):
+            self._bind(True)
+            self._set_mode("cached")
+        else:
+            self._bind(False)
+            self._set_mode("host")
+            for s in self.stats.values():
+                s.fallback_steps += 1
+                s.steps += 1
+
+    def close(self) -> None:
+        self._bind(False)
+        for tensors in self.tensors.values():
+            for t in tensors:
+                if t.slot_buffer:
+                    native.free_buffer(t.slot_buffer)
+                    t.slot_buffer = t.slot_base = 0
+
+    def _bind(self, to_slots: bool) -> None:
+        for tensors in self.tensors.values():
+            for t in tensors:
+                g = native.GgmlTensor.from_address(t.handle)
+                if to_slots:
+                    g.buffer, g.data, g.ne[2] = t.slot_buffer, t.slot_base, self.slots
+                else:
+                    g.buffer, g.data, g.ne[2] = t.host_buffer, t.host_data, t.n_expert
+                g.nb[3] = g.ne[2] * g.nb[2]
+
+    # --- the eval callback --------------------------------------------------------------------
+    def _eval(self, tensor, ask, _user_data) -> bool:
+        t = native.GgmlTensor.from_address(tensor)
+        if ask:
+            if self._mode == "look":
+                self._look(t)
+                return False
+            return self._mode == "cached" and t.name.startswith(TOPK_PREFIX)
+        self._remap(tensor, t, int(t.name[len(TOPK_PREFIX):]))
+        return True
+
+    def _look(self, t: native.GgmlTensor) -> None:
+        kind, _, layer = t.name.decode().rpartition("-")
+        if kind not in WEIGHT_NODES or not layer.isdigit() or not t.src[0]:
+            return
+        w = native.GgmlTensor.from_address(t.src[0])
+        if w.ne[2] != self.n_expert or not w.buffer or not native.buffer_is_host(w.buffer):
+            return
+        known = self.tensors.setdefault(int(layer), [])
+        if all(k.handle != t.src[0] for k in known):
+            known.append(_ExpertTensor(t.src[0], w.buffer, w.data, w.ne[2], w.nb[2]))
+
+    def _remap(self, tensor: int, t: native.GgmlTensor, layer: int) -> None:
+        tensors = self.tensors.get(layer)
+        if not tensors:
+            return
+        ids = topk_ids(tensor, t)
+        if self.trace is not None:
+            self.trace.record(layer, ids.tolist())
+        uploads = play_step(self.policies[layer], ids.ravel().tolist(), self.stats[layer])
+        if uploads is None:  # cannot happen: before_decode bounds the distinct experts
+            raise RuntimeError(f"block {layer}: a batch needs more experts than the {self.slots} slots hold")
+        for expert, slot in uploads:
+            for w in tensors:
+                native.tensor_set(w.handle, w.host_data + expert * w.expert_bytes, slot * w.expert_bytes, w.expert_bytes)
+                self.uploaded_bytes += w.expert_bytes
+        slot_of = self.policies[layer].slot_of
+        slots = np.vectorize(slot_of.__getitem__, otypes=[np.int32])(ids)
+        # the topk view: rewrite the ids in its rows, keep the bytes between them
+        raw = bytearray(native.tensor_bytes(tensor))
+        row = t.nb[1]
+        for i in range(ids.shape[0]):
+            raw[i * row : i * row + 4 * ids.shape[1]] = slots[i].tobytes()
+        native.set_tensor_bytes(tensor, bytes(raw))
+        # the routing weights are gathered from the probabilities with the remapped ids
+        probs_handle = native.GgmlTensor.from_address(t.view_src).src[0]
+        p = native.GgmlTensor.from_address(probs_handle)
+        probs = np.frombuffer(native.tensor_bytes(probs_handle), dtype=np.float32).copy()
+        stride = p.nb[1] // 4
+        for i in range(ids.shape[0]):
+            r = probs[i * stride : i * stride + self.n_expert]
+            r[slots[i]] = r[ids[i]].copy()
+        native.set_tensor_bytes(probs_handle, probs.tobytes())
+
+    def summary(self) -> CacheStats:
+        if self._native is not None:
+            for layer, s in self.stats.items():
+                s.hits, s.misses = int(self._native.hits[layer]), int(self._native.misses[layer])
+            self.uploaded_bytes = self._native.uploaded_bytes
+        return total(self.stats)
+
+    def resident(self) -> dict[int, list[int]]:
+        """The experts in the slots of each block."""
+        if self._native is not None:
+            return {layer: np.flatnonzero(self._native.slot_of(layer) >= 0).tolist() for layer in self.policies}
+        return {layer: sorted(p.slot_of) for layer, p in self.policies.items()}
+
+    def snapshot(self) -> dict:
+        """The figures front ends show: hit rates (overall, per block, and recent: since the
+        previous snapshot), uploaded bytes (and per second since the start), residents."""
+        now = time.monotonic()
+        overall = self.summary()
+        recent = CacheStats(hits=overall.hits - self._last_totals[0], misses=overall.misses - self._last_totals[1])
+        self._last_totals = (overall.hits, overall.misses)
+        return {
+            "enabled": self._mode != "off",
+            "disabled_reason": self.disabled_reason,
+            "slots": self.slots,
+            "policy": self.policy_name,
+            "hit_rate": overall.hit_rate,
+            "recent_hit_rate": recent.hit_rate,
+            "layer_hit_rate": {layer: s.hit_rate for layer, s in self.stats.items()},
+            "fallback_steps": overall.fallback_steps,
+            "uploaded_bytes": self.uploaded_bytes,
+            "uploaded_bytes_per_s": self.uploaded_bytes / max(now - self._since, 1e-9),
+            "resident": self.resident(),
+        }
