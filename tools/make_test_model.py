@@ -42,7 +42,7 @@ Control tokens get all-zero output rows so greedy decoding never picks them
 
 Usage::
 
-    python tools/make_test_model.py -o /tmp/tiny.gguf --arch qwen35moe \\
+    python tools/make_test_model.py -o tiny.gguf --arch qwen35moe \\
         --quant q8_0 --router-skew 1.5 --seed 3
 """
 
