@@ -23,6 +23,7 @@ import pytest
 from gguf import GGUFReader
 
 from conftest import CLI, assert_one_line_error, run_cli
+from make_test_model import simulated_profile
 
 from rotary_gguf import __version__
 from rotary_gguf.convert import convert, copies_per_token, order_experts, pair_probabilities, plan_conversion
@@ -58,23 +59,6 @@ def chain_profile(inv, order: list[int]) -> dict:
     counts[order] = np.arange(n, 0, -1) * 10
     layers = range(inv.n_layer)
     return profile_doc(inv, {i: counts for i in layers}, {i: pairs.tolist() for i in layers})
-
-
-def sampled_profile(inv, seed: int, tokens: int = 400) -> dict:
-    """Counts and pair counts of `tokens` simulated tokens routed with a skewed preference."""
-    rng = np.random.default_rng(seed)
-    n, used = inv.n_expert, inv.n_expert_used
-    counts, pairs = {}, {}
-    for i in range(inv.n_layer):
-        p = rng.dirichlet(np.full(n, 0.3))
-        c, co = np.zeros(n, dtype=int), np.zeros((n, n), dtype=int)
-        for _ in range(tokens):
-            chosen = rng.choice(n, size=used, replace=False, p=p)
-            c[chosen] += 1
-            co[np.ix_(chosen, chosen)] += 1
-        np.fill_diagonal(co, 0)
-        counts[i], pairs[i] = c, co.tolist()
-    return profile_doc(inv, counts, pairs, tokens)
 
 
 def write_json(path: Path, doc: dict) -> Path:
@@ -179,7 +163,7 @@ def test_repack_is_exact_with_and_without_a_profile(test_model, tmp_path, arch, 
 def test_profile_order_keeps_coactivated_experts_adjacent_and_verifies(test_model, tmp_path, arch):
     src = test_model(arch=arch, router_skew=1.0)
     inv = read_inventory(src)
-    profile = write_json(tmp_path / "p.json", sampled_profile(inv, seed=1))
+    profile = write_json(tmp_path / "p.json", simulated_profile(inv, seed=1))
     plan = plan_conversion(inv, load_profile(profile, inv))
     assert plan.copies_after < plan.copies_before
     assert plan.reordered_layers == list(range(inv.n_layer))
@@ -228,8 +212,8 @@ def test_reconverting_composes_orders(test_model, tmp_path):
     same file as converting once, and an identity order brings the original layout back."""
     src = test_model(arch="qwen35moe", quant="q8_0")
     inv = read_inventory(src)
-    first = write_json(tmp_path / "1.json", sampled_profile(inv, seed=2))
-    second = write_json(tmp_path / "2.json", sampled_profile(inv, seed=3))
+    first = write_json(tmp_path / "1.json", simulated_profile(inv, seed=2))
+    second = write_json(tmp_path / "2.json", simulated_profile(inv, seed=3))
     identity = write_json(tmp_path / "id.json", chain_profile(inv, list(range(inv.n_expert))))
 
     convert(src, tmp_path / "a.gguf", profile=first, show_progress=False)
@@ -251,7 +235,7 @@ def test_fused_input_stays_fused_and_matches_converted_separate(test_model, tmp_
     separate = test_model(arch="qwen35moe", quant="q8_0")
     fused = test_model(arch="qwen35moe", quant="q8_0", fused_gate_up=True)
     inv = read_inventory(fused)
-    profile = write_json(tmp_path / "p.json", sampled_profile(inv, seed=4))
+    profile = write_json(tmp_path / "p.json", simulated_profile(inv, seed=4))
     for src in (separate, fused):
         convert(src, tmp_path / f"{src.stem}.gguf", profile=profile, show_progress=False)
     a, b = (tmp_path / f"{s.stem}.gguf" for s in (separate, fused))
@@ -274,7 +258,7 @@ def test_input_is_only_read(test_model, tmp_path):
 def test_cli_convert_verify_and_inspect(test_model, tmp_path):
     src = test_model(arch="qwen35moe", quant="q8_0")
     inv = read_inventory(src)
-    profile = write_json(tmp_path / "p.json", sampled_profile(inv, seed=5))
+    profile = write_json(tmp_path / "p.json", simulated_profile(inv, seed=5))
     out = tmp_path / "out.gguf"
     r = run_cli("convert", src, out, "--profile", profile, "--verify")
     assert r.returncode == 0, r.stderr

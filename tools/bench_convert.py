@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_test_model import make_model  # noqa: E402
+from make_test_model import make_model, simulated_profile  # noqa: E402
 
 from rotary_gguf.convert import plan_conversion  # noqa: E402
 from rotary_gguf.inventory import read_inventory  # noqa: E402
@@ -49,25 +49,6 @@ status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({"seconds": seconds, "bytes": result.bytes_written,
                   "peak_rss": int(status["VmHWM"].split()[0]) * 1024}))
 """
-
-
-def routing_profile(model: Path, seed: int = 0, tokens: int = 2000) -> dict:
-    """Skewed, simulated routing with pair counts, as the profiler would record it."""
-    inv = read_inventory(model)
-    rng = np.random.default_rng(seed)
-    n, used = inv.n_expert, inv.n_expert_used
-    layers = []
-    for i in range(inv.n_layer):
-        p = rng.dirichlet(np.full(n, 0.3))
-        counts, pairs = np.zeros(n, dtype=int), np.zeros((n, n), dtype=int)
-        for _ in range(tokens):
-            chosen = rng.choice(n, size=used, replace=False, p=p)
-            counts[chosen] += 1
-            pairs[np.ix_(chosen, chosen)] += 1
-        np.fill_diagonal(pairs, 0)
-        layers.append({"index": i, "counts": counts.tolist(), "coactivation": pairs.tolist()})
-    model_info = {"arch": inv.arch, "n_expert": n, "n_expert_used": used, "file": model.name, "bytes": inv.file_bytes}
-    return {"model": model_info, "tokens": tokens, "layers": layers}
 
 
 def time_cp(src: Path, dst: Path, fsync: bool) -> float:
@@ -108,7 +89,7 @@ def main() -> int:
         model = make_model(work / "model.gguf", arch=args.arch, layers=args.layers, experts=args.experts,
                            used=args.used, embd=args.embd, ff=args.ff, quant=args.quant)
         profile = work / "profile.json"
-        profile.write_text(json.dumps(routing_profile(model)))
+        profile.write_text(json.dumps(simulated_profile(read_inventory(model), tokens=2000)))
         inv = read_inventory(model)
         plan = plan_conversion(inv, load_profile(profile, inv))
         largest = max(max(t.nbytes for t in inv.tensors), max(t.nbytes for t in plan.tensors))

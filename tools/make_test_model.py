@@ -69,6 +69,7 @@ __all__ = [
     "ROUTER_SKEW_GAIN",
     "make_model",
     "hot_experts",
+    "simulated_profile",
     "model_dims",
     "build_tokenizer",
     "CHAT_TEMPLATE",
@@ -294,6 +295,25 @@ def hot_experts(
 
 # ---------------------------------------------------------------------------
 # weights
+
+
+def simulated_profile(inv, seed: int = 0, tokens: int = 400) -> dict:
+    """A routing profile (the schema `profile` writes) of `tokens` simulated tokens routed with a
+    skewed preference per block, with pair counts. `inv` is a rotary_gguf Inventory."""
+    rng = np.random.default_rng(seed)
+    n, used = inv.n_expert, inv.n_expert_used
+    layers = []
+    for i in range(inv.n_layer):
+        p = rng.dirichlet(np.full(n, 0.3))
+        counts, pairs = np.zeros(n, dtype=int), np.zeros((n, n), dtype=int)
+        for _ in range(tokens):
+            chosen = rng.choice(n, size=used, replace=False, p=p)
+            counts[chosen] += 1
+            pairs[np.ix_(chosen, chosen)] += 1
+        np.fill_diagonal(pairs, 0)
+        layers.append({"index": i, "counts": counts.tolist(), "coactivation": pairs.tolist()})
+    model = {"arch": inv.arch, "n_expert": n, "n_expert_used": used, "file": inv.path.name, "bytes": inv.file_bytes}
+    return {"model": model, "tokens": tokens, "layers": layers}
 
 
 class _Weights:
