@@ -149,10 +149,9 @@ class Engine:
         """Load `path` with `placement` (default: everything on the CPU) and create a context.
         `telemetry` (e.g. a `telemetry.RoutingTelemetry`) is installed as llama.cpp's eval callback:
         anything with `callback` (an EvalCallback) and `user_data`. `expert_cache` (an
-        `expert_cache.ExpertCache`) takes the eval callback's place and is attached after loading."""
-        if telemetry is not None and expert_cache is not None:
-            raise UserError("routing telemetry and the expert cache cannot share the eval callback yet")
-        telemetry = telemetry if expert_cache is None else expert_cache
+        `expert_cache.ExpertCache`) takes the eval callback's place and is attached after loading;
+        with both, the cache's callback also counts the routing for the telemetry."""
+        callback = expert_cache if expert_cache is not None else telemetry
         path = Path(path)
         inv = read_inventory(path)  # clear errors for missing/broken files before llama.cpp sees them
         placement = placement or Placement.all_cpu()
@@ -188,9 +187,9 @@ class Engine:
             threads = n_threads or default_threads()
             cparams.n_threads = cparams.n_threads_batch = threads
             cparams.no_perf = True
-            if telemetry is not None:
-                cparams.cb_eval, cparams.cb_eval_user_data = telemetry.callback, telemetry.user_data
-                keepalive.append(telemetry)
+            if callback is not None:
+                cparams.cb_eval, cparams.cb_eval_user_data = callback.callback, callback.user_data
+                keepalive.extend((callback, telemetry))
             with _graph_reuse_disabled(expert_cache is not None):
                 ctx = llama_cpp.llama_init_from_model(model, cparams)
             if not ctx:
@@ -202,6 +201,8 @@ class Engine:
             engine.expert_cache, engine.before_decode = expert_cache, expert_cache.before_decode
             try:
                 expert_cache.attach(engine)
+                if telemetry is not None:
+                    expert_cache.count_routing(telemetry)
             except BaseException:
                 engine.close()
                 raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ TOPK_PREFIX = b"ffn_moe_topk-"
 # Decayed LFU's per-step decay (half-life ~13 steps): 0.8..0.99 were within a point of each other
 # on the traces tools/simulate_cache.py records; 0.95 was best or within 0.2 points on each.
 DEFAULT_DECAY = 0.95
+RECENT_SECONDS = 10.0  # the window of the "recent" hit rate and upload speed
+SAMPLE_SECONDS = 0.25  # snapshots closer together than this share a sample
 SELF_CHECK_TEXT = "The cache checks itself once."
 # What the cache relies on: the llama-cpp-python whose ggml it was verified against, and struct
 # ggml_tensor's layout there (ggml.h): the fields it rebinds and the name it reads.
@@ -381,7 +384,7 @@ class ExpertCache:
         self.policies: dict[int, Policy] = {}
         self.stats: dict[int, CacheStats] = {}
         self.uploaded_bytes = 0
-        self._since, self._last_totals = time.monotonic(), (0, 0)
+        self._samples: deque[tuple[float, int, int, int]] = deque()  # (time, hits, misses, uploaded bytes)
         self.trace: Trace | None = None  # set to a Trace to record the steps the cache sees (python)
         self._mode = "look"  # look: find tensors; cached: remap; host: llama.cpp's path; off
         self.disabled_reason: str | None = None
@@ -393,6 +396,10 @@ class ExpertCache:
             self.callback, self.user_data = self._native.callback, self._native.user_data
         else:
             self.callback = self._python_callback
+
+    @property
+    def enabled(self) -> bool:
+        return self._mode != "off"
 
     def _set_mode(self, mode: str) -> None:
         self._mode = mode
@@ -427,11 +434,18 @@ class ExpertCache:
             return
         self._reset_policies()  # the check's uploads and counts are not the user's
 
+    def count_routing(self, telemetry) -> None:
+        """Count every routing selection into `telemetry` (a RoutingTelemetry) from this cache's
+        callback: a context has one eval callback. Counting goes on when the cache is off."""
+        if self._native is None:
+            raise ValueError("routing telemetry needs the native hot path of the expert cache")
+        self._native.set_tap(telemetry)
+
     def _reset_policies(self) -> None:
         self.policies = {layer: make_policy(self.policy_name, self.slots, self.n_expert) for layer in self.tensors}
         self.stats = {layer: CacheStats() for layer in self.tensors}
         self.uploaded_bytes = 0
-        self._since, self._last_totals = time.monotonic(), (0, 0)
+        self._samples.clear()
         if self._native is not None:
             self._native.reset()
         if self.trace is not None:
@@ -570,22 +584,30 @@ class ExpertCache:
         return {layer: sorted(p.slot_of) for layer, p in self.policies.items()}
 
     def snapshot(self) -> dict:
-        """The figures front ends show: hit rates (overall, per block, and recent: since the
-        previous snapshot), uploaded bytes (and per second since the start), residents."""
+        """The figures front ends show: hit rates (overall, per block, and recent: over about the
+        last RECENT_SECONDS), uploaded bytes (and per second, recent), the residents of each block
+        (file positions). Any number of readers may call it, from any thread."""
         now = time.monotonic()
         overall = self.summary()
-        recent = CacheStats(hits=overall.hits - self._last_totals[0], misses=overall.misses - self._last_totals[1])
-        self._last_totals = (overall.hits, overall.misses)
+        sample = (now, overall.hits, overall.misses, self.uploaded_bytes)
+        if not self._samples or now - self._samples[-1][0] >= SAMPLE_SECONDS:
+            self._samples.append(sample)
+        while len(self._samples) > 1 and now - self._samples[1][0] >= RECENT_SECONDS:
+            self._samples.popleft()
+        then, hits, misses, uploaded = self._samples[0]
+        recent = CacheStats(hits=overall.hits - hits, misses=overall.misses - misses)
         return {
-            "enabled": self._mode != "off",
+            "enabled": self.enabled,
             "disabled_reason": self.disabled_reason,
             "slots": self.slots,
             "policy": self.policy_name,
+            "hits": overall.hits,
+            "misses": overall.misses,
             "hit_rate": overall.hit_rate,
-            "recent_hit_rate": recent.hit_rate,
+            "recent_hit_rate": recent.hit_rate if recent.hits + recent.misses else overall.hit_rate,
             "layer_hit_rate": {layer: s.hit_rate for layer, s in self.stats.items()},
             "fallback_steps": overall.fallback_steps,
             "uploaded_bytes": self.uploaded_bytes,
-            "uploaded_bytes_per_s": self.uploaded_bytes / max(now - self._since, 1e-9),
+            "uploaded_bytes_per_s": (self.uploaded_bytes - uploaded) / (now - then) if now > then else 0.0,
             "resident": self.resident(),
         }

@@ -407,11 +407,13 @@ def set_offload_min_batch(n: int) -> None:
     os.environ["GGML_OP_OFFLOAD_MIN_BATCH"] = str(n)
 
 
-# --- the routing tap: a native eval callback (csrc/moe_tap.c) -----------------------------------
+# --- native eval callbacks (csrc/): the routing tap and the expert cache's hot path ---------------
 # llama.cpp calls the eval callback for every graph node; a Python callback costs ~0.3 us a call,
-# more than a whole decode step of a small model is worth. The tap answers in C and keeps counts
-# in memory that numpy views read in place. It is compiled on first use into a cache folder.
-MOE_TAP_SOURCE = Path(__file__).with_name("csrc") / "moe_tap.c"
+# more than a whole decode step of a small model is worth. Both answer in C and keep their figures
+# in memory that numpy views read in place. They are compiled on first use, into one library in a
+# cache folder, so the expert cache can record into a tap from its own callback.
+NATIVE_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("moe_tap.c", "expert_cache.c"))
+NATIVE_HEADERS = (Path(__file__).with_name("csrc") / "topk.h",)
 GGML_INCLUDE_DIR = Path(llama_cpp.__file__).parent.parent / "include"  # installed with llama-cpp-python
 EvalCallback = llama_cpp.ggml_backend_sched_eval_callback
 
@@ -420,14 +422,14 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rotary-gguf"
 
 
-def _build_native(source: Path, purpose: str) -> Path:
-    """The compiled `source` for these headers and this ggml; built once, then reused.
-    `purpose` names it in errors ("the routing telemetry callback")."""
+def _build_native(sources: tuple[Path, ...], purpose: str) -> Path:
+    """The library compiled from `sources` for these headers and this ggml; built once, then
+    reused. `purpose` names it in errors ("the native eval callbacks")."""
     headers = [GGML_INCLUDE_DIR / h for h in ("ggml.h", "ggml-backend.h")]
     if not all(h.exists() for h in headers):
         raise UserError(f"the ggml headers are missing from {GGML_INCLUDE_DIR}; re-run the setup to reinstall llama-cpp-python")
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in (source, *headers)) + str(LIB_DIR).encode())
-    target = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in (*sources, *NATIVE_HEADERS, *headers)) + str(LIB_DIR).encode())
+    target = _cache_dir() / f"rotary-native-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     try:
@@ -437,7 +439,7 @@ def _build_native(source: Path, purpose: str) -> Path:
                         "set XDG_CACHE_HOME to a writable folder") from None
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     compiler = os.environ.get("CC", "cc")
-    cmd = [compiler, "-O2", "-std=c11", "-shared", "-fPIC", "-I", str(GGML_INCLUDE_DIR), str(source),
+    cmd = [compiler, "-O2", "-std=c11", "-shared", "-fPIC", "-I", str(GGML_INCLUDE_DIR), *map(str, sources),
            "-o", str(tmp), "-L", str(LIB_DIR), "-lggml-base", "-lm", f"-Wl,-rpath,{LIB_DIR}"]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -452,8 +454,8 @@ def _build_native(source: Path, purpose: str) -> Path:
 
 
 @cache
-def _moe_tap_library() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_build_native(MOE_TAP_SOURCE, "the routing telemetry callback")))
+def _native_library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_build_native(NATIVE_SOURCES, "the native eval callbacks")))
     i32, i64p = ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)
     lib.moe_tap_new.restype, lib.moe_tap_new.argtypes = c_void_p, [i32, i32, i32, i32, ctypes.c_bool]
     lib.moe_tap_free.restype, lib.moe_tap_free.argtypes = None, [c_void_p]
@@ -462,6 +464,19 @@ def _moe_tap_library() -> ctypes.CDLL:
     for name in ("moe_tap_tokens", "moe_tap_counts", "moe_tap_recent", "moe_tap_pairs"):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = i64p, [c_void_p]
+    lib.expert_cache_new.restype = c_void_p
+    lib.expert_cache_new.argtypes = [i32, i32, i32, i32, ctypes.c_double, EvalCallback]
+    lib.expert_cache_free.restype, lib.expert_cache_free.argtypes = None, [c_void_p]
+    lib.expert_cache_reset.restype, lib.expert_cache_reset.argtypes = None, [c_void_p]
+    lib.expert_cache_set_mode.restype, lib.expert_cache_set_mode.argtypes = None, [c_void_p, i32]
+    lib.expert_cache_set_tap.restype, lib.expert_cache_set_tap.argtypes = None, [c_void_p, c_void_p]
+    lib.expert_cache_set_weight.restype = ctypes.c_bool
+    lib.expert_cache_set_weight.argtypes = [c_void_p, i32, i32, c_void_p, c_void_p, c_size_t]
+    for name in ("expert_cache_hits", "expert_cache_misses", "expert_cache_uploaded_bytes", "expert_cache_failures"):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = i64p, [c_void_p]
+    lib.expert_cache_slot_of.restype = ctypes.POINTER(ctypes.c_int32)
+    lib.expert_cache_slot_of.argtypes = [c_void_p, i32]
     return lib
 
 
@@ -472,7 +487,7 @@ class MoeTap:
     (None unless asked for). They are views of C memory: copy what must outlive the tap."""
 
     def __init__(self, n_layer: int, n_expert: int, n_used: int, *, window: int, pairs: bool):
-        lib = _moe_tap_library()
+        lib = _native_library()
         handle = lib.moe_tap_new(n_layer, n_expert, n_used, window, pairs)
         if not handle:
             raise UserError(f"could not allocate routing telemetry for {n_layer} blocks of {n_expert} experts")
@@ -560,28 +575,8 @@ def set_tensor_bytes(tensor: int, data: bytes) -> None:
     _tensor_set(tensor, data, 0, len(data))
 
 
-# --- the expert cache's hot path: a native eval callback (csrc/expert_cache.c) -------------------
-EXPERT_CACHE_SOURCE = Path(__file__).with_name("csrc") / "expert_cache.c"
+# --- the expert cache's hot path (csrc/expert_cache.c) -------------------------------------------
 EXPERT_CACHE_MODES = {"host": 0, "cached": 1, "look": 2}
-
-
-@cache
-def _expert_cache_library() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_build_native(EXPERT_CACHE_SOURCE, "the expert cache callback")))
-    i32, i64p = ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)
-    lib.expert_cache_new.restype = c_void_p
-    lib.expert_cache_new.argtypes = [i32, i32, i32, i32, ctypes.c_double, EvalCallback]
-    lib.expert_cache_free.restype, lib.expert_cache_free.argtypes = None, [c_void_p]
-    lib.expert_cache_reset.restype, lib.expert_cache_reset.argtypes = None, [c_void_p]
-    lib.expert_cache_set_mode.restype, lib.expert_cache_set_mode.argtypes = None, [c_void_p, i32]
-    lib.expert_cache_set_weight.restype = ctypes.c_bool
-    lib.expert_cache_set_weight.argtypes = [c_void_p, i32, i32, c_void_p, c_void_p, c_size_t]
-    for name in ("expert_cache_hits", "expert_cache_misses", "expert_cache_uploaded_bytes", "expert_cache_failures"):
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = i64p, [c_void_p]
-    lib.expert_cache_slot_of.restype = ctypes.POINTER(ctypes.c_int32)
-    lib.expert_cache_slot_of.argtypes = [c_void_p, i32]
-    return lib
 
 
 class NativeExpertCache:
@@ -591,7 +586,7 @@ class NativeExpertCache:
     [n_expert] are views of C memory."""
 
     def __init__(self, n_layer: int, n_expert: int, n_used: int, slots: int, decay: float, look):
-        lib = _expert_cache_library()
+        lib = _native_library()
         handle = lib.expert_cache_new(n_layer, n_expert, n_used, slots, decay, look)
         if not handle:
             raise UserError(f"could not set up the expert cache for {n_layer} blocks of {n_expert} experts")
@@ -613,6 +608,12 @@ class NativeExpertCache:
 
     def reset(self) -> None:
         self._lib.expert_cache_reset(self.user_data)
+
+    def set_tap(self, tap) -> None:
+        """Also record every selection into `tap` (a MoeTap, or anything holding one's `user_data`),
+        in place of the tap's own callback; None stops."""
+        self._lib.expert_cache_set_tap(self.user_data, tap.user_data if tap is not None else None)
+        self._tap = tap  # the tap's memory must outlive its use here
 
     def slot_of(self, layer: int) -> np.ndarray:
         return np.ctypeslib.as_array(self._lib.expert_cache_slot_of(self.user_data, layer), shape=(self.n_expert,))

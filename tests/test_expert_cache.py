@@ -191,3 +191,26 @@ def test_a_long_run_with_eviction_at_every_step_stays_exact(test_model, rpc_endp
     assert np.array_equal(outputs[0][1], outputs[1][1])
     stats = cache.summary()
     assert stats.misses > stats.hits  # the cache really churned
+
+
+def test_routing_telemetry_counts_the_same_with_the_cache(test_model, rpc_endpoint):
+    """One eval callback serves both: with the cache live, the telemetry sees every selection
+    (in the file's expert ids, not the slots they were remapped to), as it does without it."""
+    from rotary_gguf.telemetry import RoutingTelemetry
+
+    path = test_model(arch="qwen35moe", router_skew=1.5)
+    inv = read_inventory(path)
+    rpc = native.add_rpc_device(rpc_endpoint)
+    runs = []
+    for slots in (None, inv.n_expert_used + 2):
+        telemetry = RoutingTelemetry(inv)
+        cache = None if slots is None else ExpertCache(inv.n_layer, inv.n_expert, inv.n_expert_used, slots, rpc.buffer_type)
+        with Engine.load(path, host_experts(rpc), n_ctx=256, n_threads=1, telemetry=telemetry, expert_cache=cache) as engine:
+            tokens = engine.greedy(engine.tokenize(PROMPT), 24)
+            runs.append((tokens, telemetry.counts(), telemetry.layer_tokens()))
+            if cache is not None:
+                assert cache.enabled and cache.summary().hits > 0
+    (plain_tokens, plain_counts, plain_layer_tokens), (tokens, counts, layer_tokens) = runs
+    assert tokens == plain_tokens
+    assert np.array_equal(layer_tokens, plain_layer_tokens) and plain_layer_tokens.max() > 0
+    assert np.array_equal(counts, plain_counts)

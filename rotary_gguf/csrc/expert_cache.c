@@ -11,17 +11,14 @@
  *
  * The control plane (finding the expert tensors, binding them to the slots, the startup check)
  * is Python: in "look" mode every question is passed on to a Python callback.
+ *
+ * With a routing tap attached (expert_cache_set_tap), the callback also records every selection
+ * into it, in file positions, before remapping: telemetry and cache share one eval callback.
  */
 #include <math.h>
-#include <stdbool.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
-#include "ggml-backend.h"
-#include "ggml.h"
+#include "topk.h"
 
-#define TOPK_PREFIX "ffn_moe_topk-"
 #define MAX_WEIGHTS 4
 #define RESCALE_STEPS 512
 
@@ -45,6 +42,7 @@ struct expert_cache {
     int32_t n_layer, n_expert, n_used, slots, mode;
     double decay;
     eval_fn look;
+    struct moe_tap *tap; /* or NULL */
     struct layer *layers;
     int64_t *hits, *misses; /* [n_layer]: distinct selections served from a slot / uploaded */
     int64_t uploaded_bytes, failures;
@@ -135,6 +133,8 @@ struct expert_cache *expert_cache_new(int32_t n_layer, int32_t n_expert, int32_t
 }
 
 void expert_cache_set_mode(struct expert_cache *c, int32_t mode) { c->mode = mode; }
+
+void expert_cache_set_tap(struct expert_cache *c, struct moe_tap *tap) { c->tap = tap; }
 
 /* Weight `index` of `layer`: a host expert tensor (already bound to its slots or not), with the
  * address of its host copy and the bytes of one expert. */
@@ -230,34 +230,16 @@ static int32_t admit(struct expert_cache *c, struct layer *l) {
     return n_missing;
 }
 
-static uint8_t *tensor_data(struct ggml_tensor *t, uint8_t **scratch, size_t *scratch_size) {
-    if (ggml_backend_buffer_is_host(t->buffer)) {
-        return t->data;
-    }
-    size_t size = ggml_nbytes(t);
-    if (size > *scratch_size) {
-        uint8_t *grown = realloc(*scratch, size);
-        if (!grown) {
-            return NULL;
-        }
-        *scratch = grown;
-        *scratch_size = size;
-    }
-    ggml_backend_tensor_get(t, *scratch, 0, size);
-    return *scratch;
-}
-
-static void remap(struct expert_cache *c, struct ggml_tensor *t, struct layer *l, int32_t layer) {
+/* Serve the selections of topk node `t` (its bytes at `ids`) from the slots of `layer`. */
+static void remap(struct expert_cache *c, struct ggml_tensor *t, uint8_t *ids, struct layer *l, int32_t layer) {
     struct ggml_tensor *probs = t->view_src ? t->view_src->src[0] : NULL;
     int32_t n_used = (int32_t)t->ne[0];
-    if (t->type != GGML_TYPE_I32 || t->nb[0] != sizeof(int32_t) || n_used > c->n_used || !probs ||
-        probs->type != GGML_TYPE_F32 || probs->ne[0] != c->n_expert) {
+    if (n_used > c->n_used || !probs || probs->type != GGML_TYPE_F32 || probs->ne[0] != c->n_expert) {
         c->failures++;
         return;
     }
-    uint8_t *ids = tensor_data(t, &c->topk, &c->topk_size);
-    uint8_t *p = tensor_data(probs, &c->probs, &c->probs_size);
-    if (!ids || !p) {
+    uint8_t *p = tensor_host_bytes(probs, &c->probs, &c->probs_size);
+    if (!p) {
         c->failures++;
         return;
     }
@@ -316,12 +298,25 @@ bool expert_cache_eval(struct ggml_tensor *t, bool ask, void *user_data) {
     if (c->mode == MODE_LOOK) {
         return c->look(t, ask, NULL);
     }
+    bool counting = c->tap && moe_tap_wants(c->tap);
     if (ask) {
-        return c->mode == MODE_CACHED && strncmp(t->name, TOPK_PREFIX, sizeof TOPK_PREFIX - 1) == 0;
+        return (c->mode == MODE_CACHED || counting) && topk_is(t);
     }
-    int32_t layer = (int32_t)strtol(t->name + sizeof TOPK_PREFIX - 1, NULL, 10);
-    if (layer >= 0 && layer < c->n_layer && c->layers[layer].n_weights > 0) {
-        remap(c, t, &c->layers[layer], layer);
+    int32_t layer = topk_layer(t);
+    bool serving = c->mode == MODE_CACHED && layer >= 0 && layer < c->n_layer && c->layers[layer].n_weights > 0;
+    if (!serving && !counting) {
+        return true;
+    }
+    uint8_t *ids = topk_readable(t) ? tensor_host_bytes(t, &c->topk, &c->topk_size) : NULL;
+    if (!ids) {
+        c->failures += serving;
+        return true;
+    }
+    if (counting) {
+        moe_tap_record_rows(c->tap, t, ids);
+    }
+    if (serving) {
+        remap(c, t, ids, &c->layers[layer], layer);
     }
     return true;
 }

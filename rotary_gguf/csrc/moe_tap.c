@@ -8,17 +8,12 @@
  * model's original ids is the caller's job. The caller reads the arrays in place while decoding
  * goes on: figures may be one token apart, never torn (aligned 64-bit stores).
  *
+ * The expert cache (expert_cache.c) records into a tap from its own callback when both run: one
+ * eval callback per context.
+ *
  * Built and loaded by rotary_gguf/native.py, against the ggml headers llama-cpp-python installs.
  */
-#include <stdbool.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include "ggml-backend.h"
-#include "ggml.h"
-
-#define TOPK_PREFIX "ffn_moe_topk-"
+#include "topk.h"
 
 struct moe_tap {
     int32_t n_layer, n_expert, n_used, window;
@@ -133,33 +128,32 @@ static void record(struct moe_tap *tap, int32_t layer, const int32_t *ids, int32
     tap->tokens[layer]++;
 }
 
-/* ggml_backend_sched_eval_callback: `ask` says whether we want node `t`'s data; then we get it. */
-bool moe_tap_eval(struct ggml_tensor *t, bool ask, void *user_data) {
-    struct moe_tap *tap = user_data;
-    if (ask) {
-        return tap->enabled && strncmp(t->name, TOPK_PREFIX, sizeof TOPK_PREFIX - 1) == 0;
-    }
-    int32_t layer = (int32_t)strtol(t->name + sizeof TOPK_PREFIX - 1, NULL, 10);
-    if (t->type != GGML_TYPE_I32 || layer < 0 || layer >= tap->n_layer || !t->buffer || t->nb[0] != sizeof(int32_t)) {
-        return true; /* not a selection we understand: let the computation go on */
-    }
-    const uint8_t *data = t->data;
-    if (!ggml_backend_buffer_is_host(t->buffer)) {
-        size_t size = ggml_nbytes(t); /* the rows and the gaps between them: one copy */
-        if (size > tap->scratch_size) {
-            uint8_t *grown = realloc(tap->scratch, size);
-            if (!grown) {
-                return true;
-            }
-            tap->scratch = grown;
-            tap->scratch_size = size;
-        }
-        ggml_backend_tensor_get(t, tap->scratch, 0, size);
-        data = tap->scratch;
+bool moe_tap_wants(const struct moe_tap *tap) { return tap->enabled; }
+
+/* Every token row of the topk node `t` of a block, its bytes at host address `data`. */
+void moe_tap_record_rows(struct moe_tap *tap, const struct ggml_tensor *t, const uint8_t *data) {
+    int32_t layer = topk_layer(t);
+    if (layer < 0 || layer >= tap->n_layer) {
+        return;
     }
     int32_t n = t->ne[0] < tap->n_used ? (int32_t)t->ne[0] : tap->n_used;
     for (int64_t i = 0; i < t->ne[1]; i++) {
         record(tap, layer, (const int32_t *)(data + i * t->nb[1]), n);
+    }
+}
+
+/* ggml_backend_sched_eval_callback: `ask` says whether we want node `t`'s data; then we get it. */
+bool moe_tap_eval(struct ggml_tensor *t, bool ask, void *user_data) {
+    struct moe_tap *tap = user_data;
+    if (ask) {
+        return tap->enabled && topk_is(t);
+    }
+    if (!topk_readable(t)) {
+        return true; /* not a selection we understand: let the computation go on */
+    }
+    const uint8_t *data = tensor_host_bytes(t, &tap->scratch, &tap->scratch_size);
+    if (data) {
+        moe_tap_record_rows(tap, t, data);
     }
     return true;
 }
