@@ -15,6 +15,10 @@ exact; compute buffers and the CUDA runtime reserve are estimates, calibrated ag
 llama.cpp allocates (for the test models and for a header-only model with Qwen3.6-35B-A3B's
 widths). Every figure says whether it is an estimate.
 
+With an expert cache, each host block also keeps `slots` accelerator slots, each holding one of
+its experts (every expert tensor of the block); `auto` sizes them to fill what the resident
+blocks leave of the budget, a slot count chooses the resident blocks around it.
+
 The output, a `Plan`, turns into a `Placement`: what the engine hands to llama.cpp (the device
 list, the tensor_buft_overrides as pattern -> buffer type name, first match wins, and load options).
 """
@@ -33,6 +37,11 @@ from .inventory import Inventory
 from .units import human_bytes
 
 HOST_MODES = ("cpu", "rotary")
+EXPERT_CACHE_SETTINGS = ("auto", "off")  # or a number of slots per host block
+# `auto` makes no cache smaller than this many times the experts a token uses: a miss costs an
+# upload where the CPU would have computed the expert in place, and replayed routing traces hit
+# only 18-47% at slots = used (test and demo models) against 43-88% at twice that.
+AUTO_CACHE_MIN_USED_MULTIPLE = 2
 HOST_BUFFER_TYPE = "CPU"  # llama.cpp's plain host buffer type (it may pick a repacked or pinned variant)
 ROTARY_OFFLOAD_MIN_BATCH = 1  # every decode step streams the used host experts to the GPU
 CUDA_OFFLOAD_MIN_BATCH = 32  # CUDA's default: batches this large run host-expert ops on the GPU
@@ -186,6 +195,7 @@ class DeviceUse:
     staging: int = 0  # full-size copy of one host expert tensor while its op runs on the GPU
     output: int = 0  # logits llama.cpp copies out (host)
     runtime_reserve: int = 0  # estimate
+    expert_cache: int = 0  # the expert cache's slots
 
     ESTIMATES = ("compute", "runtime_reserve")
 
@@ -214,6 +224,22 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class ExpertCachePlan:
+    """The expert cache a plan sizes: `slots` accelerator slots per host block, each holding one
+    expert of every expert tensor of that block."""
+
+    slots: int  # per host block
+    layers: tuple[int, ...]  # the host blocks
+    slot_bytes: tuple[int, ...]  # per host block (as `layers`): the bytes of one slot
+    reason: str  # why this size
+
+    @property
+    def bytes(self) -> int:
+        """Accelerator bytes of all the slots."""
+        return self.slots * sum(self.slot_bytes)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Where every tensor lives, and what each device is predicted to hold."""
 
@@ -231,15 +257,23 @@ class Plan:
     host_use: DeviceUse
     minimum_budget: int  # the accelerator bytes with every expert in host memory
     notes: tuple[str, ...] = ()
+    expert_cache: ExpertCachePlan | None = None
+    expert_cache_reason: str = ""  # why there is no expert cache (when there is none)
 
     @property
     def host_layers(self) -> list[int]:
         return [i for i in range(self.model.n_layer) if i not in self.resident and self.model.expert_bytes(i)]
 
     @property
+    def uploads_host_experts(self) -> bool:
+        """Whether host experts are copied to the accelerator as they are used (rotary mode or an
+        expert cache): they then need ggml's plain layout, and pinned memory speeds the copies."""
+        return self.mode == "rotary" or self.expert_cache is not None
+
+    @property
     def host_buffer_type(self) -> str:
-        """Where host experts go: pinned memory in rotary mode (faster uploads), else plain CPU."""
-        if self.mode == "rotary" and self.accelerator.pinned_host_buffer_type:
+        """Where host experts go: pinned memory when they are uploaded (faster copies), else plain CPU."""
+        if self.uploads_host_experts and self.accelerator.pinned_host_buffer_type:
             return self.accelerator.pinned_host_buffer_type
         return HOST_BUFFER_TYPE
 
@@ -251,15 +285,15 @@ class Plan:
 
     @property
     def placement(self) -> Placement:
-        rotary = self.mode == "rotary"
+        uploads = self.uploads_host_experts
         return Placement(
             devices=(self.accelerator.name,),
             overrides=self.overrides,
             n_gpu_layers=-1,
-            offload_min_batch=ROTARY_OFFLOAD_MIN_BATCH if rotary else None,
+            offload_min_batch=ROTARY_OFFLOAD_MIN_BATCH if self.mode == "rotary" else None,
             # pinned memory is allocated, not mapped; repacked CPU buffers are never offloaded
-            use_mmap=not (rotary and self.accelerator.pinned_host_buffer_type),
-            repack=not rotary,
+            use_mmap=not (uploads and self.accelerator.pinned_host_buffer_type),
+            repack=not uploads,
         )
 
     def location(self, tensor: str) -> str:
@@ -319,8 +353,22 @@ class Plan:
                 "use_mmap": self.placement.use_mmap,
                 "repack": self.placement.repack,
             },
+            **self._expert_cache_json(),
             "notes": list(self.notes),
         }
+
+    def _expert_cache_json(self) -> dict:
+        cache = self.expert_cache
+        if cache is None:
+            return {"expert_cache": None, "expert_cache_reason": self.expert_cache_reason}
+        return {"expert_cache": {
+            "slots": cache.slots,
+            "slots_per_layer": {str(i): cache.slots for i in cache.layers},
+            "layers": list(cache.layers),
+            "slot_bytes": {str(i): n for i, n in zip(cache.layers, cache.slot_bytes)},
+            "bytes": cache.bytes,
+            "reason": cache.reason,
+        }}
 
     def compare(self, report) -> list[tuple[str, str, int, int]]:
         """(device, purpose, predicted, actual) for what llama.cpp reported allocating. `report`
@@ -412,9 +460,13 @@ def make_plan(
     n_batch: int = DEFAULT_BATCH,
     kv_type: str = "f16",
     notes: tuple[str, ...] = (),
+    expert_cache: str | int = "off",
 ) -> Plan:
     """Fill `budget` bytes of `accelerator`: the non-expert part first, then whole expert blocks,
-    largest first (ties: later blocks, like llama.cpp's --n-cpu-moe), as long as they fit."""
+    largest first (ties: later blocks, like llama.cpp's --n-cpu-moe), as long as they fit.
+    `expert_cache` is "off", "auto" (slots fill what the resident blocks leave) or a number of
+    slots per host block (the resident blocks fit around them)."""
+    asked_slots = _cache_slots(model, expert_cache)
     if mode not in HOST_MODES:
         raise UserError(f"unknown host-expert mode {mode!r} (known: {', '.join(HOST_MODES)}, auto)")
     if mode == "rotary" and not accelerator.streams_host_ops:
@@ -430,13 +482,15 @@ def make_plan(
         runtime_reserve=accelerator.runtime_reserve,
     )
     layers = [i for i in range(model.n_layer) if model.expert_bytes(i)]
+    slot_bytes = {i: sum(n // model.n_expert for n in model.expert_tensors[i]) for i in layers}
 
-    def accelerator_use(resident: set[int]) -> DeviceUse:
+    def accelerator_use(resident: set[int], slots: int = 0) -> DeviceUse:
         host = [i for i in layers if i not in resident]
         return DeviceUse(
             **{**fixed.parts(),
                "weights": fixed.weights + sum(model.expert_bytes(i) for i in resident),
-               "staging": staging_bytes(model, accelerator, host, mode, n_batch)}
+               "staging": staging_bytes(model, accelerator, host, mode, n_batch),
+               "expert_cache": slots * sum(slot_bytes[i] for i in host)}
         )
 
     minimum = accelerator_use(set())
@@ -446,11 +500,24 @@ def make_plan(
             f"the accelerator needs at least {human_bytes(minimum.total)} ({_describe(minimum)}); "
             f"use --vram {math.ceil(minimum.total / 2**20)}MiB or more, or a smaller --ctx"
         )
+    with_cache = accelerator_use(set(), asked_slots)
+    if with_cache.total > budget:
+        fit = (budget - minimum.total) // sum(slot_bytes.values())
+        instead = (f"{fit} slots per block fit (--expert-cache {fit})" if fit >= model.n_expert_used
+                   else f"not even {model.n_expert_used} slots per block fit (--expert-cache off)")
+        raise UserError(
+            f"a VRAM budget of {human_bytes(budget)} is too small for {asked_slots} expert cache slots per block: with "
+            f"every expert in host memory the accelerator needs {human_bytes(with_cache.total)} ({_describe(with_cache)}); "
+            f"{instead}, or use --vram {math.ceil(with_cache.total / 2**20)}MiB or more"
+        )
     resident: set[int] = set()
     for i in sorted(layers, key=lambda i: (-model.expert_bytes(i), -i)):
-        if accelerator_use(resident | {i}).total <= budget:
+        if accelerator_use(resident | {i}, asked_slots).total <= budget:
             resident.add(i)
     host_layers = [i for i in layers if i not in resident]
+    slots, cache_reason = _cache_size(model, expert_cache, budget - accelerator_use(resident).total,
+                                      len(resident), [slot_bytes[i] for i in host_layers])
+    cache = ExpertCachePlan(slots, tuple(host_layers), tuple(slot_bytes[i] for i in host_layers), cache_reason) if slots else None
     experts_on_cpu = bool(host_layers) and mode == "cpu"
     host_use = DeviceUse(
         weights=model.embedding_bytes + sum(model.expert_bytes(i) for i in host_layers),
@@ -468,15 +535,50 @@ def make_plan(
         n_batch=n_batch,
         kv_type=kv_type,
         resident=frozenset(resident),
-        accelerator_use=accelerator_use(resident),
+        accelerator_use=accelerator_use(resident, slots),
         host_use=host_use,
         minimum_budget=minimum.total,
         notes=notes,
+        expert_cache=cache,
+        expert_cache_reason="" if cache else cache_reason,
     )
 
 
+def _cache_slots(model: ModelFigures, setting: str | int) -> int:
+    """The slots per block an explicit `expert_cache` setting asks for; 0 for "auto" and "off"."""
+    if isinstance(setting, str):
+        if setting not in EXPERT_CACHE_SETTINGS:
+            raise UserError(f"unknown expert cache setting {setting!r} (known: auto, off or a number of slots per block)")
+        return 0
+    if not model.n_expert_used <= setting <= model.n_expert:
+        raise UserError(
+            f"{model.name} needs {model.n_expert_used} to {model.n_expert} expert cache slots per block "
+            f"(a token uses {model.n_expert_used} of its {model.n_expert} experts), not {setting}"
+        )
+    return setting
+
+
+def _cache_size(model: ModelFigures, setting: str | int, left: int, n_resident: int, slot_bytes: list[int]) -> tuple[int, str]:
+    """Slots per host block (0: no cache) and why, given the bytes `left` by the resident blocks
+    and the bytes of one slot of each host block."""
+    if setting == "off":
+        return 0, "the expert cache is off"
+    if not slot_bytes:
+        return 0, "every expert block is resident on the accelerator: no host experts to cache"
+    if setting != "auto":
+        return setting, f"{setting} slots per block were asked for"
+    fit = min(left // sum(slot_bytes), model.n_expert)
+    after = f"the {human_bytes(left)} left after {n_resident} resident blocks"
+    least = min(AUTO_CACHE_MIN_USED_MULTIPLE * model.n_expert_used, model.n_expert)
+    if fit < least:
+        return 0, (f"{after} holds {fit} slot{'' if fit == 1 else 's'} per block, fewer than the {least} auto needs "
+                   f"({AUTO_CACHE_MIN_USED_MULTIPLE}x the {model.n_expert_used} experts a token uses)")
+    return fit, f"auto: {fit} slots per block fill {after}"
+
+
 def _describe(use: DeviceUse) -> str:
-    labels = {"kv_cache": "KV cache", "recurrent_state": "recurrent state", "runtime_reserve": "runtime reserve"}
+    labels = {"kv_cache": "KV cache", "recurrent_state": "recurrent state", "runtime_reserve": "runtime reserve",
+              "expert_cache": "expert cache"}
     return ", ".join(
         f"{labels.get(k, k)} {human_bytes(v)}" + (" (estimate)" if k in DeviceUse.ESTIMATES else "")
         for k, v in use.parts().items() if v

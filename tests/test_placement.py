@@ -126,7 +126,8 @@ def test_plan_json_is_the_planners_and_stable(test_model, rpc_endpoint):
     assert first.stdout == second.stdout
     s = json.loads(first.stdout)
     _, reason = choose_mode("auto", accelerator)
-    expected = make_plan(half.model, accelerator, half.budget, mode="cpu", mode_reason=reason, ctx=CTX, n_batch=BATCH)
+    expected = make_plan(half.model, accelerator, half.budget, mode="cpu", mode_reason=reason, ctx=CTX, n_batch=BATCH,
+                         expert_cache="auto")  # the CLI's default
     assert s == json.loads(json.dumps(expected.to_json()))
     assert s["host_expert_mode"] == "cpu" and "no CUDA device" in s["mode_reason"]
     assert [layer["experts"] for layer in s["layers"]] == ["host", "host", "accelerator", "accelerator"]

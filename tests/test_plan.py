@@ -223,3 +223,98 @@ def test_json_is_stable_and_complete(tiny):
     assert [(layer["index"], layer["experts"]) for layer in s["layers"]] == [(0, "host"), (1, "host"), (2, "accelerator"), (3, "accelerator")]
     assert s["overrides"] == [[names.expert_pattern([0, 1]), "CPU"]]
     assert s["margin_bytes"] == budget - s["predicted"]["accelerator_bytes"]
+
+
+# --- expert cache -----------------------------------------------------------------------------------
+def one_slot(m: ModelFigures, layers) -> int:
+    """The bytes of one slot in each of `layers`: one expert of each of their expert tensors."""
+    return sum(n // m.n_expert for i in layers for n in m.expert_tensors[i])
+
+
+def test_auto_cache_fills_the_budget_left_after_the_resident_blocks(tiny):
+    m = tiny["qwen3moe"]
+    minimum = make_plan(m, RPC, 10 * GiB).minimum_budget
+    budget = minimum + m.expert_bytes(3) + 10 * one_slot(m, [0, 1, 2]) + 5
+    plan = make_plan(m, RPC, budget, expert_cache="auto")
+    assert plan.resident == make_plan(m, RPC, budget).resident == {3}  # residency as without the cache
+    cache = plan.expert_cache
+    assert cache.slots == 10 and cache.layers == (0, 1, 2) and plan.expert_cache_reason == ""
+    assert cache.slot_bytes == tuple(m.expert_bytes(i) // m.n_expert for i in (0, 1, 2))
+    assert cache.bytes == plan.accelerator_use.expert_cache == 10 * one_slot(m, [0, 1, 2])
+    assert plan.accelerator_use.total <= budget and plan.margin < one_slot(m, [0, 1, 2])  # one more slot would not fit
+    assert cache.reason.startswith("auto: 10 slots per block")
+
+
+def test_auto_cache_needs_a_tokens_experts_and_host_blocks(tiny):
+    m = tiny["qwen3moe"]
+    minimum = make_plan(m, RPC, 10 * GiB).minimum_budget
+    short = make_plan(m, RPC, minimum + m.expert_bytes(3) + 7 * one_slot(m, [0, 1, 2]), expert_cache="auto")
+    assert short.expert_cache is None and short.accelerator_use.expert_cache == 0
+    assert "holds 7 slots per block, fewer than the 8 auto needs (2x the 4 experts a token uses)" in short.expert_cache_reason
+    assert make_plan(m, RPC, minimum + m.expert_bytes(3) + 8 * one_slot(m, [0, 1, 2]), expert_cache="auto").expert_cache.slots == 8
+    everything = make_plan(m, RPC, 10 * GiB, expert_cache="auto")
+    assert everything.expert_cache is None and "every expert block is resident" in everything.expert_cache_reason
+    assert make_plan(m, RPC, 10 * GiB).expert_cache_reason == "the expert cache is off"
+
+
+def test_explicit_slots_make_room_by_keeping_fewer_blocks_resident(tiny):
+    m = tiny["qwen3moe"]
+    budget = make_plan(m, RPC, 10 * GiB).minimum_budget + 2 * m.expert_bytes(0)
+    assert len(make_plan(m, RPC, budget).resident) == 2
+    plan = make_plan(m, RPC, budget, expert_cache=8)
+    assert plan.resident == {3} and plan.expert_cache.slots == 8 and plan.expert_cache.layers == (0, 1, 2)
+    assert plan.accelerator_use.expert_cache == 8 * one_slot(m, [0, 1, 2]) and plan.accelerator_use.total <= budget
+
+    real = qwen36_figures()
+    off, cached = (make_plan(real, CUDA, 8 * GiB, ctx=32768, expert_cache=s) for s in ("off", 64))
+    assert len(cached.resident) < len(off.resident) and cached.accelerator_use.total <= 8 * GiB
+    assert cached.accelerator_use.expert_cache == 64 * one_slot(real, cached.host_layers)
+
+
+def test_bad_cache_settings_are_one_line_errors(tiny):
+    m = tiny["qwen3moe"]
+    for slots in (3, 33):
+        with pytest.raises(UserError, match="needs 4 to 32 expert cache slots per block"):
+            make_plan(m, RPC, 10 * GiB, expert_cache=slots)
+    with pytest.raises(UserError, match="unknown expert cache setting 'lots'"):
+        make_plan(m, RPC, 10 * GiB, expert_cache="lots")
+    minimum = make_plan(m, RPC, 10 * GiB).minimum_budget
+    every_block = range(m.n_layer)
+    with pytest.raises(UserError) as err:
+        make_plan(m, RPC, minimum + 10 * one_slot(m, every_block) - 1, expert_cache=10)
+    message = str(err.value)
+    assert "\n" not in message and "too small for 10 expert cache slots" in message and "9 slots per block fit" in message
+    with pytest.raises(UserError, match="not even 4 slots per block fit"):
+        make_plan(m, RPC, minimum + 3 * one_slot(m, every_block), expert_cache=4)
+
+
+def test_placement_with_a_cache_keeps_host_experts_in_the_plain_layout(tiny):
+    real = qwen36_figures()
+    off, cached = (make_plan(real, CUDA, 8 * GiB, expert_cache=s) for s in ("off", 16))
+    assert off.placement.repack and off.placement.use_mmap and {b for _, b in off.overrides} == {"CPU"}
+    assert cached.expert_cache is not None and cached.placement.offload_min_batch is None
+    assert not cached.placement.repack and not cached.placement.use_mmap  # pinned memory, plain layout
+    assert {b for _, b in cached.overrides} == {"CUDA_Host"} == {cached.location(f"blk.{cached.host_layers[0]}.ffn_up_exps.weight")}
+
+    m = tiny["qwen3moe"]
+    rpc = make_plan(m, RPC, make_plan(m, RPC, 10 * GiB).minimum_budget + 2 * m.expert_bytes(0), expert_cache=4)
+    assert not rpc.placement.repack and rpc.placement.use_mmap  # RPC has no pinned host memory
+    assert {b for _, b in rpc.overrides} == {"CPU"}
+
+
+def test_json_has_the_expert_cache(tiny):
+    m = tiny["qwen3moe"]
+    budget = make_plan(m, RPC, 10 * GiB).minimum_budget + 2 * m.expert_bytes(0)
+    first = json.dumps(make_plan(m, RPC, budget, expert_cache=6).to_json())
+    assert first == json.dumps(make_plan(m, RPC, budget, expert_cache=6).to_json())
+    s = json.loads(first)
+    slot = {str(i): m.expert_bytes(i) // m.n_expert for i in (0, 1, 2)}
+    assert s["expert_cache"] == {
+        "slots": 6, "slots_per_layer": {"0": 6, "1": 6, "2": 6}, "layers": [0, 1, 2], "slot_bytes": slot,
+        "bytes": 6 * sum(slot.values()), "reason": "6 slots per block were asked for",
+    }
+    assert s["predicted"]["accelerator"]["expert_cache"] == s["expert_cache"]["bytes"]
+    assert s["predicted"]["accelerator_bytes"] <= budget and "expert_cache_reason" not in s
+    assert s["placement"]["repack"] is False
+    off = make_plan(m, RPC, budget).to_json()
+    assert off["expert_cache"] is None and off["expert_cache_reason"] == "the expert cache is off"
