@@ -1,6 +1,7 @@
-"""Benchmark placements side by side on this machine: the planner's choice and llama.cpp's own
-flags (`--cpu-moe`, `--n-cpu-moe N`, everything on the accelerator), each loaded with the engine,
-run on the same prompt tokens with greedy decoding, interleaved run by run so drift hits all alike.
+"""Benchmark placements side by side on this machine: the planner's choice (with and without its
+expert cache) and llama.cpp's own flags (`--cpu-moe`, `--n-cpu-moe N`, everything on the
+accelerator), each loaded with the engine, run on the same prompt tokens with greedy decoding,
+interleaved run by run so drift hits all alike.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from dataclasses import dataclass, field
 import psutil
 
 from . import arch as names
+from . import native
 from .dashboard import MemoryProbe
 from .engine import Engine
 from .errors import UserError
-from .plan import HOST_BUFFER_TYPE, Placement, Plan
+from .expert_cache import ExpertCache
+from .inventory import read_inventory
+from .plan import HOST_BUFFER_TYPE, Placement, Plan, make_plan
 
 BASELINE = "--cpu-moe"
 FILLER_TEXT = (
@@ -32,6 +36,7 @@ class Candidate:
     placement: Placement
     mode: str  # "cpu", "rotary", "accelerator" (no host experts) or "cpu-only" (no accelerator)
     description: str
+    expert_cache_slots: int | None = None  # the rotary expert cache's slots per host block, if any
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Measurement:
     peak_accelerator_bytes: int | None
     peak_rss_bytes: int
     tokens: list[int]
+    cache_hit_rate: float | None = None  # of the expert cache over the run (prompt and decode)
 
 
 @dataclass
@@ -54,7 +60,7 @@ class Result:
     runs: list[Measurement] = field(default_factory=list)
     decode_ratios: list[float] = field(default_factory=list)  # per run, against the baseline's same run
 
-    FIGURES = ("prompt_tps", "decode_tps", "ttft_seconds", "peak_accelerator_bytes", "peak_rss_bytes")
+    FIGURES = ("prompt_tps", "decode_tps", "ttft_seconds", "peak_accelerator_bytes", "peak_rss_bytes", "cache_hit_rate")
 
     def values(self, figure: str) -> list[float]:
         return [v for v in (getattr(m, figure) for m in self.runs) if v is not None]
@@ -72,6 +78,7 @@ class Result:
             "name": c.name,
             "description": c.description,
             "mode": c.mode,
+            "expert_cache_slots": c.expert_cache_slots,
             "devices": list(c.placement.devices),
             "overrides": [list(o) for o in c.placement.overrides],
             "figures": {f: self.summary(f) for f in (*self.FIGURES, "decode_ratio")},
@@ -79,19 +86,31 @@ class Result:
         }
 
 
+def without_expert_cache(plan: Plan) -> Plan:
+    """The same plan with no expert cache (its residency re-planned for the whole budget)."""
+    return make_plan(plan.model, plan.accelerator, plan.budget, budget_source=plan.budget_source, mode=plan.mode,
+                     mode_reason=plan.mode_reason, ctx=plan.ctx, n_batch=plan.n_batch, kv_type=plan.kv_type,
+                     notes=plan.notes)
+
+
+def plan_candidate(p: Plan) -> Candidate:
+    blocks = f"{len(p.resident)} of {len(p.resident) + len(p.host_layers)} expert blocks resident"
+    if p.expert_cache is None:
+        return Candidate(f"plan {p.mode}", p.placement, p.mode, blocks)
+    slots = p.expert_cache.slots
+    return Candidate(f"plan {p.mode}+cache {slots}", p.placement, p.mode,
+                     f"{blocks}, {slots} expert cache slots per host block", expert_cache_slots=slots)
+
+
 def candidates(plans: Sequence[Plan]) -> list[Candidate]:
     """The planner's choice in each mode, then llama.cpp's own behaviours as baselines: every
     expert on host (`--cpu-moe`), the first N blocks' experts on host with the plan's memory use
     (`--n-cpu-moe N`), and everything on the accelerator when the budget holds it. `plans` share
-    the model, accelerator and budget; the first is a cpu-mode plan."""
+    the model, accelerator and budget; the first is a cpu-mode plan without an expert cache."""
     base = plans[0]
     model, device = base.model, base.accelerator.name
     repack = base.placement.repack
-    out = [
-        Candidate(f"plan {p.mode}", p.placement, p.mode,
-                  f"{len(p.resident)} of {len(p.resident) + len(p.host_layers)} expert blocks resident")
-        for p in plans
-    ]
+    out = [plan_candidate(p) for p in plans]
 
     def host_experts(layers: list[int] | None) -> Placement:
         overrides = ((names.expert_pattern(layers), HOST_BUFFER_TYPE),) if layers != [] else ()
@@ -119,7 +138,8 @@ def prompt_tokens(engine: Engine, n: int) -> list[int]:
 
 
 def measure(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Measurement:
-    """One greedy generation, with peak RSS and accelerator memory sampled at every token."""
+    """One greedy generation, with peak RSS and accelerator memory sampled at every token, and
+    the expert cache's hit rate when the engine has one."""
     probe = MemoryProbe(engine)
     process = psutil.Process()
     peak_rss, peak_acc, stats, tokens = process.memory_info().rss, None, None, []
@@ -137,7 +157,9 @@ def measure(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Measureme
         stats = event.stats
         if event.token is not None:
             tokens.append(event.token)
-    return Measurement(stats.prompt_tps, stats.decode_tps, stats.ttft_seconds, peak_acc, peak_rss, tokens)
+    cache = engine.expert_cache
+    hit_rate = cache.summary().hit_rate if cache is not None and cache.enabled else None
+    return Measurement(stats.prompt_tps, stats.decode_tps, stats.ttft_seconds, peak_acc, peak_rss, tokens, hit_rate)
 
 
 def run_bench(
@@ -157,10 +179,17 @@ def run_bench(
     if prompt_len + gen_tokens > n_ctx:
         raise UserError(f"--prompt-tokens {prompt_len} plus --gen-tokens {gen_tokens} do not fit --ctx {n_ctx}")
     results = [Result(c) for c in cands]
+    inv = read_inventory(model)
     prompt: list[int] | None = None
     for run in range(runs + 1):
         for result in results:
-            with Engine.load(model, result.candidate.placement, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads) as engine:
+            cand = result.candidate
+            cache = None
+            if cand.expert_cache_slots is not None:
+                buft = native.device_by_name(cand.placement.devices[0]).buffer_type
+                cache = ExpertCache(inv.n_layer, inv.n_expert, inv.n_expert_used, cand.expert_cache_slots, buft)
+            with Engine.load(model, cand.placement, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                             expert_cache=cache) as engine:
                 prompt = prompt or prompt_tokens(engine, prompt_len)
                 m = measure(engine, prompt, gen_tokens)
             if run:
@@ -175,10 +204,15 @@ def run_bench(
 
 
 def differing_outputs(results: Sequence[Result]) -> list[str]:
-    """Names of the candidates whose greedy tokens differ from the first candidate's first run
-    (or from their own earlier runs)."""
-    reference = results[0].runs[0].tokens
-    return [r.candidate.name for r in results if any(m.tokens != reference for m in r.runs)]
+    """Names of the candidates whose greedy tokens differ from the first run of the first
+    candidate with the same CPU kernel layout (llama.cpp's repacked CPU kernels round differently
+    from its plain ones), or from their own earlier runs."""
+    out = []
+    for r in results:
+        first = next(f for f in results if f.candidate.placement.repack == r.candidate.placement.repack)
+        if any(m.tokens != first.runs[0].tokens for m in r.runs):
+            out.append(r.candidate.name)
+    return out
 
 
 def recommend(results: Sequence[Result]) -> Result:

@@ -47,6 +47,25 @@ VramOpt = Annotated[
     typer.Option(help="Accelerator memory to fill, e.g. 8GiB (default: what the GPU reports free).", show_default=False),
 ]
 ThreadsOpt = Annotated[int, typer.Option(min=0, help="CPU threads (0: all cores).")]
+CacheOpt = Annotated[
+    str,
+    typer.Option(
+        "--expert-cache",
+        metavar="auto|off|SLOTS",
+        help="Keep recently used host experts in GPU slots (per host expert block): 'auto' sizes the slots from the "
+        "VRAM left after the plan, 'off' turns the cache off, a number sets the slots per block.",
+    ),
+]
+
+
+def cache_setting(value: str) -> str | int:
+    """--expert-cache as the planner takes it: "auto", "off" or a slot count."""
+    value = value.strip().lower()
+    if value in ("auto", "off"):
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise UserError(f"--expert-cache takes auto, off or a number of slots per block, not {value!r}")
 
 
 def _version(value: bool) -> None:
@@ -227,6 +246,7 @@ def serve(
         typer.Option(envvar="ROTARY_GGUF_API_KEY", help="Require 'Authorization: Bearer KEY' on every request but /health."),
     ] = None,
     rpc: RpcOpt = None,
+    expert_cache: CacheOpt = "auto",
     max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait for the engine; more get 503.")] = 64,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads (0: all cores).")] = 0,
     dashboard: Annotated[
@@ -237,17 +257,21 @@ def serve(
     from . import serve as serving
     from .demo import resolve_model
     from .engine import Engine
+    from .expert_cache import ExpertCache
     from .inventory import read_inventory
     from .plan import DEFAULT_BATCH
 
     path = resolve_model(model)
+    inv = read_inventory(path)
+    cache = cache_setting(expert_cache)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
     sock = serving.listen(host, port)
-    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc)
+    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc, expert_cache=cache)
     placement = the_plan.placement if the_plan else None
-    telemetry = _dashboard_telemetry(read_inventory(path)) if dashboard else None
-    with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry) as engine:
+    telemetry = _dashboard_telemetry(inv) if dashboard else None
+    with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
+                     expert_cache=ExpertCache.for_plan(the_plan, inv)) as engine:
         options = serving.ServeOptions(model_id=path.name.removesuffix(".gguf"), max_queue=max_queue, api_key=api_key)
         if not dashboard:
             serving.run(engine, options, sock)
@@ -275,9 +299,11 @@ def _dashboard_telemetry(inv):
 
 
 
-def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: str, rpc: Optional[str]):
+def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: str, rpc: Optional[str],
+             expert_cache: str | int = "off"):
     """The plan for `model` on this machine's accelerator (or the RPC device at `rpc`, or a GPU
-    this machine lacks, sized by `vram`). Decides the host-expert mode before loading anything."""
+    this machine lacks, sized by `vram`), with the expert cache `expert_cache` ("auto", "off" or
+    slots per block). Decides the host-expert mode before loading anything."""
     import os
 
     from . import native
@@ -316,7 +342,7 @@ def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: 
         chosen, reason = choose_mode(mode, accelerator, cpu_plan, link)
     else:
         chosen, reason = choose_mode(mode, accelerator)
-    return make_plan(figures, accelerator, budget, mode=chosen, mode_reason=reason, **options)
+    return make_plan(figures, accelerator, budget, mode=chosen, mode_reason=reason, expert_cache=expert_cache, **options)
 
 
 @app.command()
@@ -330,13 +356,14 @@ def plan(
     batch: Annotated[int, typer.Option(min=1, help="Batch size for prompt processing (sizes the compute buffers).")] = 512,
     mode: ModeOpt = "auto",
     rpc: RpcOpt = None,
+    expert_cache: CacheOpt = "auto",
     check: Annotated[
         bool, typer.Option("--check", help="Also load the model with the plan and show what llama.cpp allocated.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Decide where every tensor lives for a VRAM budget, and predict each device's memory."""
-    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=batch, mode=mode, rpc=rpc)
+    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=batch, mode=mode, rpc=rpc, expert_cache=cache_setting(expert_cache))
     rows = _check_plan(model, the_plan) if check else None
     if as_json:
         summary = the_plan.to_json()
@@ -350,13 +377,20 @@ def plan(
 
 
 def _check_plan(model: Path, the_plan) -> list[tuple[str, str, int, int]]:
-    """Load `model` with the plan; (device, purpose, predicted, actual) for each buffer kind."""
+    """Load `model` with the plan (and its expert cache); (device, purpose, predicted, actual) for
+    each buffer kind."""
     from .engine import Engine
+    from .expert_cache import ExpertCache
+    from .inventory import read_inventory
 
     if not the_plan.accelerator.present:
         raise UserError(f"--check loads the model, and {the_plan.accelerator.name} is not on this machine")
-    with Engine.load(model, the_plan.placement, n_ctx=the_plan.ctx, n_batch=the_plan.n_batch) as engine:
-        return the_plan.compare(engine.load_report)
+    cache = ExpertCache.for_plan(the_plan, read_inventory(model))
+    with Engine.load(model, the_plan.placement, n_ctx=the_plan.ctx, n_batch=the_plan.n_batch, expert_cache=cache) as engine:
+        rows = the_plan.compare(engine.load_report)
+        if cache is not None:
+            rows.append(("accelerator", "expert_cache", the_plan.accelerator_use.expert_cache, cache.slot_bytes))
+        return rows
 
 
 def _print_plan(p) -> None:
@@ -371,6 +405,9 @@ def _print_plan(p) -> None:
     head.add_row("budget", f"{human_bytes(p.budget)} ({p.budget_source})")
     head.add_row("host experts", f"{p.mode}: {p.mode_reason}")
     head.add_row("context", f"{p.ctx} tokens, batch {p.n_batch}, KV cache {p.kv_type}")
+    cache = p.expert_cache
+    head.add_row("expert cache", f"{cache.slots} slots per host block ({human_bytes(cache.bytes)}): {cache.reason}"
+                 if cache else f"off: {p.expert_cache_reason}")
     out.print(head)
 
     blocks = Table(title="expert tensors per block", title_justify="left", box=None, pad_edge=False)
@@ -484,7 +521,8 @@ def verify_cmd(
 
 
 
-def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, ctx: int, n_batch: int, rpc: Optional[str]):
+def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, ctx: int, n_batch: int, rpc: Optional[str],
+                expert_cache: str | int = "off"):
     """The plan for MoE `model` when there is an accelerator to fill (a GPU, or the RPC device at
     `rpc`), else None: everything runs on the CPU (always so for a dense model)."""
     from . import native
@@ -495,7 +533,7 @@ def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, ctx: int, n_batc
 
     if vram is None and rpc is None and mode != "rotary" and not any(d.type in ("gpu", "igpu") for d in native.devices()):
         return None
-    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=n_batch, mode=mode, rpc=rpc)
+    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=n_batch, mode=mode, rpc=rpc, expert_cache=expert_cache)
     if not the_plan.accelerator.present:
         raise UserError(f"there is no GPU on this machine to fill with --vram {vram}; use --rpc HOST:PORT for a simulated one")
     return the_plan
@@ -551,6 +589,7 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Sampling temperature (0: greedy).")] = 0.7,
     system: Annotated[Optional[str], typer.Option(help="A system message to start every conversation with.")] = None,
     routing: Annotated[bool, typer.Option(help="Watch expert routing for the dashboard's heat map.")] = True,
+    expert_cache: CacheOpt = "auto",
     threads: ThreadsOpt = 0,
 ) -> None:
     """Chat with a model in the terminal: streamed answers above a live dashboard of memory, speed and routing."""
@@ -558,15 +597,18 @@ def chat(
     from .dashboard import Dashboard
     from .demo import resolve_model
     from .engine import Engine, SamplingParams
+    from .expert_cache import ExpertCache
     from .inventory import read_inventory
     from .plan import DEFAULT_BATCH
 
     path = resolve_model(model)
     inv = read_inventory(path)
     telemetry = _dashboard_telemetry(inv) if routing else None
-    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc)
+    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc,
+                           expert_cache=cache_setting(expert_cache))
     placement = the_plan.placement if the_plan else None
-    with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry) as engine:
+    with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
+                     expert_cache=ExpertCache.for_plan(the_plan, inv)) as engine:
         dashboard = Dashboard(engine, telemetry=telemetry, plan=the_plan)
         chatting.run(engine, dashboard, out, max_tokens=max_tokens, system=system,
                      sampling=SamplingParams(temperature=temperature, top_p=0.95, seed=None))
@@ -581,11 +623,12 @@ def bench(
     gen_tokens: Annotated[int, typer.Option(help="Tokens each run generates, greedily.")] = 128,
     runs: Annotated[int, typer.Option(help="Timed runs per candidate, after one warm-up run each.")] = 3,
     rpc: RpcOpt = None,
+    expert_cache: CacheOpt = "auto",
     threads: ThreadsOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure placements side by side (the plan, llama.cpp's --cpu-moe and --n-cpu-moe N, all on the
-    accelerator) and recommend one. Needs a GPU or --rpc to compare placements; without one it
+    """Measure placements side by side (the plan with and without its expert cache, llama.cpp's
+    --cpu-moe and --n-cpu-moe N, all on the accelerator) and recommend one. Needs a GPU or --rpc to compare placements; without one it
     measures the CPU-only run alone and says so."""
     from . import bench as benching
     from .plan import DEFAULT_BATCH, Placement
@@ -594,13 +637,14 @@ def bench(
         if value < 1:
             raise UserError(f"{flag} must be at least 1, not {value}")
     n_batch = min(DEFAULT_BATCH, ctx)
-    cpu_plan = plan_or_cpu(model, vram=vram, mode="cpu", ctx=ctx, n_batch=n_batch, rpc=rpc)
+    cpu_plan = plan_or_cpu(model, vram=vram, mode="cpu", ctx=ctx, n_batch=n_batch, rpc=rpc,
+                           expert_cache=cache_setting(expert_cache))
     notes: list[str] = []
     if cpu_plan is None:
         cands = [benching.Candidate("cpu-only", Placement.all_cpu(), "cpu-only", "everything on the CPU")]
         notes.append("only the CPU-only run was measured: no GPU here and no --rpc (or a dense model), so there are no placements to compare")
     else:
-        plans = [cpu_plan]
+        plans = [cpu_plan] if cpu_plan.expert_cache is None else [benching.without_expert_cache(cpu_plan), cpu_plan]
         if cpu_plan.accelerator.streams_host_ops:
             notes.append("rotary mode was not measured: its offload threshold is fixed per process, and cpu mode was set first")
         cands = benching.candidates(plans)
@@ -638,7 +682,7 @@ def bench(
 def _print_bench(results, runs: int) -> None:
     table = Table(title=f"median over {runs} run(s), ± spread (max - min) as a share of it", title_justify="left",
                   box=None, pad_edge=False)
-    columns = ("candidate", "mode", "prompt t/s", "decode t/s", "vs --cpu-moe", "TTFT ms", "peak accel", "peak RSS")
+    columns = ("candidate", "mode", "prompt t/s", "decode t/s", "vs --cpu-moe", "TTFT ms", "cache hits", "peak accel", "peak RSS")
     for col in columns:
         table.add_column(col, justify="left" if col in ("candidate", "mode") else "right", no_wrap=True)
 
@@ -656,6 +700,7 @@ def _print_bench(results, runs: int) -> None:
             cell(r, "decode_tps", lambda v: f"{v:.1f}"),
             cell(r, "decode_ratio", lambda v: f"{v:.2f}x"),
             cell(r, "ttft_seconds", lambda v: f"{v * 1e3:.1f}"),
+            cell(r, "cache_hit_rate", lambda v: f"{v:.1%}", spread=False),
             cell(r, "peak_accelerator_bytes", human_bytes, spread=False),
             cell(r, "peak_rss_bytes", human_bytes, spread=False),
         )

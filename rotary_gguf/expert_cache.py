@@ -383,7 +383,7 @@ class ExpertCache:
         self.tensors: dict[int, list[_ExpertTensor]] = {}  # layer -> its host expert tensors
         self.policies: dict[int, Policy] = {}
         self.stats: dict[int, CacheStats] = {}
-        self.uploaded_bytes = 0
+        self.uploaded_bytes = self.fallback_calls = 0  # fallback_calls: decode calls on llama.cpp's path
         self._samples: deque[tuple[float, int, int, int]] = deque()  # (time, hits, misses, uploaded bytes)
         self.trace: Trace | None = None  # set to a Trace to record the steps the cache sees (python)
         self._mode = "look"  # look: find tensors; cached: remap; host: llama.cpp's path; off
@@ -396,6 +396,20 @@ class ExpertCache:
             self.callback, self.user_data = self._native.callback, self._native.user_data
         else:
             self.callback = self._python_callback
+
+    @classmethod
+    def for_plan(cls, plan, inv) -> "ExpertCache | None":
+        """The cache a plan sized (slots per host block on its accelerator), or None when the plan
+        has none. `inv` is the planned model's inventory."""
+        if plan is None or plan.expert_cache is None:
+            return None
+        buft = native.device_by_name(plan.accelerator.name).buffer_type
+        return cls(inv.n_layer, inv.n_expert, inv.n_expert_used, plan.expert_cache.slots, buft)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Accelerator bytes allocated for the slots."""
+        return sum(self.slots * t.expert_bytes for tensors in self.tensors.values() for t in tensors if t.slot_buffer)
 
     @property
     def enabled(self) -> bool:
@@ -444,7 +458,7 @@ class ExpertCache:
     def _reset_policies(self) -> None:
         self.policies = {layer: make_policy(self.policy_name, self.slots, self.n_expert) for layer in self.tensors}
         self.stats = {layer: CacheStats() for layer in self.tensors}
-        self.uploaded_bytes = 0
+        self.uploaded_bytes = self.fallback_calls = 0
         self._samples.clear()
         if self._native is not None:
             self._native.reset()
@@ -494,6 +508,7 @@ class ExpertCache:
         else:
             self._bind(False)
             self._set_mode("host")
+            self.fallback_calls += 1
             for s in self.stats.values():
                 s.fallback_steps += 1
                 s.steps += 1
@@ -606,7 +621,7 @@ class ExpertCache:
             "hit_rate": overall.hit_rate,
             "recent_hit_rate": recent.hit_rate if recent.hits + recent.misses else overall.hit_rate,
             "layer_hit_rate": {layer: s.hit_rate for layer, s in self.stats.items()},
-            "fallback_steps": overall.fallback_steps,
+            "fallback_calls": self.fallback_calls,
             "uploaded_bytes": self.uploaded_bytes,
             "uploaded_bytes_per_s": (self.uploaded_bytes - uploaded) / (now - then) if now > then else 0.0,
             "resident": self.resident(),
