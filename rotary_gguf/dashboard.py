@@ -1,9 +1,11 @@
-"""The live dashboard: memory, speed, the plan and a per-block expert heat map of one engine.
+"""The live dashboard: memory, speed, the plan, the expert cache and a per-block expert heat map
+of one engine.
 
 `Dashboard` is one rich renderable: a fixed `Layout` of small views that all draw from the latest
-`Reading`. `sample()` takes a reading (memory, the engine's live figures, the routing telemetry);
-`live()` shows it in a rich `Live` that samples a few times a second. Figures come from the engine's
-stats stream (`LiveStats`) and the telemetry; the dashboard measures no speed itself.
+`Reading`. `sample()` takes a reading (memory, the engine's live figures, the routing telemetry,
+the expert cache's snapshot); `live()` shows it in a rich `Live` that samples a few times a second.
+Figures come from the engine's stats stream (`LiveStats`), the telemetry and the expert cache; the
+dashboard measures no speed itself.
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ SPARK = "▁▂▃▄▅▆▇█"
 HEAT_CHARS = " ░▒▓█"
 HEAT_STYLES = ("", "blue", "cyan", "yellow", "bold red")
 HEAT_BOUNDS = (0.0, 0.5, 1.5, 3.0)  # ratio > bound -> level index + 1
+# Heat-map cells whose experts hold expert-cache slots: the same levels in the plan's colour for
+# resident experts (an idle one shows a dot); the hottest list marks them with RESIDENT_MARK.
+RESIDENT_CHARS = "·░▒▓█"
+RESIDENT_STYLES = ("magenta",) * 4 + ("bold magenta",)
+RESIDENT_MARK = "■"
+WORST_BLOCKS = 3  # blocks named by their cache hit rate
 HISTORY = 48  # sparkline samples kept
 BORDER_STYLE = "grey50"
 BOXED_MIN_HEIGHT = 20  # below this the sections drop their borders
-FIXED_ROWS = ("header", "figures", "plan", "serving")  # the layout's parts of fixed height
+FIXED_ROWS = ("header", "figures", "plan", "cache", "serving")  # the layout's parts of fixed height
 MIN_HOTTEST = 5  # rows of the routing section, also for models with fewer MoE blocks
 
 
@@ -121,6 +129,8 @@ class Reading:
     requests_per_minute: float
     recent: np.ndarray | None = None  # [n_layer, n_expert] by original expert id
     routed_tokens: int = 0  # tokens in `recent` (per block)
+    cache: dict | None = None  # the expert cache's snapshot (ExpertCache.snapshot())
+    resident: np.ndarray | None = None  # [n_layer, n_expert] bool by original id: holds a cache slot
 
     @property
     def tokens(self) -> int:
@@ -129,8 +139,9 @@ class Reading:
 
 class Dashboard:
     """The dashboard of one engine. `telemetry` (a RoutingTelemetry) feeds the heat map, `plan`
-    the plan view; `serving` adds the request figures. `height` limits it to that many lines
-    (default: the terminal's)."""
+    the plan view; `serving` adds the request figures; the engine's expert cache, when it has
+    one, its own view and the resident marks on the heat map. `height` limits it to that many
+    lines (default: the terminal's)."""
 
     def __init__(self, engine, *, telemetry=None, plan=None, serving: bool = False, title: str = "",
                  height: int | None = None):
@@ -190,6 +201,7 @@ class Dashboard:
         if self.telemetry is not None:
             recent = self.telemetry.recent()
             routed = int(min(self.telemetry.layer_tokens()[self.telemetry.layers].max(), self.telemetry.window))
+        cache = self.engine.expert_cache.snapshot() if self.engine.expert_cache is not None else None
         self.reading = Reading(
             at=now,
             accelerator=self.memory.accelerator(),
@@ -209,8 +221,19 @@ class Dashboard:
             requests_per_minute=(live.requests_total - self._requests[0][1]) * 60 / span,
             recent=recent,
             routed_tokens=routed,
+            cache=cache,
+            resident=self._resident(cache),
         )
         return self.reading
+
+    def _resident(self, cache: dict | None) -> np.ndarray | None:
+        """The experts holding a cache slot, by original id (for the heat map's marks)."""
+        if cache is None or not cache["enabled"] or self.telemetry is None:
+            return None
+        resident = np.zeros((self.telemetry.inventory.n_layer, self.telemetry.n_expert), dtype=bool)
+        for layer, positions in cache["resident"].items():
+            resident[layer, self.telemetry.original_ids(layer, positions)] = True
+        return resident
 
     # --- layout ----------------------------------------------------------------------------------
     def _make_layout(self) -> Layout:
@@ -225,6 +248,7 @@ class Dashboard:
             Layout(HeaderView(self), name="header", size=1),
             figures,
             Layout(_Section(PlanView(self)), name="plan"),
+            Layout(_Section(CacheView(self)), name="cache"),
             Layout(_Section(ServingView(self)), name="serving", visible=self.serving),
             routing,
         )
@@ -240,6 +264,11 @@ class Dashboard:
         self.layout["figures"].size = 3 + frame
         self.layout["plan"].size = (2 if self.plan is not None and width >= 100 else 1) + frame
         self.layout["serving"].size = 1 + frame
+        cache = self.reading.cache  # on: two framed lines, or one unframed; off: one line saying why
+        cache_framed = boxed and cache is not None and cache["enabled"]
+        self.layout["cache"].visible = cache is not None
+        self.layout["cache"].renderable.boxed = cache_framed
+        self.layout["cache"].size = 2 + frame if cache_framed else 1
         self.layout["hottest"].visible = width >= 64
         fixed = sum(self.layout[n].size for n in FIXED_ROWS if self.layout[n].visible)
         routing = frame + (0 if boxed else 1)  # borders, or a title line
@@ -419,7 +448,8 @@ class ServingView(_View):
 
 class HeatMapView(_View):
     """Blocks as rows, experts (bucketed to fit the width) as columns; each cell is the bucket's
-    share of the block's recent selections relative to uniform routing."""
+    share of the block's recent selections relative to uniform routing. With an expert cache,
+    cells whose experts hold slots (see `resident_cells`) take RESIDENT_CHARS/RESIDENT_STYLES."""
 
     name = "routing"
 
@@ -436,12 +466,16 @@ class HeatMapView(_View):
         label_width = len(f"L{max(telemetry.layers)}-{max(telemetry.layers)}") + 1
         columns = max(1, options.max_width - label_width)
         # Plain segments, one per run of equal cells: the map is most of what is drawn.
-        styles = [console.get_style(name, default="") for name in HEAT_STYLES]
+        chars = HEAT_CHARS + RESIDENT_CHARS  # a cell's level, + len(HEAT_CHARS) when resident
+        styles = [console.get_style(name, default="") for name in HEAT_STYLES + RESIDENT_STYLES]
         dim, new_line = console.get_style("dim"), Segment.line()
-        for label, cells in heat_rows(r.recent, telemetry.layers, rows, columns):
+        marks = resident_cells(r.resident, telemetry.layers, rows, columns)
+        for index, (label, cells) in enumerate(heat_rows(r.recent, telemetry.layers, rows, columns)):
+            if marks:
+                cells = [level + len(HEAT_CHARS) * held for level, held in zip(cells, marks[index])]
             yield Segment(label.ljust(label_width)[: options.max_width], dim)
-            for level, run in _runs(cells, columns):
-                yield Segment(HEAT_CHARS[level] * run, styles[level])
+            for code, run in _runs(cells, columns):
+                yield Segment(chars[code] * run, styles[code])
             yield new_line
 
 
@@ -453,8 +487,48 @@ class HottestView(_View):
         rows = (options.height or console.height) - (0 if self.boxed else 1)
         if not self.boxed:
             yield Text(self.name, style="bold")
+        resident = d.reading.resident
         for layer, expert, share in hottest(d.reading.recent, d.telemetry.layers, d.telemetry.n_expert_used, rows):
-            yield Text.assemble((f"L{layer:<3}", "dim"), f"#{expert:<4}", (f"{share:>4.0%}", "bold"))
+            mark = "" if resident is None else RESIDENT_MARK if resident[layer, expert] else " "
+            yield Text.assemble((f"L{layer:<3}", "dim"), f"#{expert:<4}", (mark, RESIDENT_STYLES[0]),
+                                (f"{share:>4.0%}", "bold"))
+
+
+class CacheView(_View):
+    """The expert cache: hit rates (since the start and recent), uploads, block steps that fell
+    back to llama.cpp's own path (one per cached block and decode call), and each block's hit
+    rate as a bar with the worst blocks named. One line when unframed; one dim line saying why
+    when the cache turned itself off."""
+
+    name = "expert cache"
+
+    def title(self) -> str:
+        c = self.dashboard.reading.cache
+        return f"{self.name} · {c['slots']} slots/block · {c['policy']}"
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        d = self.dashboard
+        c, width = d.reading.cache, options.max_width
+        if not c["enabled"]:
+            yield Text(f"{self.name} off: {c['disabled_reason'] or 'turned off'}", style="dim", no_wrap=True,
+                       overflow="ellipsis")
+            return
+        yield Text.assemble(
+            ("" if self.boxed else "cache ", "bold"),
+            ("hits ", "bold"), (f"{c['hit_rate']:.1%}", "bold green"), (" · recent ", "dim"), f"{c['recent_hit_rate']:.1%}",
+            (" · uploads ", "dim"), f"{human_bytes(c['uploaded_bytes_per_s'])}/s",
+            (f" ({human_bytes(c['uploaded_bytes'])})", "dim"), (" · fallback calls ", "dim"), f"{c['fallback_calls']:,}",
+            no_wrap=True, overflow="ellipsis")
+        if not self.boxed:
+            return
+        rates = dict(sorted(c["layer_hit_rate"].items()))
+        worst = sorted(rates, key=lambda layer: (rates[layer], layer))[:WORST_BLOCKS]
+        named = " · worst " + ", ".join(f"L{layer} {rates[layer]:.0%}" for layer in worst) if len(rates) > 1 else ""
+        legend = [(" · ", "dim"), (RESIDENT_MARK, RESIDENT_STYLES[0]), (" in a slot", "dim")] if d.telemetry is not None else []
+        prefix = "per block "
+        room = width - len(prefix) - len(named) - sum(len(part) for part, _ in legend)
+        yield Text.assemble((prefix, "bold"), (rate_bars(list(rates.values()), room), "green"), named, *legend,
+                            no_wrap=True, overflow="ellipsis")
 
 
 # --- figures -> characters -------------------------------------------------------------------------
@@ -465,6 +539,15 @@ def sparkline(values: Sequence[float], width: int) -> str:
     if top <= 0:
         return ""
     return "".join(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))] for v in values)
+
+
+def rate_bars(rates: Sequence[float], width: int) -> str:
+    """Rates in 0..1 as bars on an absolute scale, one per rate; averaged in groups to fit `width`."""
+    if not rates or width < 1:
+        return ""
+    edges = np.linspace(0, len(rates), min(len(rates), width) + 1).round().astype(int)
+    means = np.add.reduceat(np.asarray(rates, dtype=np.float64), edges[:-1]) / np.diff(edges)
+    return "".join(SPARK[min(len(SPARK) - 1, int(v * (len(SPARK) - 1) + 0.5))] for v in means)
 
 
 def _bar(used: int, total: int, width: int) -> Text:
@@ -482,9 +565,7 @@ def heat_rows(recent: np.ndarray | None, layers: Sequence[int], rows: int, colum
         return []
     counts = recent[list(layers)].astype(np.float64)
     n_expert = counts.shape[1]
-    n_buckets = min(n_expert, columns)
-    bucket_edges = np.linspace(0, n_expert, n_buckets + 1).round().astype(int)
-    row_edges = np.linspace(0, len(layers), min(rows, len(layers)) + 1).round().astype(int)
+    row_edges, bucket_edges = _cells(len(layers), n_expert, rows, columns)
     groups = np.add.reduceat(counts, row_edges[:-1], axis=0)  # [rows, n_expert]
     per_bucket = np.add.reduceat(groups, bucket_edges[:-1], axis=1) / np.diff(bucket_edges)
     totals = groups.sum(axis=1, keepdims=True)
@@ -492,6 +573,25 @@ def heat_rows(recent: np.ndarray | None, layers: Sequence[int], rows: int, colum
     levels = np.where(ratio > 0, 1 + np.searchsorted(HEAT_BOUNDS[1:], ratio, side="right"), 0)
     labels = [f"L{layers[a]}" if b - a == 1 else f"L{layers[a]}-{layers[b - 1]}" for a, b in zip(row_edges[:-1], row_edges[1:])]
     return list(zip(labels, levels.tolist()))
+
+
+def resident_cells(resident: np.ndarray | None, layers: Sequence[int], rows: int, columns: int) -> list[list[bool]]:
+    """Per cell of `heat_rows` (same grouping): whether at least half of its (block, expert)
+    pairs hold an expert-cache slot. With one block and one expert per cell, exactly whether
+    that expert is resident; blocks the cache does not serve count as not resident."""
+    if resident is None or rows < 1 or not layers:
+        return []
+    held = resident[list(layers)].astype(np.int64)
+    row_edges, bucket_edges = _cells(len(layers), held.shape[1], rows, columns)
+    per_cell = np.add.reduceat(np.add.reduceat(held, row_edges[:-1], axis=0), bucket_edges[:-1], axis=1)
+    return (2 * per_cell >= np.outer(np.diff(row_edges), np.diff(bucket_edges))).tolist()
+
+
+def _cells(n_layers: int, n_expert: int, rows: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """The heat map's grid: edges of its row groups (of blocks) and of its buckets (of experts)."""
+    row_edges = np.linspace(0, n_layers, min(rows, n_layers) + 1).round().astype(int)
+    bucket_edges = np.linspace(0, n_expert, min(n_expert, columns) + 1).round().astype(int)
+    return row_edges, bucket_edges
 
 
 def hottest(recent: np.ndarray | None, layers: Sequence[int], n_used: int, n: int) -> list[tuple[int, int, float]]:

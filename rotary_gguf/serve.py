@@ -389,7 +389,8 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         memory = await run_in_threadpool(engine.accelerator_memory)
-        return PlainTextResponse(prometheus_text(engine.live.snapshot(), memory), media_type="text/plain; version=0.0.4")
+        cache = engine.expert_cache.snapshot() if engine.expert_cache is not None else None
+        return PlainTextResponse(prometheus_text(engine.live.snapshot(), memory, cache), media_type="text/plain; version=0.0.4")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -556,14 +557,15 @@ class Reply:
 
 
 # --- /metrics ----------------------------------------------------------------------------------------
-def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]]) -> str:
-    """The live figures in Prometheus' text exposition format."""
+def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]], cache: dict | None = None) -> str:
+    """The live figures in Prometheus' text exposition format; `cache` is the expert cache's
+    snapshot (ExpertCache.snapshot()), when the engine has one."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
         lines.append(f"# HELP rotary_gguf_{name} {help_text}")
         lines.append(f"# TYPE rotary_gguf_{name} {kind}")
-        lines.extend(f"rotary_gguf_{name}{suffix} {value:g}" for suffix, value in samples)
+        lines.extend(f"rotary_gguf_{name}{suffix} {_sample_value(value)}" for suffix, value in samples)
 
     def labelled(label: str, values: dict) -> list[tuple[str, float]]:
         return [(f'{{{label}="{key}"}}', value) for key, value in sorted(values.items())]
@@ -588,7 +590,33 @@ def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]])
            labelled("device", {name: used for name, (used, _) in accelerator_memory.items()}))
     metric("accelerator_memory_total_bytes", "gauge", "Memory of each accelerator.",
            labelled("device", {name: total for name, (_, total) in accelerator_memory.items()}))
+    if cache is not None:
+        metric("expert_cache_enabled", "gauge", "1 while the expert cache serves decode calls, 0 once it turned itself off.",
+               [("", int(cache["enabled"]))])
+        metric("expert_cache_slots", "gauge", "Accelerator slots for experts, per cached block.", [("", cache["slots"])])
+        metric("expert_cache_hits_total", "counter", "Expert selections served from a slot.", [("", cache["hits"])])
+        metric("expert_cache_misses_total", "counter", "Expert selections uploaded into a slot first.",
+               [("", cache["misses"])])
+        metric("expert_cache_hit_rate", "gauge", "Share of expert selections served from a slot.", [("", cache["hit_rate"])])
+        metric("expert_cache_hit_rate_recent", "gauge", "Share of expert selections served from a slot lately (about 10 s).",
+               [("", cache["recent_hit_rate"])])
+        metric("expert_cache_layer_hit_rate", "gauge", "Share of expert selections served from a slot, per block.",
+               labelled("layer", cache["layer_hit_rate"]))
+        metric("expert_cache_fallback_calls_total", "counter",
+               "Decode calls that ran llama.cpp's own path: batches that could need more experts than the slots hold.",
+               [("", cache["fallback_calls"])])
+        metric("expert_cache_uploaded_bytes_total", "counter", "Expert bytes uploaded into slots.",
+               [("", cache["uploaded_bytes"])])
+        metric("expert_cache_upload_bytes_per_second", "gauge", "Expert upload speed lately (about 10 s).",
+               [("", cache["uploaded_bytes_per_s"])])
+        metric("expert_cache_resident_experts", "gauge", "Experts holding a slot, per block.",
+               labelled("layer", {layer: len(experts) for layer, experts in cache["resident"].items()}))
     return "\n".join(lines) + "\n"
+
+
+def _sample_value(value: float) -> str:
+    """A sample value in full: integers exact (counters soon pass 6 digits), floats to the last digit."""
+    return str(int(value)) if isinstance(value, int) else repr(float(value))
 
 
 # --- running -----------------------------------------------------------------------------------------

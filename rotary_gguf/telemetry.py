@@ -112,6 +112,10 @@ class RoutingTelemetry:
         counts = self._tap.counts[self.layers]
         return float(np.sort(counts, axis=1)[:, -top:].sum() / max(int(counts.sum()), 1))
 
+    def original_ids(self, layer: int, positions) -> list[int]:
+        """The original expert ids of `layer`'s experts at `positions` in the file."""
+        return self._order[layer][np.asarray(positions, dtype=np.int64)].tolist()
+
     def _original(self, by_position: np.ndarray) -> np.ndarray:
         out = np.zeros_like(by_position)
         np.put_along_axis(out, self._order, by_position, axis=1)

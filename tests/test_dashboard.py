@@ -1,5 +1,6 @@
 """The dashboard rendered into a recording rich Console after real generations: it fits the
-terminal, shows the engine's figures, the plan and memory, and a heat map of the right shape."""
+terminal, shows the engine's figures, the plan and memory, the expert cache, and a heat map of the
+right shape that marks the experts holding cache slots."""
 
 from __future__ import annotations
 
@@ -15,16 +16,21 @@ from rich.console import Console
 from conftest import CLI, free_port
 from make_test_model import hot_experts
 from test_chat import Terminal
+from rotary_gguf import expert_cache as ec
 from rotary_gguf import native
-from rotary_gguf.dashboard import Dashboard, heat_rows, hottest, sparkline
+from rotary_gguf.arch import expert_pattern
+from rotary_gguf.convert import convert
+from rotary_gguf.dashboard import Dashboard, heat_rows, hottest, rate_bars, resident_cells, sparkline
 from rotary_gguf.engine import Engine
+from rotary_gguf.expert_cache import ExpertCache
 from rotary_gguf.inventory import read_inventory
-from rotary_gguf.plan import ModelFigures, make_plan
-from rotary_gguf.telemetry import RoutingTelemetry
+from rotary_gguf.plan import ModelFigures, Placement, make_plan
+from rotary_gguf.telemetry import RoutingTelemetry, record_profile, write_profile
 from rotary_gguf.units import human_bytes
 
 PROMPT = "The river bends twice before it reaches the sea, and"
 HEAT_ROW = re.compile(r"^(?:│ )?(L(\d+)(?:-(\d+))?) ")
+HOTTEST_ROW = re.compile(r"L(\d+) +#(\d+) +(■?) *(\d+)%")
 
 
 def render(dashboard: Dashboard, width: int, height: int) -> list[str]:
@@ -157,3 +163,113 @@ def test_serve_dashboard_follows_the_requests(test_model):
         term.wait_for(lambda s: "EXIT=0" in s, timeout=30)
     finally:
         term.close()
+
+
+# --- the expert cache ------------------------------------------------------------------------------
+def render_styled(dashboard: Dashboard, width: int, height: int) -> list[tuple[str, list[str | None]]]:
+    """Each drawn line's text and the colour name of each of its characters."""
+    console = Console(width=width, height=height, file=io.StringIO(), force_terminal=True)
+    dashboard.sample()
+    out = []
+    for line in console.render_lines(dashboard, console.options.update(height=height), pad=False):
+        colours = [s.style.color.name if s.style and s.style.color else None for s in line for _ in s.text]
+        out.append(("".join(s.text for s in line), colours))
+    return out
+
+
+def marked_experts(lines: list[tuple[str, list[str | None]]], layers: list[int], n_expert: int) -> dict[int, set[int]]:
+    """Block -> the experts whose heat-map cells are drawn in magenta (one block per row, experts
+    stretched over the columns)."""
+    label_width = len(f"L{max(layers)}-{max(layers)}") + 1
+    marked = {}
+    for text, colours in lines:
+        m = HEAT_ROW.match(text)
+        if m and m.group(3) is None:
+            start = m.start(1) + label_width
+            width = text[start:].index("│") - 1  # the frame's padding before its border
+            marked[int(m.group(2))] = {c * n_expert // width for c in range(width) if colours[start + c] == "magenta"}
+    return marked
+
+
+@pytest.fixture(scope="module")
+def reordered(test_model, tmp_path_factory):
+    """The skewed qwen3moe model with its experts reordered by a routing profile: file positions
+    are not original ids, so the cache's residents must be mapped to show in the right cells."""
+    path = test_model(arch="qwen3moe", router_skew=1.5)
+    folder = tmp_path_factory.mktemp("reordered")
+    telemetry = RoutingTelemetry.for_model(path)
+    with Engine.load(path, n_ctx=256, n_threads=1, telemetry=telemetry) as engine:
+        write_profile(record_profile(engine, telemetry, [PROMPT, "def add(a, b):"], 16), folder / "profile.json")
+    output = convert(path, folder / "reordered.gguf", profile=folder / "profile.json", show_progress=False).output
+    inv = read_inventory(output)
+    assert any(inv.expert_order(i) != list(range(inv.n_expert)) for i in range(inv.n_layer))
+    return output
+
+
+def cached_engine(path, rpc_endpoint, telemetry: RoutingTelemetry, slots: int) -> Engine:
+    """An engine on the simulated accelerator whose host experts are served by an expert cache."""
+    rpc = native.add_rpc_device(rpc_endpoint)
+    placement = Placement(devices=(rpc.name,), n_gpu_layers=-1, overrides=((expert_pattern(), "CPU"),), repack=False)
+    inv = telemetry.inventory
+    cache = ExpertCache(inv.n_layer, inv.n_expert, inv.n_expert_used, slots, rpc.buffer_type)
+    return Engine.load(path, placement, n_ctx=256, n_threads=1, telemetry=telemetry, expert_cache=cache)
+
+
+def test_expert_cache_figures_and_resident_marks(reordered, rpc_endpoint):
+    telemetry = RoutingTelemetry.for_model(reordered)
+    inv = telemetry.inventory
+    with cached_engine(reordered, rpc_endpoint, telemetry, slots=inv.n_expert // 4) as engine:
+        engine.greedy(engine.tokenize(PROMPT), 32)
+        dashboard = Dashboard(engine, telemetry=telemetry, serving=True)
+        lines = render_styled(dashboard, 80, 24)
+        snap, now = dashboard.reading.cache, engine.expert_cache.snapshot()
+        assert (snap["hits"], snap["misses"], snap["resident"]) == (now["hits"], now["misses"], now["resident"])
+    text = "\n".join(t for t, _ in lines)
+    assert len(lines) <= 24 and max(len(t) for t, _ in lines) <= 80
+    assert snap["enabled"] and 0 < snap["hit_rate"] < 1 and snap["fallback_calls"] > 0
+    assert f"expert cache · {inv.n_expert // 4} slots/block · lfu-decay" in text
+    assert f"hits {snap['hit_rate']:.1%} · recent {snap['recent_hit_rate']:.1%}" in text
+    assert f"/s ({human_bytes(snap['uploaded_bytes'])}) · fallback calls {snap['fallback_calls']:,}" in text
+    worst = min(snap["layer_hit_rate"], key=lambda layer: (snap["layer_hit_rate"][layer], layer))
+    assert f"worst L{worst} {snap['layer_hit_rate'][worst]:.0%}" in text
+    # the heat map's magenta cells are the residents, mapped from file positions to original ids
+    resident = {layer: set(telemetry.original_ids(layer, positions)) for layer, positions in snap["resident"].items()}
+    assert resident != {layer: set(positions) for layer, positions in snap["resident"].items()}  # the map matters
+    assert all(0 < len(r) <= inv.n_expert // 4 for r in resident.values())
+    assert marked_experts(lines, telemetry.layers, inv.n_expert) == {i: resident[i] for i in telemetry.layers}
+    # the hottest list marks its resident experts
+    hot = [m.groups() for t, _ in lines for m in [HOTTEST_ROW.search(t)] if m]
+    assert len(hot) >= 5 and any(mark for *_, mark, _ in hot)
+    assert all((int(expert) in resident[int(layer)]) == (mark == "■") for layer, expert, mark, _ in hot), hot
+
+
+def test_a_cache_that_turned_itself_off_says_why(test_model, rpc_endpoint, monkeypatch):
+    path = test_model(arch="qwen3moe", router_skew=1.5)
+    telemetry = RoutingTelemetry.for_model(path)
+    monkeypatch.setattr(ec, "VERIFIED_LLAMA_CPP_PYTHON", ("0.0.1",))
+    with cached_engine(path, rpc_endpoint, telemetry, slots=telemetry.n_expert // 4) as engine:
+        engine.greedy(engine.tokenize(PROMPT), 8)
+        reason = engine.expert_cache.disabled_reason
+        dashboard = Dashboard(engine, telemetry=telemetry)
+        wide = render_styled(dashboard, 120, 30)
+        narrow = render(dashboard, 80, 24)
+    assert "is not one the cache was verified with" in reason
+    assert f"expert cache off: {reason}" in [t.strip() for t, _ in wide]
+    assert "slots/block" not in "\n".join(t for t, _ in wide)
+    assert not any(marked_experts(wide, telemetry.layers, telemetry.n_expert).values())
+    off = [line for line in narrow if line.startswith("expert cache off: ")]
+    assert len(off) == 1 and len(off[0]) <= 80 and len(narrow) <= 24
+
+
+def test_resident_cells_follow_the_heat_map_grouping_and_rate_bars():
+    resident = np.zeros((2, 4), dtype=bool)
+    resident[0, [0, 1]] = resident[1, 0] = True
+    assert resident_cells(resident, [0, 1], rows=2, columns=4) == resident.tolist()  # one pair per cell: exact
+    assert resident_cells(resident, [0, 1], rows=1, columns=2) == [[True, False]]  # 3 of 4 pairs, then none
+    resident[:] = False
+    resident[0, 2] = resident[1, 3] = True
+    assert resident_cells(resident, [0, 1], rows=1, columns=2) == [[False, True]]  # half of the pairs
+    assert resident_cells(resident, [0, 1], rows=2, columns=2) == [[False, True], [False, True]]  # 1 of 2: half
+    assert resident_cells(None, [0, 1], rows=2, columns=4) == []
+    assert rate_bars([0.0, 0.5, 1.0], 10) == "▁▅█" and rate_bars([0.0, 1.0, 1.0, 1.0], 2) == "▅█"  # averaged to fit
+    assert rate_bars([], 4) == "" and rate_bars([1.0], 0) == ""

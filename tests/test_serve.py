@@ -14,9 +14,16 @@ import time
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
 from conftest import CLI, assert_one_line_error, free_port, run_cli
+from rotary_gguf import native
+from rotary_gguf.arch import expert_pattern
 from rotary_gguf.engine import Engine
+from rotary_gguf.expert_cache import ExpertCache
+from rotary_gguf.inventory import read_inventory
+from rotary_gguf.plan import Placement
+from rotary_gguf.serve import ServeOptions, create_app, prometheus_text
 
 API_KEY = "sk-test-key"
 CTX = 256
@@ -364,3 +371,89 @@ def test_sigterm_mid_stream_shuts_down_cleanly(rpc_server):
 
 def test_serve_refuses_a_missing_model(tmp_path):
     assert_one_line_error(run_cli("serve", tmp_path / "missing.gguf", "--port", str(free_port())), "missing.gguf")
+
+
+# --- the expert cache's figures on /metrics (in-process, on the simulated accelerator) -------------
+PROMETHEUS_SAMPLE = re.compile(
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*"(?:,[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*")*\})? (\S+)$')
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Samples (name{labels} -> value) of Prometheus' text format, checked on the way: each family
+    has a HELP line, then a TYPE line, then only its own samples (counters named *_total), and no
+    sample repeats."""
+    samples: dict[str, float] = {}
+    family = kind = None
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            _, _, family, help_text = line.split(" ", 3)
+            assert help_text.strip() and family not in {k.split("{")[0] for k in samples}, line
+            kind = None
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == family and kind in ("counter", "gauge", "summary"), line
+        else:
+            m = PROMETHEUS_SAMPLE.match(line)
+            assert m and kind is not None, line
+            name, labels, value = m.groups()
+            assert name in ({family, family + "_sum", family + "_count"} if kind == "summary" else {family}), line
+            assert kind != "counter" or name.endswith("_total"), line
+            assert name + (labels or "") not in samples, line
+            samples[name + (labels or "")] = float(value)
+    return samples
+
+
+def cache_samples(snapshot: dict) -> dict[str, float]:
+    """What /metrics should say of an expert cache snapshot."""
+    expected = {
+        "rotary_gguf_expert_cache_enabled": float(snapshot["enabled"]),
+        "rotary_gguf_expert_cache_slots": snapshot["slots"],
+        "rotary_gguf_expert_cache_hits_total": snapshot["hits"],
+        "rotary_gguf_expert_cache_misses_total": snapshot["misses"],
+        "rotary_gguf_expert_cache_hit_rate": snapshot["hit_rate"],
+        "rotary_gguf_expert_cache_hit_rate_recent": snapshot["recent_hit_rate"],
+        "rotary_gguf_expert_cache_fallback_calls_total": snapshot["fallback_calls"],
+        "rotary_gguf_expert_cache_uploaded_bytes_total": snapshot["uploaded_bytes"],
+        "rotary_gguf_expert_cache_upload_bytes_per_second": snapshot["uploaded_bytes_per_s"],
+    }
+    for layer, rate in snapshot["layer_hit_rate"].items():
+        expected[f'rotary_gguf_expert_cache_layer_hit_rate{{layer="{layer}"}}'] = rate
+    for layer, experts in snapshot["resident"].items():
+        expected[f'rotary_gguf_expert_cache_resident_experts{{layer="{layer}"}}'] = len(experts)
+    return expected
+
+
+def test_metrics_say_nothing_of_an_expert_cache_there_is_none(server):
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    assert parse_prometheus(text) and "expert_cache" not in text
+
+
+def test_metrics_show_the_expert_cache(test_model, rpc_endpoint):
+    """After the RPC server tests above (an RPC server serves one client at a time): requests
+    served through the app with a live expert cache; /metrics gives the cache's own figures."""
+    path = test_model(arch="qwen3moe", router_skew=1.5)
+    rpc = native.add_rpc_device(rpc_endpoint)
+    placement = Placement(devices=(rpc.name,), n_gpu_layers=-1, overrides=((expert_pattern(), "CPU"),), repack=False)
+    inv = read_inventory(path)
+    cache = ExpertCache(inv.n_layer, inv.n_expert, inv.n_expert_used, inv.n_expert // 4, rpc.buffer_type)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with Engine.load(path, placement, n_ctx=CTX, n_threads=1, expert_cache=cache) as engine:
+        with TestClient(create_app(engine, ServeOptions("cached", max_queue=2, api_key=API_KEY))) as client:
+            for prompt in ("The quick brown fox", "Once upon a time"):
+                body = {"prompt": prompt, "max_tokens": 24, "temperature": 0}
+                reply = client.post("/v1/completions", headers=headers, json=body)
+                assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 24
+            served = parse_prometheus(client.get("/metrics", headers=headers).text)
+        snapshot = cache.snapshot()
+        text = prometheus_text(engine.live.snapshot(), engine.accelerator_memory(), snapshot)
+    assert snapshot["enabled"] and 0 < snapshot["hit_rate"] < 1 and snapshot["fallback_calls"] > 0
+    assert 0 < sum(map(len, snapshot["resident"].values())) <= len(snapshot["resident"]) * inv.n_expert // 4
+    expected = cache_samples(snapshot)
+    samples = parse_prometheus(text)
+    assert {k: v for k, v in samples.items() if "expert_cache" in k} == expected
+    # the route's figures, less the two that move with the clock
+    moving = ("rotary_gguf_expert_cache_hit_rate_recent", "rotary_gguf_expert_cache_upload_bytes_per_second")
+    assert {k: v for k, v in served.items() if "expert_cache" in k and k not in moving} == {
+        k: v for k, v in expected.items() if k not in moving}
+    assert served["rotary_gguf_completion_tokens_total"] == 48
