@@ -214,3 +214,33 @@ def test_routing_telemetry_counts_the_same_with_the_cache(test_model, rpc_endpoi
     assert tokens == plain_tokens
     assert np.array_equal(layer_tokens, plain_layer_tokens) and plain_layer_tokens.max() > 0
     assert np.array_equal(counts, plain_counts)
+
+
+def test_a_batch_too_big_for_the_slots_falls_back_and_keeps_the_cache(test_model, rpc_endpoint):
+    """A batch whose tokens could select more distinct experts than the slots hold runs
+    llama.cpp's own path: the residents and counts stay as they were, the output is the uncached
+    one, and the next single-token call is served from the same slots."""
+    path = test_model(arch="qwen3moe", router_skew=1.5)
+    inv = read_inventory(path)
+    rpc = native.add_rpc_device(rpc_endpoint)
+    slots = inv.n_expert_used * 3  # a batch of 4 tokens could need 4 x used distinct experts
+    outputs = []
+    for cache in (None, ExpertCache(inv.n_layer, inv.n_expert, inv.n_expert_used, slots, rpc.buffer_type)):
+        with Engine.load(path, host_experts(rpc), n_ctx=256, n_threads=1, expert_cache=cache) as engine:
+            prompt = engine.tokenize(PROMPT)
+            assert len(prompt) >= 8
+            for token in prompt[:3]:
+                engine.eval([token])
+            if cache is not None:
+                before = (cache.resident(), cache.summary().hits, cache.summary().misses, cache.fallback_calls)
+            engine.eval(prompt[3:7])  # 4 tokens: the fallback
+            logits = [engine.logits()]
+            if cache is not None:
+                after = (cache.resident(), cache.summary().hits, cache.summary().misses, cache.fallback_calls)
+                assert after[:3] == before[:3] and after[3] == before[3] + 1
+            engine.eval(prompt[7:8])
+            logits.append(engine.logits())
+            if cache is not None:
+                assert cache.summary().hits + cache.summary().misses > before[1] + before[2]
+            outputs.append(logits)
+    assert all(np.array_equal(a, b) for a, b in zip(*outputs))
