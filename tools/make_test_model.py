@@ -40,10 +40,16 @@ for ``qwen35moe`` (the qwen3moe loader only reads separate gate/up tensors).
 Control tokens get all-zero output rows so greedy decoding never picks them
 (generation runs to ``max_tokens`` instead of stopping at ``<|im_end|>``).
 
+Benchmark models (``make_bench_model``, ``--bench-dims``): a ``qwen35moe``
+with Qwen3.5/3.6-35B-A3B's expert widths (``embd`` 2048, 256 experts, top-8,
+expert FFN 512) whose experts are random but valid Q4_K blocks written straight
+into the file (no f32 copy, no quantizer), ~0.5 GB per block; the rest is f16.
+
 Usage::
 
     python tools/make_test_model.py -o tiny.gguf --arch qwen35moe \\
         --quant q8_0 --router-skew 1.5 --seed 3
+    python tools/make_test_model.py -o bench.gguf --bench-dims --layers 16
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ import pathlib
 import sys
 import tempfile
 import zlib
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
@@ -68,6 +74,7 @@ __all__ = [
     "BIAS_VALUE",
     "ROUTER_SKEW_GAIN",
     "make_model",
+    "make_bench_model",
     "hot_experts",
     "simulated_profile",
     "model_dims",
@@ -105,6 +112,7 @@ ATTN_OUT_GAIN = 0.5
 _FTYPE_ALL_F32 = 0
 _FTYPE_MOSTLY_F16 = 1
 _FTYPE_MOSTLY_Q8_0 = 7
+_FTYPE_MOSTLY_Q4_K_S = 14
 _FTYPE_MOSTLY_Q4_K_M = 15
 
 # number of threads given to llama.cpp's quantizer (the result does not depend
@@ -356,8 +364,11 @@ def _no_bias_read(w: np.ndarray) -> np.ndarray:
 
 
 def _tensors(d: Dict[str, object], n_vocab: int, control_ids: Sequence[int],
-             seed: int, router_skew: float, fused_gate_up: bool
+             seed: int, router_skew: float, fused_gate_up: bool,
+             routed_experts: Callable[[str], Iterator[Tuple[str, object]]] | None = None,
              ) -> Iterator[Tuple[str, np.ndarray]]:
+    """Every tensor in file order. ``routed_experts(prefix)``, when given, yields a block's routed
+    expert tensors in place of the random f32 ones (``prefix`` is ``"blk.N."``)."""
     W = _Weights(seed)
     arch = d["arch"]
     E = int(d["embd"])
@@ -422,17 +433,10 @@ def _tensors(d: Dict[str, object], n_vocab: int, control_ids: Sequence[int],
             router[hot[il], BIAS_CHANNEL] = np.float32(router_skew * ROUTER_SKEW_GAIN)
         yield p + "ffn_gate_inp.weight", router
 
-        # routed experts: numpy (n_expert, n_out, n_in) == ggml {n_in, n_out, n_expert}
-        gate = _no_bias_read(W.normal(p + "ffn_gate_exps.weight", (X, F, E), 1.0 / math.sqrt(E)))
-        up = _no_bias_read(W.normal(p + "ffn_up_exps.weight", (X, F, E), 1.0 / math.sqrt(E)))
-        down = _no_bias_write(W.normal(p + "ffn_down_exps.weight", (X, E, F), 1.0 / math.sqrt(F)))
-        if fused_gate_up:
-            # per expert: rows [0, ff) are gate, rows [ff, 2ff) are up
-            yield p + "ffn_gate_up_exps.weight", np.concatenate([gate, up], axis=1)
+        if routed_experts is not None:
+            yield from routed_experts(p)
         else:
-            yield p + "ffn_gate_exps.weight", gate
-            yield p + "ffn_up_exps.weight", up
-        yield p + "ffn_down_exps.weight", down
+            yield from _f32_experts(W, p, X, F, E, fused_gate_up)
 
         if arch == "qwen35moe":
             FS = int(d["ff_shexp"])
@@ -450,6 +454,22 @@ def _tensors(d: Dict[str, object], n_vocab: int, control_ids: Sequence[int],
     yield "output.weight", out
 
 
+def _f32_experts(W: _Weights, p: str, X: int, F: int, E: int, fused_gate_up: bool
+                 ) -> Iterator[Tuple[str, np.ndarray]]:
+    """One block's routed experts, random f32."""
+    # numpy (n_expert, n_out, n_in) == ggml {n_in, n_out, n_expert}
+    gate = _no_bias_read(W.normal(p + "ffn_gate_exps.weight", (X, F, E), 1.0 / math.sqrt(E)))
+    up = _no_bias_read(W.normal(p + "ffn_up_exps.weight", (X, F, E), 1.0 / math.sqrt(E)))
+    down = _no_bias_write(W.normal(p + "ffn_down_exps.weight", (X, E, F), 1.0 / math.sqrt(F)))
+    if fused_gate_up:
+        # per expert: rows [0, ff) are gate, rows [ff, 2ff) are up
+        yield p + "ffn_gate_up_exps.weight", np.concatenate([gate, up], axis=1)
+    else:
+        yield p + "ffn_gate_exps.weight", gate
+        yield p + "ffn_up_exps.weight", up
+    yield p + "ffn_down_exps.weight", down
+
+
 def _keep_f32(name: str, arr: np.ndarray) -> bool:
     """Tensors llama.cpp expects in f32 (mirrors convert_hf_to_gguf)."""
     return (
@@ -465,13 +485,11 @@ def _keep_f32(name: str, arr: np.ndarray) -> bool:
 # writing
 
 
-def _write_gguf(path: pathlib.Path, d: Dict[str, object], tok: Dict[str, object],
-                seed: int, router_skew: float, fused_gate_up: bool, f16: bool) -> None:
+def _add_metadata(w: gguf.GGUFWriter, d: Dict[str, object], tok: Dict[str, object], file_type: int) -> None:
+    """The hyper-parameters and the tokenizer."""
     arch = str(d["arch"])
-    w = gguf.GGUFWriter(path, arch)
-
     w.add_name(f"rotary-gguf synthetic {arch}")
-    w.add_file_type(_FTYPE_MOSTLY_F16 if f16 else _FTYPE_ALL_F32)
+    w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     w.add_context_length(CONTEXT_LENGTH)
@@ -514,6 +532,12 @@ def _write_gguf(path: pathlib.Path, d: Dict[str, object], tok: Dict[str, object]
     w.add_pad_token_id(int(tok["pad_id"]))
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
+
+
+def _write_gguf(path: pathlib.Path, d: Dict[str, object], tok: Dict[str, object],
+                seed: int, router_skew: float, fused_gate_up: bool, f16: bool) -> None:
+    w = gguf.GGUFWriter(path, str(d["arch"]))
+    _add_metadata(w, d, tok, _FTYPE_MOSTLY_F16 if f16 else _FTYPE_ALL_F32)
 
     n_vocab = len(tok["tokens"])
     for name, arr in _tensors(d, n_vocab, tok["control_ids"], seed, router_skew, fused_gate_up):
@@ -628,6 +652,132 @@ def make_model(
 
 
 # ---------------------------------------------------------------------------
+# benchmark models: the real expert widths, written straight as Q4_K
+
+# Qwen3.5/3.6-35B-A3B's expert widths
+BENCH_EMBD = 2048
+BENCH_EXPERTS = 256
+BENCH_USED = 8
+BENCH_FF = 512
+
+Q4_K = gguf.GGMLQuantizationType.Q4_K
+Q4_K_WEIGHTS, Q4_K_BYTES = gguf.GGML_QUANT_SIZES[Q4_K]  # 256 weights in 144 bytes
+# ggml's block_q4_K: d (f16), dmin (f16), scales[12] (eight 6-bit scales and mins of 32-weight
+# sub-blocks, packed), qs[128] (4-bit quants). A weight is d*scale*q - dmin*min. Random blocks
+# use scale == min and dmin == 7.5*d, so weights are d*scale*(q - 7.5): zero-mean.
+_Q4_K_SCALES = np.arange(32, 64)  # drawn uniformly; q is uniform in 0..15
+_Q4_K_UNIT_STD = math.sqrt(np.mean(_Q4_K_SCALES.astype(np.float64) ** 2) * 85 / 4)  # std of scale*(q - 7.5)
+
+
+class _Q4KExperts:
+    """A routed-expert tensor of random, valid Q4_K blocks (numpy shape (n_expert, n_out,
+    n_in)), generated only when written. Like ``_no_bias_read``/``_no_bias_write``, it can
+    leave the bias channel alone: ``no_read`` zeroes the whole 32-weight sub-block holding input
+    column ``BIAS_CHANNEL`` of every row, ``no_write`` zeroes output row ``BIAS_CHANNEL``."""
+
+    def __init__(self, W: _Weights, name: str, shape: Tuple[int, int, int], std: float,
+                 *, no_read: bool = False, no_write: bool = False) -> None:
+        self.W, self.name, self.shape, self.std = W, name, shape, std
+        self.no_read, self.no_write = no_read, no_write
+        self.byte_shape = (shape[0], shape[1], shape[2] // Q4_K_WEIGHTS * Q4_K_BYTES)
+        self.nbytes = math.prod(self.byte_shape)
+
+    def blocks(self) -> np.ndarray:
+        rng = self.W.rng(self.name)
+        n = self.nbytes // Q4_K_BYTES
+        out = np.empty((n, Q4_K_BYTES), dtype=np.uint8)
+        d = self.std / _Q4_K_UNIT_STD
+        out[:, 0:4] = np.array([d, 7.5 * d], dtype="<f2").view(np.uint8)
+        sc = rng.integers(_Q4_K_SCALES[0], _Q4_K_SCALES[-1] + 1, size=(n, 8), dtype=np.uint8)
+        low, high = sc[:, :4], sc[:, 4:]
+        packed_low = low | ((high >> 4) << 6)  # scales 0-3 (and the top bits of 4-7)
+        out[:, 4:8] = packed_low  # scales
+        out[:, 8:12] = packed_low  # mins (== scales)
+        out[:, 12:16] = (high & 0x0F) | ((high & 0x0F) << 4)  # low bits of scales and mins 4-7
+        out[:, 16:] = rng.integers(0, 2**64 - 1, size=n * 16, dtype=np.uint64, endpoint=True).view(np.uint8).reshape(n, 128)
+        rows = out.reshape(self.shape[0], self.shape[1], -1, Q4_K_BYTES)
+        if self.no_read:
+            block, sub = divmod(BIAS_CHANNEL, Q4_K_WEIGHTS)
+            assert sub < 4 * 32, "the bias channel must be in one of the first four sub-blocks"
+            rows[:, :, block, 4 + sub // 32] &= 0xC0  # its scale...
+            rows[:, :, block, 8 + sub // 32] &= 0xC0  # ...and min: every weight there is 0
+        if self.no_write:
+            rows[:, BIAS_CHANNEL] = 0  # d = dmin = 0
+        return out.reshape(self.byte_shape)
+
+
+def _q4k_experts(W: _Weights, d: Dict[str, object]) -> Callable[[str], Iterator[Tuple[str, _Q4KExperts]]]:
+    """``_tensors``' routed_experts: separate gate, up and down, all Q4_K, with the f32 weights'
+    spread and bias-channel rules."""
+    X, F, E = int(d["experts"]), int(d["ff"]), int(d["embd"])
+
+    def block(p: str) -> Iterator[Tuple[str, _Q4KExperts]]:
+        for kind in ("gate", "up"):
+            name = p + f"ffn_{kind}_exps.weight"
+            yield name, _Q4KExperts(W, name, (X, F, E), 1.0 / math.sqrt(E), no_read=True)
+        name = p + "ffn_down_exps.weight"
+        yield name, _Q4KExperts(W, name, (X, E, F), 1.0 / math.sqrt(F), no_write=True)
+
+    return block
+
+
+def make_bench_model(
+    output,
+    *,
+    layers: int,
+    embd: int = BENCH_EMBD,
+    experts: int = BENCH_EXPERTS,
+    used: int = BENCH_USED,
+    ff: int = BENCH_FF,
+    router_skew: float = 1.0,
+    seed: int = 0,
+) -> pathlib.Path:
+    """Write a ``qwen35moe`` model with real-size Q4_K experts to ``output`` (atomically) and
+    return its path: random but valid Q4_K blocks written straight into the file, tensor by
+    tensor (no f32 copy, no quantizer), so a block at the real widths (~450 MiB of experts)
+    takes about a second. Everything else is what ``make_model(arch="qwen35moe", quant="f16")``
+    writes (attention and DeltaNet widths derived from ``embd``, within 2x of the real ones).
+    ``embd`` and ``ff`` must be multiples of 256 (Q4_K rows)."""
+    if embd % Q4_K_WEIGHTS or ff % Q4_K_WEIGHTS:
+        raise ValueError(f"embd and ff must be multiples of {Q4_K_WEIGHTS} for Q4_K rows")
+    router_skew = float(router_skew)
+    if not math.isfinite(router_skew) or router_skew < 0:
+        raise ValueError("router_skew must be a finite value >= 0")
+    d = model_dims(arch="qwen35moe", layers=layers, experts=experts, used=used, embd=embd, ff=ff)
+    tok = build_tokenizer()
+
+    out = pathlib.Path(output)
+    folder = out.parent if str(out.parent) else pathlib.Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(folder, out.name, ".tmp")
+    try:
+        w = gguf.GGUFWriter(tmp, str(d["arch"]))
+        _add_metadata(w, d, tok, _FTYPE_MOSTLY_Q4_K_S)
+        tensors = []
+        for name, arr in _tensors(d, len(tok["tokens"]), tok["control_ids"], seed, router_skew,
+                                  fused_gate_up=False, routed_experts=_q4k_experts(_Weights(seed), d)):
+            if isinstance(arr, _Q4KExperts):
+                w.add_tensor_info(name, arr.byte_shape, np.dtype(np.uint8), arr.nbytes, raw_dtype=Q4_K)
+            else:
+                arr = np.ascontiguousarray(arr, dtype=np.float32)
+                if not _keep_f32(name, arr):
+                    arr = arr.astype(np.float16)
+                w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
+            tensors.append(arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for arr in tensors:  # experts one at a time: never more than one in memory
+            w.write_tensor_data(arr.blocks() if isinstance(arr, _Q4KExperts) else arr)
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------
 # CLI
 
 
@@ -639,38 +789,61 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--arch", choices=ARCHS, default="qwen3moe",
                     help="qwen3moe, qwen35moe (hybrid DeltaNet/attention MoE) or qwen3 (dense)")
     ap.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="number of blocks")
-    ap.add_argument("--experts", type=int, default=DEFAULT_EXPERTS, help="routed experts per block")
-    ap.add_argument("--used", type=int, default=DEFAULT_USED, help="experts used per token")
+    ap.add_argument("--experts", type=int, default=None,
+                    help=f"routed experts per block (default {DEFAULT_EXPERTS}, {BENCH_EXPERTS} with --bench-dims)")
+    ap.add_argument("--used", type=int, default=None,
+                    help=f"experts used per token (default {DEFAULT_USED}, {BENCH_USED} with --bench-dims)")
     ap.add_argument("--embd", type=int, default=None,
-                    help=f"embedding size (default {DEFAULT_EMBD}, {DEFAULT_EMBD_KQUANT} for q4_k_m)")
+                    help=f"embedding size (default {DEFAULT_EMBD}, {DEFAULT_EMBD_KQUANT} for q4_k_m, "
+                         f"{BENCH_EMBD} with --bench-dims)")
     ap.add_argument("--ff", type=int, default=None,
                     help=f"expert FFN size, dense FFN size for qwen3 "
-                         f"(default {DEFAULT_FF}, {DEFAULT_FF_KQUANT} for q4_k_m)")
+                         f"(default {DEFAULT_FF}, {DEFAULT_FF_KQUANT} for q4_k_m, {BENCH_FF} with --bench-dims)")
     ap.add_argument("--quant", choices=QUANTS, default="f32", help="weight type")
-    ap.add_argument("--router-skew", type=float, default=0.0,
-                    help="0 = near-uniform routing; 1-2 = a few hot experts per layer take most selections")
+    ap.add_argument("--router-skew", type=float, default=None,
+                    help="0 = near-uniform routing; 1-2 = a few hot experts per layer take most selections "
+                         "(default 0, 1 with --bench-dims)")
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
     ap.add_argument("--fused-gate-up", action="store_true",
                     help="write ffn_gate_up_exps instead of ffn_gate_exps + ffn_up_exps (qwen35moe)")
+    ap.add_argument("--bench-dims", action="store_true",
+                    help="make_bench_model: a qwen35moe with Qwen3.5/3.6-35B-A3B's expert widths, its experts "
+                         "written straight as random Q4_K blocks (--arch, --quant and --fused-gate-up do not apply)")
     return ap
+
+
+def _given(value, default):
+    return default if value is None else value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        path = make_model(
-            args.output,
-            arch=args.arch,
-            layers=args.layers,
-            experts=args.experts,
-            used=args.used,
-            embd=args.embd,
-            ff=args.ff,
-            quant=args.quant,
-            router_skew=args.router_skew,
-            seed=args.seed,
-            fused_gate_up=args.fused_gate_up,
-        )
+        if args.bench_dims:
+            path = make_bench_model(
+                args.output,
+                layers=args.layers,
+                embd=_given(args.embd, BENCH_EMBD),
+                experts=_given(args.experts, BENCH_EXPERTS),
+                used=_given(args.used, BENCH_USED),
+                ff=_given(args.ff, BENCH_FF),
+                router_skew=_given(args.router_skew, 1.0),
+                seed=args.seed,
+            )
+        else:
+            path = make_model(
+                args.output,
+                arch=args.arch,
+                layers=args.layers,
+                experts=_given(args.experts, DEFAULT_EXPERTS),
+                used=_given(args.used, DEFAULT_USED),
+                embd=args.embd,
+                ff=args.ff,
+                quant=args.quant,
+                router_skew=_given(args.router_skew, 0.0),
+                seed=args.seed,
+                fused_gate_up=args.fused_gate_up,
+            )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
