@@ -58,7 +58,7 @@ class AcceleratorMemory:
 class MemoryProbe:
     """Accelerator and host memory of one engine's process. NVML for CUDA devices; ggml's device
     memory for other GPUs; on an RPC device (which reports the server's RAM) the bytes llama.cpp
-    placed there, out of the plan's budget."""
+    and the expert cache placed there, out of the plan's budget."""
 
     def __init__(self, engine, plan=None):
         self._engine = engine
@@ -79,6 +79,8 @@ class MemoryProbe:
                 for buffer, n in sizes.items()
                 if buffer.startswith(name)
             )
+            if engine.expert_cache is not None:
+                placed += engine.expert_cache.slot_bytes
             total = plan.budget if plan is not None else engine.accelerator_memory().get(name, (0, 0))[1]
             self._placed = AcceleratorMemory(name, placed, total, "placed")
 

@@ -224,6 +224,13 @@ def test_expert_cache_figures_and_resident_marks(reordered, rpc_endpoint):
         lines = render_styled(dashboard, 80, 24)
         snap, now = dashboard.reading.cache, engine.expert_cache.snapshot()
         assert (snap["hits"], snap["misses"], snap["resident"]) == (now["hits"], now["misses"], now["resident"])
+        # the slots count in the memory placed on the simulated accelerator
+        slot_bytes = engine.expert_cache.slot_bytes
+        assert slot_bytes == sum(t.nbytes for t in inv.expert_tensors) // 4 > 0
+        report = engine.load_report
+        llama_placed = sum(n for sizes in (report.weight_bytes, report.kv_bytes, report.recurrent_bytes, report.compute_bytes)
+                           for buffer, n in sizes.items() if buffer.startswith("RPC"))
+        assert dashboard.reading.accelerator.used == llama_placed + slot_bytes
     text = "\n".join(t for t, _ in lines)
     assert len(lines) <= 24 and max(len(t) for t, _ in lines) <= 80
     assert snap["enabled"] and 0 < snap["hit_rate"] < 1 and snap["fallback_calls"] > 0

@@ -42,7 +42,7 @@ N_BATCH = 512
 BASELINE = "cpu"
 PEAK_SOURCES = {
     "NVML": "NVML's used memory at the peak less what was used before the variant's process started",
-    "placed": "the bytes llama.cpp placed on the RPC device (the expert cache's slots not counted)",
+    "placed": "the bytes llama.cpp and the expert cache placed on the RPC device",
     "ggml": "the device's used memory as ggml reports it",
 }
 
