@@ -535,20 +535,31 @@ def _add_metadata(w: gguf.GGUFWriter, d: Dict[str, object], tok: Dict[str, objec
 
 
 def _write_gguf(path: pathlib.Path, d: Dict[str, object], tok: Dict[str, object],
-                seed: int, router_skew: float, fused_gate_up: bool, f16: bool) -> None:
+                seed: int, router_skew: float, fused_gate_up: bool, f16: bool, *,
+                file_type: int | None = None,
+                routed_experts: Callable[[str], Iterator[Tuple[str, object]]] | None = None) -> None:
+    """Every tensor of ``_tensors`` into a GGUF at ``path``: f32, or f16 where ``_keep_f32``
+    allows with ``f16``; routed experts from ``routed_experts`` (raw Q4_K) are generated only as
+    they are written, one at a time. ``file_type`` defaults to what ``f16`` says."""
     w = gguf.GGUFWriter(path, str(d["arch"]))
-    _add_metadata(w, d, tok, _FTYPE_MOSTLY_F16 if f16 else _FTYPE_ALL_F32)
+    _add_metadata(w, d, tok, file_type if file_type is not None else _FTYPE_MOSTLY_F16 if f16 else _FTYPE_ALL_F32)
 
-    n_vocab = len(tok["tokens"])
-    for name, arr in _tensors(d, n_vocab, tok["control_ids"], seed, router_skew, fused_gate_up):
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if f16 and not _keep_f32(name, arr):
-            arr = arr.astype(np.float16)
-        w.add_tensor(name, arr)
-
+    tensors = []
+    for name, arr in _tensors(d, len(tok["tokens"]), tok["control_ids"], seed, router_skew, fused_gate_up,
+                              routed_experts=routed_experts):
+        if isinstance(arr, _Q4KExperts):
+            w.add_tensor_info(name, arr.byte_shape, np.dtype(np.uint8), arr.nbytes, raw_dtype=Q4_K)
+        else:
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            if f16 and not _keep_f32(name, arr):
+                arr = arr.astype(np.float16)
+            w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
+        tensors.append(arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for arr in tensors:
+        w.write_tensor_data(arr.blocks() if isinstance(arr, _Q4KExperts) else arr)
     w.close()
 
 
@@ -582,6 +593,13 @@ def _tmp_path(folder: pathlib.Path, stem: str, suffix: str) -> pathlib.Path:
     fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=folder)
     os.close(fd)
     return pathlib.Path(name)
+
+
+def _router_skew(value) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("router_skew must be a finite value >= 0")
+    return value
 
 
 def make_model(
@@ -618,9 +636,7 @@ def make_model(
             "fused_gate_up is only supported for arch 'qwen35moe' "
             "(llama.cpp's qwen3moe/qwen3 loaders do not read ffn_gate_up_exps)"
         )
-    router_skew = float(router_skew)
-    if not math.isfinite(router_skew) or router_skew < 0:
-        raise ValueError("router_skew must be a finite value >= 0")
+    router_skew = _router_skew(router_skew)
     if router_skew and arch == "qwen3":
         raise ValueError("router_skew needs a MoE arch")
 
@@ -740,9 +756,7 @@ def make_bench_model(
     ``embd`` and ``ff`` must be multiples of 256 (Q4_K rows)."""
     if embd % Q4_K_WEIGHTS or ff % Q4_K_WEIGHTS:
         raise ValueError(f"embd and ff must be multiples of {Q4_K_WEIGHTS} for Q4_K rows")
-    router_skew = float(router_skew)
-    if not math.isfinite(router_skew) or router_skew < 0:
-        raise ValueError("router_skew must be a finite value >= 0")
+    router_skew = _router_skew(router_skew)
     d = model_dims(arch="qwen35moe", layers=layers, experts=experts, used=used, embd=embd, ff=ff)
     tok = build_tokenizer()
 
@@ -751,25 +765,8 @@ def make_bench_model(
     folder.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(folder, out.name, ".tmp")
     try:
-        w = gguf.GGUFWriter(tmp, str(d["arch"]))
-        _add_metadata(w, d, tok, _FTYPE_MOSTLY_Q4_K_S)
-        tensors = []
-        for name, arr in _tensors(d, len(tok["tokens"]), tok["control_ids"], seed, router_skew,
-                                  fused_gate_up=False, routed_experts=_q4k_experts(_Weights(seed), d)):
-            if isinstance(arr, _Q4KExperts):
-                w.add_tensor_info(name, arr.byte_shape, np.dtype(np.uint8), arr.nbytes, raw_dtype=Q4_K)
-            else:
-                arr = np.ascontiguousarray(arr, dtype=np.float32)
-                if not _keep_f32(name, arr):
-                    arr = arr.astype(np.float16)
-                w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
-            tensors.append(arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for arr in tensors:  # experts one at a time: never more than one in memory
-            w.write_tensor_data(arr.blocks() if isinstance(arr, _Q4KExperts) else arr)
-        w.close()
+        _write_gguf(tmp, d, tok, seed, router_skew, fused_gate_up=False, f16=True, file_type=_FTYPE_MOSTLY_Q4_K_S,
+                    routed_experts=_q4k_experts(_Weights(seed), d))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
