@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import psutil
 
 from . import arch as names
-from . import native
 from .dashboard import MemoryProbe
 from .engine import Engine
 from .errors import UserError
@@ -186,8 +185,7 @@ def run_bench(
             cand = result.candidate
             cache = None
             if cand.expert_cache_slots is not None:
-                buft = native.device_by_name(cand.placement.devices[0]).buffer_type
-                cache = ExpertCache(inv.n_layer, inv.n_expert, inv.n_expert_used, cand.expert_cache_slots, buft)
+                cache = ExpertCache.on_device(inv, cand.expert_cache_slots, cand.placement.devices[0])
             with Engine.load(model, cand.placement, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              expert_cache=cache) as engine:
                 prompt = prompt or prompt_tokens(engine, prompt_len)

@@ -60,8 +60,10 @@ CacheOpt = Annotated[
 
 def cache_setting(value: str) -> str | int:
     """--expert-cache as the planner takes it: "auto", "off" or a slot count."""
+    from .plan import EXPERT_CACHE_SETTINGS
+
     value = value.strip().lower()
-    if value in ("auto", "off"):
+    if value in EXPERT_CACHE_SETTINGS:
         return value
     if value.isdigit() and int(value) > 0:
         return int(value)
@@ -531,7 +533,7 @@ def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, ctx: int, n_batc
     if not read_inventory(model).is_moe:
         return None
 
-    if vram is None and rpc is None and mode != "rotary" and not any(d.type in ("gpu", "igpu") for d in native.devices()):
+    if vram is None and rpc is None and mode != "rotary" and not any(d.is_local_gpu for d in native.devices()):
         return None
     the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=n_batch, mode=mode, rpc=rpc, expert_cache=expert_cache)
     if not the_plan.accelerator.present:

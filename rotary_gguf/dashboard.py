@@ -497,10 +497,9 @@ class HottestView(_View):
 
 
 class CacheView(_View):
-    """The expert cache: hit rates (since the start and recent), uploads, block steps that fell
-    back to llama.cpp's own path (one per cached block and decode call), and each block's hit
-    rate as a bar with the worst blocks named. One line when unframed; one dim line saying why
-    when the cache turned itself off."""
+    """The expert cache: hit rates (since the start and recent), uploads, decode calls that fell
+    back to llama.cpp's own path, and each block's hit rate as a bar with the worst blocks named.
+    One line when unframed; one dim line saying why when the cache turned itself off."""
 
     name = "expert cache"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -385,6 +386,7 @@ class ExpertCache:
         self.stats: dict[int, CacheStats] = {}
         self.uploaded_bytes = self.fallback_calls = 0  # fallback_calls: decode calls on llama.cpp's path
         self._samples: deque[tuple[float, int, int, int]] = deque()  # (time, hits, misses, uploaded bytes)
+        self._samples_lock = threading.Lock()  # snapshot() readers on several threads
         self.trace: Trace | None = None  # set to a Trace to record the steps the cache sees (python)
         self._mode = "look"  # look: find tensors; cached: remap; host: llama.cpp's path; off
         self.disabled_reason: str | None = None
@@ -398,13 +400,19 @@ class ExpertCache:
             self.callback = self._python_callback
 
     @classmethod
+    def on_device(cls, inv, slots: int, device: str) -> "ExpertCache":
+        """A cache of `slots` slots per host block of model `inv` (its Inventory), in the memory
+        of ggml device `device` (e.g. "CUDA0")."""
+        buft = native.device_by_name(device).buffer_type
+        return cls(inv.n_layer, inv.n_expert, inv.n_expert_used, slots, buft)
+
+    @classmethod
     def for_plan(cls, plan, inv) -> "ExpertCache | None":
         """The cache a plan sized (slots per host block on its accelerator), or None when the plan
         has none. `inv` is the planned model's inventory."""
         if plan is None or plan.expert_cache is None:
             return None
-        buft = native.device_by_name(plan.accelerator.name).buffer_type
-        return cls(inv.n_layer, inv.n_expert, inv.n_expert_used, plan.expert_cache.slots, buft)
+        return cls.on_device(inv, plan.expert_cache.slots, plan.accelerator.name)
 
     @property
     def slot_bytes(self) -> int:
@@ -459,7 +467,8 @@ class ExpertCache:
         self.policies = {layer: make_policy(self.policy_name, self.slots, self.n_expert) for layer in self.tensors}
         self.stats = {layer: CacheStats() for layer in self.tensors}
         self.uploaded_bytes = self.fallback_calls = 0
-        self._samples.clear()
+        with self._samples_lock:
+            self._samples.clear()
         if self._native is not None:
             self._native.reset()
         if self.trace is not None:
@@ -604,12 +613,12 @@ class ExpertCache:
         (file positions). Any number of readers may call it, from any thread."""
         now = time.monotonic()
         overall = self.summary()
-        sample = (now, overall.hits, overall.misses, self.uploaded_bytes)
-        if not self._samples or now - self._samples[-1][0] >= SAMPLE_SECONDS:
-            self._samples.append(sample)
-        while len(self._samples) > 1 and now - self._samples[1][0] >= RECENT_SECONDS:
-            self._samples.popleft()
-        then, hits, misses, uploaded = self._samples[0]
+        with self._samples_lock:
+            if not self._samples or now - self._samples[-1][0] >= SAMPLE_SECONDS:
+                self._samples.append((now, overall.hits, overall.misses, self.uploaded_bytes))
+            while len(self._samples) > 1 and now - self._samples[1][0] >= RECENT_SECONDS:
+                self._samples.popleft()
+            then, hits, misses, uploaded = self._samples[0]
         recent = CacheStats(hits=overall.hits - hits, misses=overall.misses - misses)
         return {
             "enabled": self.enabled,
