@@ -93,8 +93,17 @@ class Device:
     handle: int
 
     @property
+    def is_rpc(self) -> bool:
+        return self.name.startswith("RPC")
+
+    @property
+    def is_local_gpu(self) -> bool:
+        """A GPU of this machine (ggml-rpc devices call themselves GPUs too)."""
+        return self.type in ("gpu", "igpu") and not self.is_rpc
+
+    @property
     def is_accelerator(self) -> bool:
-        return self.type in ("gpu", "igpu") or self.name.startswith("RPC")
+        return self.is_local_gpu or self.is_rpc
 
     @property
     def buffer_type(self) -> int:
@@ -220,7 +229,7 @@ def find_accelerator(rpc: str | None = None) -> Accelerator | None:
     if rpc:
         dev = add_rpc_device(rpc)
     else:
-        dev = next((d for d in devices() if d.type in ("gpu", "igpu") and not d.name.startswith("RPC")), None)
+        dev = next((d for d in devices() if d.is_local_gpu), None)
         if dev is None:
             return None
     streams = offloads_ops(dev)
