@@ -45,6 +45,8 @@ from make_test_model import make_model  # noqa: E402
 from rotary_gguf.cli import plan_or_cpu  # noqa: E402
 from rotary_gguf.plan import DEFAULT_BATCH  # noqa: E402
 from rotary_gguf.engine import Engine  # noqa: E402
+from rotary_gguf.expert_cache import ExpertCache  # noqa: E402
+from rotary_gguf.inventory import read_inventory  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("rotary-gguf"))
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -150,9 +152,11 @@ def serving(model: Path, args: argparse.Namespace) -> Iterator[tuple[str, psutil
 def in_process(model: Path, args: argparse.Namespace) -> Iterator[tuple[Engine, list[int], str]]:
     """The engine on `model` with the placement `serve` uses, the benchmark's prompt, and the
     text every decode must produce (from a warm-up run)."""
-    the_plan = plan_or_cpu(model, vram=args.vram, mode=args.mode or "auto", ctx=args.ctx, n_batch=DEFAULT_BATCH, rpc=args.rpc)
+    the_plan = plan_or_cpu(model, vram=args.vram, mode=args.mode or "auto", ctx=args.ctx, n_batch=DEFAULT_BATCH, rpc=args.rpc,
+                           expert_cache="auto")  # as `serve` plans by default
     placement = the_plan.placement if the_plan else None
-    with Engine.load(model, placement, n_ctx=args.ctx, n_threads=args.threads) as engine:
+    cache = ExpertCache.for_plan(the_plan, read_inventory(model))
+    with Engine.load(model, placement, n_ctx=args.ctx, n_threads=args.threads, expert_cache=cache) as engine:
         prompt = engine.chat_prompt(MESSAGES)
         yield engine, prompt, engine_tps(engine, prompt, args.tokens)[3]
 
