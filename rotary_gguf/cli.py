@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, log
 from .errors import UserError
@@ -190,6 +191,59 @@ def devices(rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
         table.add_column(col)
     for d in devs:
         table.add_row(d.name, d.type, d.description, human_bytes(d.free), human_bytes(d.total))
+    out.print(table)
+
+
+@app.command()
+def doctor(
+    model: OptionalModelArg = None,
+    brief: Annotated[bool, typer.Option("--brief", help="Only the smoke test's one line (what setup prints).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check this installation: llama-cpp-python's version, the backends built, the CPU's features and
+    those the CPU backend was built for, the extra CPU buffer types in use, and a decode smoke test
+    in a child process (a crash of llama.cpp there becomes one line naming the cause and the fix)."""
+    from .doctor import SmokeTestFailed, report, smoke_test
+    from .inventory import read_inventory
+
+    if model is not None:
+        read_inventory(model)  # a missing or broken file is one line here, not in the child
+    if brief:
+        smoke = smoke_test(model)
+        if not smoke.ok:
+            raise SmokeTestFailed(smoke.message)
+        out.print(f"smoke test: {smoke.message}")
+        return
+    r = report(model)
+    if as_json:
+        print(json.dumps(r.as_dict(), indent=2))
+    else:
+        _print_doctor(r)
+    if not r.smoke.ok:
+        raise SmokeTestFailed(r.smoke.message)
+
+
+def _print_doctor(r) -> None:
+    table = Table(box=None, pad_edge=False, show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    used = [b for b in r.extra_buffer_types if b not in r.refused_buffer_types]
+    rows = [
+        ("rotary-gguf", r.rotary_gguf),
+        ("llama-cpp-python", f"{r.llama_cpp_python} ({r.library_dir})"),
+        ("backends built", ", ".join(r.backends_built)),
+        ("devices", "\n".join(r.devices)),
+        ("CPU", f"{r.cpu}: {' '.join(r.cpu_flags) or 'no flags known'}"),
+        ("CPU backend built for", " ".join(r.cpu_backend_features)),
+        ("extra CPU buffer types", ", ".join(used) or "none"),
+    ]
+    if r.refused_buffer_types:
+        rows.append(("refused", f"{', '.join(r.refused_buffer_types)}: crashes in this llama.cpp; weights load "
+                     "without extra buffer types (rebuild with scripts/setup.sh to keep the repacked kernels)"))
+    smoke = r.smoke
+    for key, value in rows:
+        table.add_row(key, Text(value))
+    table.add_row("decode smoke test", Text.assemble(("ok", "green"), f": {smoke.message}") if smoke.ok else Text("failed", "red"))
     out.print(table)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from . import native
 from .errors import UserError
 from .inventory import read_inventory
+from .log import logger
 from .plan import Placement
 from .stats import LiveStats
 
@@ -163,7 +164,7 @@ class Engine:
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = placement.n_gpu_layers
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if placement.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
-        mparams.use_extra_bufts = placement.repack
+        mparams.use_extra_bufts = placement.repack and not _refuse_unsafe_buffer_types()
         devs = [native.device_by_name(n).handle for n in placement.devices]
         dev_array = native.device_array(devs)
         keepalive.append(dev_array)
@@ -531,3 +532,16 @@ def buffer_types() -> dict[str, int]:
 
 def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
+
+
+@functools.cache
+def _refuse_unsafe_buffer_types() -> bool:
+    """True when this llama.cpp build has a CPU buffer type that crashes (ggml's AMX type): the
+    model then loads without extra buffer types (plain CPU kernels). Said once, at --verbose."""
+    unsafe = native.unsafe_cpu_buffer_types()
+    if unsafe:
+        logger.debug(
+            "this llama.cpp build has ggml's %s buffer type, whose kernels crash in llama.cpp's decode; "
+            "loading weights without extra CPU buffer types (rebuild with scripts/setup.sh to keep the "
+            "repacked CPU kernels)", "/".join(unsafe))
+    return bool(unsafe)

@@ -64,6 +64,8 @@ _dev_buffer_type = _bind("ggml_backend_dev_buffer_type", c_void_p, c_void_p)
 _dev_host_buffer_type = _bind("ggml_backend_dev_host_buffer_type", c_void_p, c_void_p)
 _buft_name = _bind("ggml_backend_buft_name", c_char_p, c_void_p)
 _register = _bind("ggml_backend_register", None, c_void_p)
+_dev_backend_reg = _bind("ggml_backend_dev_backend_reg", c_void_p, c_void_p)
+_reg_proc_address = _bind("ggml_backend_reg_get_proc_address", c_void_p, c_void_p, c_char_p)
 _dev_init = _bind("ggml_backend_dev_init", c_void_p, c_void_p, c_char_p)
 _dev_offload_op = _bind("ggml_backend_dev_offload_op", ctypes.c_bool, c_void_p, c_void_p)
 _backend_free = _bind("ggml_backend_free", None, c_void_p)
@@ -152,6 +154,59 @@ def cpu_device() -> Device:
 
 def buffer_type_name(buft: int) -> str:
     return _buft_name(buft).decode()
+
+
+# --- the CPU backend as built: its extra buffer types and the instruction sets compiled in --------
+# Extra buffer types hold weights in layouts for faster CPU kernels ("CPU_REPACK"); llama.cpp
+# prefers them whenever `use_extra_bufts` is on (the default). ggml's AMX type ("AMX", compiled by
+# a native build on Xeons with AMX) crashes at the first decode of a quantized model in this
+# llama.cpp, so the engine never hands weights to a build that has it.
+UNSAFE_EXTRA_BUFFER_TYPES = ("AMX",)
+
+
+class _Feature(ctypes.Structure):
+    _fields_ = [("name", c_char_p), ("value", c_char_p)]
+
+
+def _cpu_proc(name: str) -> int | None:
+    """A function the CPU backend exports by name (ggml_backend_reg_get_proc_address)."""
+    if _dev_backend_reg is None or _reg_proc_address is None:
+        return None
+    return _reg_proc_address(_dev_backend_reg(cpu_device().handle), name.encode()) or None
+
+
+@cache
+def cpu_extra_buffer_types() -> tuple[str, ...]:
+    """Names of the CPU backend's extra buffer types, in llama.cpp's order of preference."""
+    address = _cpu_proc("ggml_backend_dev_get_extra_bufts")
+    if address is None:
+        return ()
+    get = ctypes.CFUNCTYPE(ctypes.POINTER(c_void_p), c_void_p)(address)
+    bufts = get(cpu_device().handle)
+    names: list[str] = []
+    while bufts and bufts[len(names)]:
+        names.append(buffer_type_name(bufts[len(names)]))
+    return tuple(names)
+
+
+def unsafe_cpu_buffer_types() -> tuple[str, ...]:
+    """Extra buffer types of this build that must not receive weights (see above)."""
+    return tuple(name for name in cpu_extra_buffer_types() if name in UNSAFE_EXTRA_BUFFER_TYPES)
+
+
+@cache
+def cpu_backend_features() -> dict[str, str]:
+    """What the CPU backend was compiled with ({"AVX2": "1", "AMX_INT8": "1", "REPACK": "1", ...})."""
+    address = _cpu_proc("ggml_backend_get_features")
+    if address is None:
+        return {}
+    get = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), c_void_p)(address)
+    features = get(_dev_backend_reg(cpu_device().handle))
+    out: dict[str, str] = {}
+    while features and features[len(out)].name:
+        f = features[len(out)]
+        out[f.name.decode()] = (f.value or b"").decode()
+    return out
 
 
 def rpc_available() -> bool:
@@ -396,7 +451,7 @@ def capture_llama_log() -> Iterator[list[str]]:
     try:
         yield lines
     finally:
-        _captures.remove(chunks)
+        _captures[:] = [c for c in _captures if c is not chunks]  # by identity: nested blocks
         lines.extend("".join(chunks).splitlines())
 
 

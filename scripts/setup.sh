@@ -28,11 +28,30 @@ if md.version("llama-cpp-python") != sys.argv[1]:
 spec = __import__("importlib.util").util.find_spec("llama_cpp")
 lib = pathlib.Path(spec.origin).parent / "lib"
 needed = ["libggml-rpc.so"] + (["libggml-cuda.so"] if os.environ["WANT_CUDA"] == "1" else [])
-sys.exit(0 if all((lib / n).exists() for n in needed) else 1)
+if not all((lib / n).exists() for n in needed):
+    sys.exit(1)
+# A build that compiled ggml's AMX buffer type crashes at the first decode of a quantized model
+# (llama-cpp-python 0.3.36 on Sapphire Rapids and later): such a build must be replaced.
+cpu_libs = list(lib.glob("libggml-cpu*.so"))
+sys.exit(1 if any(b"ggml_backend_amx_mul_mat" in p.read_bytes() for p in cpu_libs) else 0)
 PY
 }
 
+# ggml's native build compiles its AMX kernels on CPUs that have AMX, and llama.cpp then puts
+# quantized weights in the AMX buffer type, whose matmul crashes in this llama.cpp. Keep every
+# other native instruction (AVX-512, VNNI, the repacked CPU kernels) and leave AMX out. GCC and
+# Clang let an explicit -mno-* win over -march=native wherever it stands on the command line.
+case "$(uname -m)" in
+    x86_64|amd64)
+        NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+        if echo 'int main(void){return 0;}' | ${CC:-cc} $NO_AMX -x c -o /dev/null - 2>/dev/null; then
+            export CFLAGS="${CFLAGS:+$CFLAGS }$NO_AMX" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$NO_AMX"
+        fi ;;
+esac
+
+smoke_stamp=$VENV/.rotary-gguf-smoke-ok
 if ! llama_ok; then
+    rm -f "$smoke_stamp"
     export CMAKE_ARGS="${CMAKE_ARGS:+$CMAKE_ARGS }-DGGML_RPC=on"
     echo "building llama-cpp-python $LLAMA_VERSION from source with CMAKE_ARGS='$CMAKE_ARGS' (about 6-12 minutes on 2 cores)..."
     "$VPY" -m pip install --quiet --upgrade pip
@@ -42,7 +61,7 @@ if ! llama_ok; then
         echo "the cached llama-cpp-python build lacks the wanted backends; rebuilding without pip's cache..."
         "$VPY" -m pip install --quiet --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$LLAMA_VERSION"
     fi
-    llama_ok || { echo "error: llama-cpp-python $LLAMA_VERSION was built without the RPC backend" >&2; exit 1; }
+    llama_ok || { echo "error: the llama-cpp-python $LLAMA_VERSION build lacks the RPC backend or has ggml's AMX kernels; see $VENV/lib/python*/site-packages/llama_cpp/lib" >&2; exit 1; }
 fi
 
 # Extras to install: "dev" by default; `make test` adds "train" (torch, for the demo-model trainer's test).
@@ -53,4 +72,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VPY" -c 'import rotary_gg
     echo "installing rotary-gguf and its dependencies into $VENV..."
     "$VPY" -m pip install --quiet -e ".[$EXTRAS]"
     echo "$want" > "$stamp"
+fi
+
+# After every build or install: decode a few tokens of the demo model in a child process, so a
+# build that crashes on this CPU is one clear line here, not a crash at the first answer.
+if [ "$(cat "$smoke_stamp" 2>/dev/null)" != "$want" ]; then
+    "$VENV/bin/rotary-gguf" doctor --brief || exit 1
+    echo "$want" > "$smoke_stamp"
 fi
