@@ -23,6 +23,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from . import arch as names
 from . import native
 from .errors import UserError
 from .log import logger
@@ -34,6 +35,9 @@ DEFAULT_DECAY = 0.95
 RECENT_SECONDS = 10.0  # the window of the "recent" hit rate and upload speed
 SAMPLE_SECONDS = 0.25  # snapshots closer together than this share a sample
 SELF_CHECK_TEXT = "The cache checks itself once."
+# Split compute serves decode calls of up to this many tokens (decode, drafts, short turns); longer
+# prompt batches take llama.cpp's own path and leave the slots as decode filled them.
+SPLIT_MAX_TOKENS = 16
 # What the cache relies on: the llama-cpp-python whose ggml it was verified against, and struct
 # ggml_tensor's layout there (ggml.h): the fields it rebinds and the name it reads.
 VERIFIED_LLAMA_CPP_PYTHON = ("0.3.36",)
@@ -372,13 +376,23 @@ class ExpertCache:
     user_data = None
 
     def __init__(self, n_layer: int, n_expert: int, n_expert_used: int, slots: int, accelerator_buft: int,
-                 policy: str = "lfu-decay", hot_path: str = "native"):
-        if not n_expert_used <= slots <= n_expert:
+                 policy: str = "lfu-decay", hot_path: str = "native", *, split: bool = False,
+                 upload_budget: int | None = None, n_threads: int = 0):
+        split = split and slots < n_expert  # with a slot for every expert nothing is left for the CPU
+        if split and not 0 <= slots < n_expert:
+            raise UserError(f"split compute needs 0..{n_expert} slots per block, not {slots}")
+        if not split and not n_expert_used <= slots <= n_expert:
             raise UserError(f"the expert cache needs {n_expert_used}..{n_expert} slots per block, not {slots}")
         if hot_path not in ("native", "python"):
             raise ValueError(f"unknown hot path {hot_path!r}")
         if hot_path == "native" and policy != "lfu-decay":
             raise UserError(f"the native expert cache runs the lfu-decay policy, not {policy!r}")
+        if split and hot_path != "native":
+            raise ValueError("split compute runs on the native hot path only")
+        # Split compute: misses computed by a CPU worker while the accelerator computes the hits,
+        # into one extra all-zero slot; missed experts admitted between calls, `upload_budget`
+        # bytes per call at most (None: no limit).
+        self.split, self.upload_budget, self.n_threads = split, upload_budget, n_threads
         self.n_expert, self.n_expert_used, self.slots = n_expert, n_expert_used, slots
         self.policy_name, self.buft = policy, accelerator_buft
         self.tensors: dict[int, list[_ExpertTensor]] = {}  # layer -> its host expert tensors
@@ -416,8 +430,16 @@ class ExpertCache:
 
     @property
     def slot_bytes(self) -> int:
-        """Accelerator bytes allocated for the slots."""
-        return sum(self.slots * t.expert_bytes for tensors in self.tensors.values() for t in tensors if t.slot_buffer)
+        """Accelerator bytes allocated for the slots (and split compute's zero slot)."""
+        return sum(self._slots_allocated * t.expert_bytes for tensors in self.tensors.values() for t in tensors if t.slot_buffer)
+
+    @property
+    def _slots_allocated(self) -> int:
+        return self.slots + 1 if self.split else self.slots
+
+    @property
+    def _serving_mode(self) -> str:
+        return "split" if self.split else "cached"
 
     @property
     def enabled(self) -> bool:
@@ -426,7 +448,7 @@ class ExpertCache:
     def _set_mode(self, mode: str) -> None:
         self._mode = mode
         if self._native is not None:
-            self._native.set_mode(mode if mode in ("look", "cached") else "host")
+            self._native.set_mode(mode if mode in ("look", "cached", "split") else "host")
 
     # --- control plane -----------------------------------------------------------------------
     def attach(self, engine) -> None:
@@ -446,15 +468,43 @@ class ExpertCache:
             return
         for layer, tensors in self.tensors.items():
             for t in tensors:
-                t.slot_buffer = native.alloc_buffer(self.buft, self.slots * t.expert_bytes)
+                t.slot_buffer = native.alloc_buffer(self.buft, self._slots_allocated * t.expert_bytes)
                 t.slot_base = native.buffer_base(t.slot_buffer)
+                if self.split:
+                    native.clear_buffer(t.slot_buffer)  # the zero slot: its experts output exactly 0
             for index, t in enumerate(tensors if self._native is not None else ()):
                 self._native.set_weight(layer, index, t.handle, t.host_data, t.expert_bytes)
+        if self.split:
+            problem = self._start_split_worker()
+            if problem:
+                self.disable(problem)
+                return
         self._reset_policies()
         if not self._self_check(engine):
             self.disable("a cached decode did not reproduce the uncached logits")
             return
         self._reset_policies()  # the check's uploads and counts are not the user's
+
+    def _start_split_worker(self) -> str | None:
+        """Hand the host expert weights to the CPU worker by role; why it cannot run, or None."""
+        shapes = set()
+        for layer, tensors in self.tensors.items():
+            roles = {}
+            for t in tensors:
+                g = native.GgmlTensor.from_address(t.handle)
+                role = names.expert_kind(g.name.decode())
+                if role is None:
+                    return f"block {layer}: an expert weight named {g.name.decode()!r} is not one split compute knows"
+                roles[role] = g
+                self._native.set_split_weight(layer, role, g.type, g.ne[0], g.ne[1], t.host_data)
+            if "down" not in roles or not ("gate_up" in roles or {"gate", "up"} <= roles.keys()):
+                return f"block {layer}: split compute needs down and gate+up expert weights on the host"
+            shapes.add((roles["down"].ne[1], roles["down"].ne[0]))  # (n_embd, n_ff)
+        (n_embd, n_ff), = shapes if len(shapes) == 1 else ((0, 0),)
+        if not n_embd:
+            return "split compute needs the same expert shape in every block"
+        self._native.enable_split(n_embd, n_ff, SPLIT_MAX_TOKENS, self.n_threads or os.cpu_count() or 1)
+        return None
 
     def count_routing(self, telemetry) -> None:
         """Count every routing selection into `telemetry` (a RoutingTelemetry) from this cache's
@@ -464,7 +514,8 @@ class ExpertCache:
         self._native.set_tap(telemetry)
 
     def _reset_policies(self) -> None:
-        self.policies = {layer: make_policy(self.policy_name, self.slots, self.n_expert) for layer in self.tensors}
+        # (the native hot path keeps its own policy state; these stand for the blocks it serves)
+        self.policies = {layer: make_policy(self.policy_name, max(self.slots, 1), self.n_expert) for layer in self.tensors}
         self.stats = {layer: CacheStats() for layer in self.tensors}
         self.uploaded_bytes = self.fallback_calls = 0
         with self._samples_lock:
@@ -483,7 +534,9 @@ class ExpertCache:
             logits = []
             for token in tokens:
                 self._bind(cached)
-                self._set_mode("cached" if cached else "host")
+                if cached and self.split:
+                    self._native.admit_pending(None)  # the first token splits, the later ones hit too
+                self._set_mode(self._serving_mode if cached else "host")
                 engine.before_decode, hook = None, engine.before_decode
                 try:
                     engine.eval([token])
@@ -511,7 +564,11 @@ class ExpertCache:
         if self._native is not None and self._native.failures:
             self.disable("the native hot path met a routing node it could not serve")
             return
-        if fits(n_tokens, self.n_expert_used, self.slots):
+        if self.split and n_tokens <= SPLIT_MAX_TOKENS:
+            self._bind(True)  # first: uploads go to the slots, never into the host copy
+            self._native.admit_pending(self.upload_budget)  # between calls: off the token's path
+            self._set_mode("split")
+        elif not self.split and fits(n_tokens, self.n_expert_used, self.slots):
             self._bind(True)
             self._set_mode("cached")
         else:
@@ -535,7 +592,7 @@ class ExpertCache:
             for t in tensors:
                 g = native.GgmlTensor.from_address(t.handle)
                 if to_slots:
-                    g.buffer, g.data, g.ne[2] = t.slot_buffer, t.slot_base, self.slots
+                    g.buffer, g.data, g.ne[2] = t.slot_buffer, t.slot_base, self._slots_allocated
                 else:
                     g.buffer, g.data, g.ne[2] = t.host_buffer, t.host_data, t.n_expert
                 g.nb[3] = g.ne[2] * g.nb[2]
@@ -634,4 +691,9 @@ class ExpertCache:
             "uploaded_bytes": self.uploaded_bytes,
             "uploaded_bytes_per_s": (self.uploaded_bytes - uploaded) / (now - then) if now > then else 0.0,
             "resident": self.resident(),
+            # split compute: hits ran on the accelerator, misses on the CPU worker meanwhile
+            "split": self.split,
+            "upload_budget": self.upload_budget,
+            "cpu_seconds": self._native.cpu_seconds if self.split and self._native and self.policies else 0.0,
+            "cpu_wait_seconds": self._native.wait_seconds if self.split and self._native and self.policies else 0.0,
         }

@@ -476,8 +476,8 @@ def set_offload_min_batch(n: int) -> None:
 # more than a whole decode step of a small model is worth. Both answer in C and keep their figures
 # in memory that numpy views read in place. They are compiled on first use, into one library in a
 # cache folder, so the expert cache can record into a tap from its own callback.
-NATIVE_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("moe_tap.c", "expert_cache.c"))
-NATIVE_HEADERS = (Path(__file__).with_name("csrc") / "topk.h",)
+NATIVE_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("moe_tap.c", "expert_cache.c", "split_compute.c"))
+NATIVE_HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("topk.h", "split_compute.h"))
 GGML_INCLUDE_DIR = Path(llama_cpp.__file__).parent.parent / "include"  # installed with llama-cpp-python
 EvalCallback = llama_cpp.ggml_backend_sched_eval_callback
 
@@ -489,7 +489,7 @@ def _cache_dir() -> Path:
 def _build_native(sources: tuple[Path, ...], purpose: str) -> Path:
     """The library compiled from `sources` for these headers and this ggml; built once, then
     reused. `purpose` names it in errors ("the native eval callbacks")."""
-    headers = [GGML_INCLUDE_DIR / h for h in ("ggml.h", "ggml-backend.h")]
+    headers = [GGML_INCLUDE_DIR / h for h in ("ggml.h", "ggml-backend.h", "ggml-cpu.h")]
     if not all(h.exists() for h in headers):
         raise UserError(f"the ggml headers are missing from {GGML_INCLUDE_DIR}; re-run the setup to reinstall llama-cpp-python")
     key = hashlib.sha256(b"".join(p.read_bytes() for p in (*sources, *NATIVE_HEADERS, *headers)) + str(LIB_DIR).encode())
@@ -504,7 +504,7 @@ def _build_native(sources: tuple[Path, ...], purpose: str) -> Path:
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     compiler = os.environ.get("CC", "cc")
     cmd = [compiler, "-O2", "-std=c11", "-shared", "-fPIC", "-I", str(GGML_INCLUDE_DIR), *map(str, sources),
-           "-o", str(tmp), "-L", str(LIB_DIR), "-lggml-base", "-lm", f"-Wl,-rpath,{LIB_DIR}"]
+           "-o", str(tmp), "-L", str(LIB_DIR), "-lggml-base", "-lggml-cpu", "-lpthread", "-lm", f"-Wl,-rpath,{LIB_DIR}"]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
@@ -541,6 +541,15 @@ def _native_library() -> ctypes.CDLL:
         fn.restype, fn.argtypes = i64p, [c_void_p]
     lib.expert_cache_slot_of.restype = ctypes.POINTER(ctypes.c_int32)
     lib.expert_cache_slot_of.argtypes = [c_void_p, i32]
+    lib.expert_cache_enable_split.restype = ctypes.c_bool
+    lib.expert_cache_enable_split.argtypes = [c_void_p, i32, ctypes.c_int64, i32, i32]
+    lib.expert_cache_set_split_weight.restype = ctypes.c_bool
+    lib.expert_cache_set_split_weight.argtypes = [c_void_p, i32, i32, i32, ctypes.c_int64, ctypes.c_int64, c_void_p]
+    lib.expert_cache_admit_pending.restype = ctypes.c_int64
+    lib.expert_cache_admit_pending.argtypes = [c_void_p, ctypes.c_int64]
+    for name in ("expert_cache_wait_ns", "expert_cache_cpu_ns"):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = i64p, [c_void_p]
     return lib
 
 
@@ -621,6 +630,11 @@ def buffer_base(buf: int) -> int:
     return _buffer_base(buf)
 
 
+def clear_buffer(buf: int) -> None:
+    """Set every byte of a backend buffer to zero (a zero block is 0.0 in every ggml type)."""
+    _buffer_clear(buf, 0)
+
+
 def free_buffer(buf: int) -> None:
     _buffer_free(buf)
 
@@ -640,7 +654,8 @@ def set_tensor_bytes(tensor: int, data: bytes) -> None:
 
 
 # --- the expert cache's hot path (csrc/expert_cache.c) -------------------------------------------
-EXPERT_CACHE_MODES = {"host": 0, "cached": 1, "look": 2}
+EXPERT_CACHE_MODES = {"host": 0, "cached": 1, "look": 2, "split": 3}
+SPLIT_ROLES = {"gate_up": 0, "gate": 1, "up": 2, "down": 3}
 
 
 class NativeExpertCache:
@@ -690,5 +705,32 @@ class NativeExpertCache:
     def failures(self) -> int:
         """topk nodes the hot path could not serve (the output of that call is wrong)."""
         return int(self._failures[0])
+
+    # split compute (csrc/split_compute.c)
+    def enable_split(self, n_embd: int, n_ff: int, max_tokens: int, n_threads: int) -> None:
+        """Start the CPU worker that computes missed experts during split mode."""
+        if not self._lib.expert_cache_enable_split(self.user_data, n_embd, n_ff, max_tokens, n_threads):
+            raise UserError("could not start the split-compute CPU worker")
+        self._wait_ns = self._lib.expert_cache_wait_ns(self.user_data)
+        self._cpu_ns = self._lib.expert_cache_cpu_ns(self.user_data)
+
+    def set_split_weight(self, layer: int, role: str, ggml_type: int, ne0: int, ne1: int, host: int) -> None:
+        """The host copy of one expert weight of `layer` ([ne0, ne1, n_expert]) for the CPU worker."""
+        if not self._lib.expert_cache_set_split_weight(self.user_data, layer, SPLIT_ROLES[role], ggml_type, ne0, ne1, host):
+            raise ValueError(f"block {layer} has no split weight {role!r}")
+
+    def admit_pending(self, budget_bytes: int | None) -> int:
+        """Upload experts missed in split mode into slots, at most `budget_bytes` (None: no limit)."""
+        return int(self._lib.expert_cache_admit_pending(self.user_data, -1 if budget_bytes is None else budget_bytes))
+
+    @property
+    def cpu_seconds(self) -> float:
+        """Time the CPU worker spent computing missed experts."""
+        return int(self._cpu_ns[0]) / 1e9
+
+    @property
+    def wait_seconds(self) -> float:
+        """Time the graph waited for the CPU worker."""
+        return int(self._wait_ns[0]) / 1e9
 
 route_llama_logs()
