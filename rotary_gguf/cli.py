@@ -59,6 +59,27 @@ CacheOpt = Annotated[
 ]
 
 
+MissesOpt = Annotated[
+    str,
+    typer.Option(
+        "--cache-misses",
+        metavar="split|upload",
+        help="What a host expert missing from the cache does: 'split' runs it on the CPU while the GPU runs the "
+        "cached ones (uploads happen between tokens, a few MB per token), 'upload' copies it to a slot before the "
+        "block runs (for fast links).",
+    ),
+]
+
+
+def misses_setting(value: str) -> str:
+    """--cache-misses as the planner takes it."""
+    from .plan import CACHE_MISSES
+
+    if value not in CACHE_MISSES:
+        raise UserError(f"--cache-misses takes split or upload, not {value!r}")
+    return value
+
+
 def cache_setting(value: str) -> str | int:
     """--expert-cache as the planner takes it: "auto", "off" or a slot count."""
     from .plan import EXPERT_CACHE_SETTINGS
@@ -303,6 +324,7 @@ def serve(
     ] = None,
     rpc: RpcOpt = None,
     expert_cache: CacheOpt = "auto",
+    cache_misses: MissesOpt = "split",
     max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait for the engine; more get 503.")] = 64,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads (0: all cores).")] = 0,
     dashboard: Annotated[
@@ -323,11 +345,12 @@ def serve(
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
     sock = serving.listen(host, port)
-    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc, expert_cache=cache)
+    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc, expert_cache=cache,
+                           cache_misses=cache_misses)
     placement = the_plan.placement if the_plan else None
     telemetry = _dashboard_telemetry(inv) if dashboard else None
     with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
-                     expert_cache=ExpertCache.for_plan(the_plan, inv)) as engine:
+                     expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads)) as engine:
         options = serving.ServeOptions(model_id=path.name.removesuffix(".gguf"), max_queue=max_queue, api_key=api_key)
         if not dashboard:
             serving.run(engine, options, sock)
@@ -356,7 +379,7 @@ def _dashboard_telemetry(inv):
 
 
 def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: str, rpc: Optional[str],
-             expert_cache: str | int = "off"):
+             expert_cache: str | int = "off", cache_misses: str = "split"):
     """The plan for `model` on this machine's accelerator (or the RPC device at `rpc`, or a GPU
     this machine lacks, sized by `vram`), with the expert cache `expert_cache` ("auto", "off" or
     slots per block). Decides the host-expert mode before loading anything."""
@@ -369,6 +392,7 @@ def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: 
 
     if mode not in (*HOST_MODES, "auto"):
         raise UserError(f"unknown --mode {mode!r}: use auto, cpu or rotary")
+    misses_setting(cache_misses)
     inv = read_inventory(model)
     figures = ModelFigures.from_inventory(inv)
     if mode == "rotary":
@@ -398,7 +422,9 @@ def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: 
         chosen, reason = choose_mode(mode, accelerator, cpu_plan, link)
     else:
         chosen, reason = choose_mode(mode, accelerator)
-    return make_plan(figures, accelerator, budget, mode=chosen, mode_reason=reason, expert_cache=expert_cache, **options)
+    return make_plan(figures, accelerator, budget, mode=chosen, mode_reason=reason, expert_cache=expert_cache,
+                     cache_misses=cache_misses, cpu_expert_bytes_per_s=link.cpu_expert_bytes_per_s if link else None,
+                     upload_bytes_per_s=link.upload_bytes_per_s if link else None, **options)
 
 
 @app.command()
@@ -413,13 +439,15 @@ def plan(
     mode: ModeOpt = "auto",
     rpc: RpcOpt = None,
     expert_cache: CacheOpt = "auto",
+    cache_misses: MissesOpt = "split",
     check: Annotated[
         bool, typer.Option("--check", help="Also load the model with the plan and show what llama.cpp allocated.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Decide where every tensor lives for a VRAM budget, and predict each device's memory."""
-    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=batch, mode=mode, rpc=rpc, expert_cache=cache_setting(expert_cache))
+    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=batch, mode=mode, rpc=rpc, expert_cache=cache_setting(expert_cache),
+                        cache_misses=cache_misses)
     rows = _check_plan(model, the_plan) if check else None
     if as_json:
         summary = the_plan.to_json()
@@ -462,8 +490,14 @@ def _print_plan(p) -> None:
     head.add_row("host experts", f"{p.mode}: {p.mode_reason}")
     head.add_row("context", f"{p.ctx} tokens, batch {p.n_batch}, KV cache {p.kv_type}")
     cache = p.expert_cache
-    head.add_row("expert cache", f"{cache.slots} slots per host block ({human_bytes(cache.bytes)}): {cache.reason}"
-                 if cache else f"off: {p.expert_cache_reason}")
+    if cache and cache.split:
+        line = (f"{cache.slots} slots per host block + a zero slot ({human_bytes(cache.bytes)}), split compute: misses "
+                f"run on the CPU meanwhile, up to {human_bytes(cache.upload_budget)} uploaded between tokens; {cache.reason}")
+    elif cache:
+        line = f"{cache.slots} slots per host block ({human_bytes(cache.bytes)}), misses uploaded first: {cache.reason}"
+    else:
+        line = f"off: {p.expert_cache_reason}"
+    head.add_row("expert cache", line)
     out.print(head)
 
     blocks = Table(title="expert tensors per block", title_justify="left", box=None, pad_edge=False)
@@ -578,18 +612,20 @@ def verify_cmd(
 
 
 def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, ctx: int, n_batch: int, rpc: Optional[str],
-                expert_cache: str | int = "off"):
+                expert_cache: str | int = "off", cache_misses: str = "split"):
     """The plan for MoE `model` when there is an accelerator to fill (a GPU, or the RPC device at
     `rpc`), else None: everything runs on the CPU (always so for a dense model)."""
     from . import native
     from .inventory import read_inventory
 
+    misses_setting(cache_misses)
     if not read_inventory(model).is_moe:
         return None
 
     if vram is None and rpc is None and mode != "rotary" and not any(d.is_local_gpu for d in native.devices()):
         return None
-    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=n_batch, mode=mode, rpc=rpc, expert_cache=expert_cache)
+    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=n_batch, mode=mode, rpc=rpc, expert_cache=expert_cache,
+                        cache_misses=cache_misses)
     if not the_plan.accelerator.present:
         raise UserError(f"there is no GPU on this machine to fill with --vram {vram}; use --rpc HOST:PORT for a simulated one")
     return the_plan
@@ -646,6 +682,7 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="A system message to start every conversation with.")] = None,
     routing: Annotated[bool, typer.Option(help="Watch expert routing for the dashboard's heat map.")] = True,
     expert_cache: CacheOpt = "auto",
+    cache_misses: MissesOpt = "split",
     threads: ThreadsOpt = 0,
 ) -> None:
     """Chat with a model in the terminal: streamed answers above a live dashboard of memory, speed and routing."""
@@ -661,10 +698,10 @@ def chat(
     inv = read_inventory(path)
     telemetry = _dashboard_telemetry(inv) if routing else None
     the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc,
-                           expert_cache=cache_setting(expert_cache))
+                           expert_cache=cache_setting(expert_cache), cache_misses=cache_misses)
     placement = the_plan.placement if the_plan else None
     with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
-                     expert_cache=ExpertCache.for_plan(the_plan, inv)) as engine:
+                     expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads)) as engine:
         dashboard = Dashboard(engine, telemetry=telemetry, plan=the_plan)
         chatting.run(engine, dashboard, out, max_tokens=max_tokens, system=system,
                      sampling=SamplingParams(temperature=temperature, top_p=0.95, seed=None))
@@ -680,6 +717,7 @@ def bench(
     runs: Annotated[int, typer.Option(help="Timed runs per candidate, after one warm-up run each.")] = 3,
     rpc: RpcOpt = None,
     expert_cache: CacheOpt = "auto",
+    cache_misses: MissesOpt = "split",
     threads: ThreadsOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -694,7 +732,7 @@ def bench(
             raise UserError(f"{flag} must be at least 1, not {value}")
     n_batch = min(DEFAULT_BATCH, ctx)
     cpu_plan = plan_or_cpu(model, vram=vram, mode="cpu", ctx=ctx, n_batch=n_batch, rpc=rpc,
-                           expert_cache=cache_setting(expert_cache))
+                           expert_cache=cache_setting(expert_cache), cache_misses=cache_misses)
     notes: list[str] = []
     if cpu_plan is None:
         cands = [benching.Candidate("cpu-only", Placement.all_cpu(), "cpu-only", "everything on the CPU")]

@@ -414,19 +414,21 @@ class ExpertCache:
             self.callback = self._python_callback
 
     @classmethod
-    def on_device(cls, inv, slots: int, device: str) -> "ExpertCache":
+    def on_device(cls, inv, slots: int, device: str, **options) -> "ExpertCache":
         """A cache of `slots` slots per host block of model `inv` (its Inventory), in the memory
-        of ggml device `device` (e.g. "CUDA0")."""
+        of ggml device `device` (e.g. "CUDA0"); `options` as the constructor's (split, ...)."""
         buft = native.device_by_name(device).buffer_type
-        return cls(inv.n_layer, inv.n_expert, inv.n_expert_used, slots, buft)
+        return cls(inv.n_layer, inv.n_expert, inv.n_expert_used, slots, buft, **options)
 
     @classmethod
-    def for_plan(cls, plan, inv) -> "ExpertCache | None":
-        """The cache a plan sized (slots per host block on its accelerator), or None when the plan
-        has none. `inv` is the planned model's inventory."""
+    def for_plan(cls, plan, inv, *, n_threads: int = 0) -> "ExpertCache | None":
+        """The cache a plan sized (slots per host block on its accelerator, split or uploading
+        misses), or None when the plan has none. `inv` is the planned model's inventory."""
         if plan is None or plan.expert_cache is None:
             return None
-        return cls.on_device(inv, plan.expert_cache.slots, plan.accelerator.name)
+        cache = plan.expert_cache
+        return cls.on_device(inv, cache.slots, plan.accelerator.name, split=cache.split,
+                             upload_budget=cache.upload_budget, n_threads=n_threads)
 
     @property
     def slot_bytes(self) -> int:

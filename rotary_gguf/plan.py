@@ -16,8 +16,13 @@ llama.cpp allocates (for the test models and for a header-only model with Qwen3.
 widths). Every figure says whether it is an estimate.
 
 With an expert cache, each host block also keeps `slots` accelerator slots, each holding one of
-its experts (every expert tensor of the block); `auto` sizes them to fill what the resident
-blocks leave of the budget, a slot count chooses the resident blocks around it.
+its experts (every expert tensor of the block). Its misses are either computed by the CPU while
+the accelerator computes the hits (`split`, the default: one more all-zero slot per block, and
+uploads between tokens), or uploaded before the block runs (`upload`, for fast links). A slot
+count chooses the resident blocks around the cache. `auto` with split weighs every slot count
+against the resident blocks the same memory would hold, by the decode-time model of
+`decode_cost`, and keeps the fastest (resident blocks only, when nothing beats them); `auto` with
+upload fills what the resident blocks leave.
 
 The output, a `Plan`, turns into a `Placement`: what the engine hands to llama.cpp (the device
 list, the tensor_buft_overrides as pattern -> buffer type name, first match wins, and load options).
@@ -32,12 +37,14 @@ from functools import cached_property
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import arch as names
+from .decode_cost import CPU_HOP_LATENCY_S, DEFAULT_CPU_EXPERT_BYTES_PER_S, HostBlock, field_hit_rate, host_expert_seconds
 from .errors import UserError
 from .inventory import Inventory
 from .units import human_bytes
 
 HOST_MODES = ("cpu", "rotary")
 EXPERT_CACHE_SETTINGS = ("auto", "off")  # or a number of slots per host block
+CACHE_MISSES = ("split", "upload")  # what a cache miss does: computed on the CPU meanwhile, or uploaded first
 # `auto` makes no cache smaller than this many times the experts a token uses: a miss costs an
 # upload where the CPU would have computed the expert in place, and replayed routing traces hit
 # only 18-47% at slots = used (test and demo models) against 43-88% at twice that.
@@ -53,8 +60,6 @@ KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_n
 # Per-copy cost of streaming one run of experts (launch + PCIe latency): an assumption of the
 # mode-choice model, not a measurement.
 COPY_LATENCY_S = 10e-6
-# Per host-expert block and token in cpu mode: the activations go to the CPU and back (two syncs).
-CPU_HOP_LATENCY_S = 20e-6
 
 
 @dataclass(frozen=True)
@@ -232,11 +237,13 @@ class ExpertCachePlan:
     layers: tuple[int, ...]  # the host blocks
     slot_bytes: tuple[int, ...]  # per host block (as `layers`): the bytes of one slot
     reason: str  # why this size
+    split: bool = False  # misses computed by the CPU meanwhile (one more, all-zero slot per block)
+    upload_budget: int | None = None  # split: bytes admitted into slots between two decode calls
 
     @property
     def bytes(self) -> int:
-        """Accelerator bytes of all the slots."""
-        return self.slots * sum(self.slot_bytes)
+        """Accelerator bytes of all the slots (and split compute's zero slots)."""
+        return (self.slots + self.split) * sum(self.slot_bytes)
 
 
 @dataclass(frozen=True)
@@ -313,6 +320,16 @@ class Plan:
         share = self.model.n_expert_used / max(self.model.n_expert, 1)
         return share * sum(self.model.expert_bytes(i) for i in self.host_layers)
 
+    def predicted_host_expert_seconds(self, cpu_expert_bytes_per_s: float = DEFAULT_CPU_EXPERT_BYTES_PER_S) -> float:
+        """The decode-time model's seconds per token on host experts (CPU mode; split caches at
+        field hit rates)."""
+        cache = self.expert_cache
+        slots = cache.slots if cache is not None and cache.split else 0
+        hit = field_hit_rate(slots, self.model.n_expert) if slots else 0.0
+        blocks = [HostBlock(self.model.n_expert_used * self.model.expert_bytes(i) // self.model.n_expert, slots, hit)
+                  for i in self.host_layers]
+        return host_expert_seconds(blocks, cpu_expert_bytes_per_s)
+
     def to_json(self) -> dict:
         """The plan as one JSON-ready object; key order and content depend only on the inputs."""
         acc = self.accelerator
@@ -367,6 +384,8 @@ class Plan:
             "layers": list(cache.layers),
             "slot_bytes": {str(i): n for i, n in zip(cache.layers, cache.slot_bytes)},
             "bytes": cache.bytes,
+            "misses": "split" if cache.split else "upload",
+            "upload_budget": cache.upload_budget,
             "reason": cache.reason,
         }}
 
@@ -461,12 +480,19 @@ def make_plan(
     kv_type: str = "f16",
     notes: tuple[str, ...] = (),
     expert_cache: str | int = "off",
+    cache_misses: str = "split",
+    cpu_expert_bytes_per_s: float | None = None,
+    upload_bytes_per_s: float | None = None,
 ) -> Plan:
     """Fill `budget` bytes of `accelerator`: the non-expert part first, then whole expert blocks,
     largest first (ties: later blocks, like llama.cpp's --n-cpu-moe), as long as they fit.
-    `expert_cache` is "off", "auto" (slots fill what the resident blocks leave) or a number of
-    slots per host block (the resident blocks fit around them)."""
-    asked_slots = _cache_slots(model, expert_cache)
+    `expert_cache` is "off", "auto" or a number of slots per host block (the resident blocks fit
+    around them); `cache_misses` "split" or "upload" (see the module's docstring). The decode-time
+    model uses `cpu_expert_bytes_per_s` where it was measured."""
+    if cache_misses not in CACHE_MISSES:
+        raise UserError(f"unknown cache-miss handling {cache_misses!r} (known: {', '.join(CACHE_MISSES)})")
+    split = cache_misses == "split"
+    asked_slots = _cache_slots(model, expert_cache, split)
     if mode not in HOST_MODES:
         raise UserError(f"unknown host-expert mode {mode!r} (known: {', '.join(HOST_MODES)}, auto)")
     if mode == "rotary" and not accelerator.streams_host_ops:
@@ -484,14 +510,34 @@ def make_plan(
     layers = [i for i in range(model.n_layer) if model.expert_bytes(i)]
     slot_bytes = {i: sum(n // model.n_expert for n in model.expert_tensors[i]) for i in layers}
 
+    def allocated_slots(slots: int) -> int:
+        return slots + 1 if split and 0 < slots < model.n_expert else slots  # split's zero slot
+
     def accelerator_use(resident: set[int], slots: int = 0) -> DeviceUse:
         host = [i for i in layers if i not in resident]
         return DeviceUse(
             **{**fixed.parts(),
                "weights": fixed.weights + sum(model.expert_bytes(i) for i in resident),
                "staging": staging_bytes(model, accelerator, host, mode, n_batch),
-               "expert_cache": slots * sum(slot_bytes[i] for i in host)}
+               "expert_cache": allocated_slots(slots) * sum(slot_bytes[i] for i in host)}
         )
+
+    def residents_around(slots: int) -> set[int] | None:
+        """The resident blocks that fit beside `slots` per host block; None if the slots alone do not."""
+        if accelerator_use(set(), slots).total > budget:
+            return None
+        resident: set[int] = set()
+        for i in sorted(layers, key=lambda i: (-model.expert_bytes(i), -i)):
+            if accelerator_use(resident | {i}, slots).total <= budget:
+                resident.add(i)
+        return resident
+
+    cpu_bps = cpu_expert_bytes_per_s or DEFAULT_CPU_EXPERT_BYTES_PER_S
+
+    def decode_seconds(resident: set[int], slots: int) -> float:
+        hit = field_hit_rate(slots, model.n_expert) if slots else 0.0
+        blocks = [HostBlock(model.n_expert_used * slot_bytes[i], slots, hit) for i in layers if i not in resident]
+        return host_expert_seconds(blocks, cpu_bps)
 
     minimum = accelerator_use(set())
     if minimum.total > budget:
@@ -502,22 +548,34 @@ def make_plan(
         )
     with_cache = accelerator_use(set(), asked_slots)
     if with_cache.total > budget:
-        fit = (budget - minimum.total) // sum(slot_bytes.values())
-        instead = (f"{fit} slots per block fit (--expert-cache {fit})" if fit >= model.n_expert_used
-                   else f"not even {model.n_expert_used} slots per block fit (--expert-cache off)")
+        fit = (budget - minimum.total) // sum(slot_bytes.values()) - split
+        least = 1 if split else model.n_expert_used
+        instead = (f"{fit} slots per block fit (--expert-cache {fit})" if fit >= least
+                   else f"not even {least} slot{'s' if least > 1 else ''} per block fit (--expert-cache off)")
         raise UserError(
             f"a VRAM budget of {human_bytes(budget)} is too small for {asked_slots} expert cache slots per block: with "
             f"every expert in host memory the accelerator needs {human_bytes(with_cache.total)} ({_describe(with_cache)}); "
             f"{instead}, or use --vram {math.ceil(with_cache.total / 2**20)}MiB or more"
         )
-    resident: set[int] = set()
-    for i in sorted(layers, key=lambda i: (-model.expert_bytes(i), -i)):
-        if accelerator_use(resident | {i}, asked_slots).total <= budget:
-            resident.add(i)
+    if expert_cache == "auto" and split:
+        resident, slots, cache_reason = _fastest_split(model, len(layers), residents_around, decode_seconds,
+                                                       cpu_expert_bytes_per_s)
+    else:
+        resident = residents_around(asked_slots)
+        host = [i for i in layers if i not in resident]
+        slots, cache_reason = _cache_size(model, expert_cache, budget - accelerator_use(resident).total,
+                                          len(resident), [slot_bytes[i] for i in host])
     host_layers = [i for i in layers if i not in resident]
-    slots, cache_reason = _cache_size(model, expert_cache, budget - accelerator_use(resident).total,
-                                      len(resident), [slot_bytes[i] for i in host_layers])
-    cache = ExpertCachePlan(slots, tuple(host_layers), tuple(slot_bytes[i] for i in host_layers), cache_reason) if slots else None
+    cache_split = split and 0 < slots < model.n_expert
+    budget_bytes = None
+    if cache_split:
+        budget_bytes = (int(upload_bytes_per_s * SPLIT_UPLOAD_SECONDS) if upload_bytes_per_s
+                        else model.n_expert_used * max(slot_bytes[i] for i in host_layers))
+    cache = (ExpertCachePlan(slots, tuple(host_layers), tuple(slot_bytes[i] for i in host_layers), cache_reason,
+                             cache_split, budget_bytes)
+             if slots and host_layers else None)
+    if cache is None and slots and not host_layers:
+        cache_reason = "every expert block is resident on the accelerator: no host experts to cache"
     experts_on_cpu = bool(host_layers) and mode == "cpu"
     host_use = DeviceUse(
         weights=model.embedding_bytes + sum(model.expert_bytes(i) for i in host_layers),
@@ -544,18 +602,52 @@ def make_plan(
     )
 
 
-def _cache_slots(model: ModelFigures, setting: str | int) -> int:
+def _cache_slots(model: ModelFigures, setting: str | int, split: bool) -> int:
     """The slots per block an explicit `expert_cache` setting asks for; 0 for "auto" and "off"."""
     if isinstance(setting, str):
         if setting not in EXPERT_CACHE_SETTINGS:
             raise UserError(f"unknown expert cache setting {setting!r} (known: auto, off or a number of slots per block)")
         return 0
-    if not model.n_expert_used <= setting <= model.n_expert:
-        raise UserError(
-            f"{model.name} needs {model.n_expert_used} to {model.n_expert} expert cache slots per block "
-            f"(a token uses {model.n_expert_used} of its {model.n_expert} experts), not {setting}"
-        )
+    least = 1 if split else model.n_expert_used
+    if not least <= setting <= model.n_expert:
+        why = ("" if split else f"; a token uses {model.n_expert_used} of its {model.n_expert} experts, and "
+               "uploading caches need them all in slots")
+        raise UserError(f"{model.name} takes {least} to {model.n_expert} expert cache slots per block{why}, not {setting}")
     return setting
+
+
+# Split compute admits missed experts into slots between decode calls: at most this long a call at
+# the measured upload speed, or (unmeasured) the experts one token uses in one block.
+SPLIT_UPLOAD_SECONDS = 2e-3
+# Slot counts `auto` weighs for split compute (as fractions of a block's experts), besides none.
+SPLIT_SLOT_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
+
+
+def _fastest_split(model: ModelFigures, n_moe_layers: int, residents_around, decode_seconds,
+                   measured_cpu) -> tuple[set[int], int, str]:
+    """`auto` for split compute: for each candidate slot count, the resident blocks that fit around
+    it, and the predicted host-expert time of a decoded token; the fastest wins, resident blocks
+    only (no cache) on ties. Returns (resident blocks, slots, why)."""
+    candidates = sorted({max(1, round(f * model.n_expert)) for f in SPLIT_SLOT_FRACTIONS} - {model.n_expert})
+    plain = residents_around(0)
+    best = (decode_seconds(plain, 0), 0, plain)
+    for slots in candidates:
+        resident = residents_around(slots)
+        if resident is None or len(resident) == n_moe_layers:
+            continue  # every block resident: no cache to weigh
+        seconds = decode_seconds(resident, slots)
+        if seconds < best[0]:
+            best = (seconds, slots, resident)
+    seconds, slots, resident = best
+    cpu = "measured" if measured_cpu else f"assumed {DEFAULT_CPU_EXPERT_BYTES_PER_S / 1e9:.0f} GB/s"
+    basis = f"predicted host-expert time per token (CPU {cpu}, field hit rates)"
+    plain_s = decode_seconds(plain, 0)
+    if not slots:
+        return plain, 0, (f"auto: no slot count beat {len(plain)} resident blocks alone "
+                          f"({plain_s * 1e3:.2f} ms, {basis})")
+    return resident, slots, (f"auto: {slots} split slots per block beside {len(resident)} resident blocks, "
+                             f"{seconds * 1e3:.2f} ms vs {plain_s * 1e3:.2f} ms with {len(plain)} resident blocks "
+                             f"alone ({basis})")
 
 
 def _cache_size(model: ModelFigures, setting: str | int, left: int, n_resident: int, slot_bytes: list[int]) -> tuple[int, str]:

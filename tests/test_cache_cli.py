@@ -37,7 +37,7 @@ def test_auto_fills_the_budget_left_after_the_resident_blocks(model, rpc_endpoin
     off = plan_json(model, rpc_endpoint, "--expert-cache", "off")
     block = off["layers"][0]["expert_bytes"]  # every block of the test model is alike
     budget = off["minimum_budget"] + block + 9 * 3 * block // 32 + 1000  # one block resident, 9 slots in the others
-    plan = plan_json(model, rpc_endpoint, "--vram", str(budget))  # auto is the default
+    plan = plan_json(model, rpc_endpoint, "--vram", str(budget), "--cache-misses", "upload")
     cache = plan["expert_cache"]
     assert cache["slots"] == 9 and cache["layers"] == [0, 1, 2] and cache["bytes"] == 9 * 3 * block // 32
     assert plan["predicted"]["accelerator"]["expert_cache"] == cache["bytes"]
@@ -49,21 +49,23 @@ def test_auto_fills_the_budget_left_after_the_resident_blocks(model, rpc_endpoin
 
 def test_check_allocates_the_planned_slots(model, rpc_endpoint):
     budget = host_budget(model, rpc_endpoint, SLOTS)
-    plan = plan_json(model, rpc_endpoint, "--vram", str(budget), "--expert-cache", str(SLOTS), "--check")
+    plan = plan_json(model, rpc_endpoint, "--vram", str(budget), "--expert-cache", str(SLOTS), "--cache-misses", "upload",
+                     "--check")
     assert plan["expert_cache"]["slots"] == SLOTS
     rows = {(r["device"], r["purpose"]): r for r in plan["check"]}
     row = rows[("accelerator", "expert_cache")]
     assert row["actual"] == row["predicted"] == plan["expert_cache"]["bytes"] > 0
 
 
-def test_served_answers_are_the_uncached_ones(model, rpc_endpoint, tmp_path):
+@pytest.mark.parametrize("misses", ["split", "upload"])
+def test_served_answers_are_the_uncached_ones(model, rpc_endpoint, tmp_path, misses):
     """A server with the cache and one without, on the same budget: the same greedy replies over
     two turns, and the cache's figures on /metrics."""
-    budget = str(host_budget(model, rpc_endpoint, SLOTS))
+    budget = str(host_budget(model, rpc_endpoint, SLOTS + 1))  # split keeps a zero slot too
     replies = {}
     for setting in ("off", str(SLOTS)):
         server = Server(tmp_path, model, "--rpc", rpc_endpoint, "--vram", budget, "--ctx", "256",
-                        "--expert-cache", setting, "--api-key", API_KEY)
+                        "--expert-cache", setting, "--cache-misses", misses, "--api-key", API_KEY)
         try:
             client = server.client()
             first = client.chat.completions.create(model="m", messages=MESSAGES, temperature=0, max_tokens=24)
@@ -83,7 +85,8 @@ def test_served_answers_are_the_uncached_ones(model, rpc_endpoint, tmp_path):
 
 def test_bench_measures_the_plan_with_and_without_its_cache(model, rpc_endpoint):
     budget = str(host_budget(model, rpc_endpoint, SLOTS))
-    result = run_cli("bench", model, "--rpc", rpc_endpoint, "--vram", budget, "--expert-cache", str(SLOTS), "--ctx", "256",
+    result = run_cli("bench", model, "--rpc", rpc_endpoint, "--vram", budget, "--expert-cache", str(SLOTS),
+                     "--cache-misses", "upload", "--ctx", "256",
                      "--prompt-tokens", "16", "--gen-tokens", "16", "--runs", "1", "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -101,4 +104,11 @@ def test_a_bad_setting_is_a_one_line_error(model, command):
 
 
 def test_slots_outside_the_model_are_a_one_line_error(model, rpc_endpoint):
-    assert_one_line_error(run_cli("plan", model, "--rpc", rpc_endpoint, "--expert-cache", "33"), "needs 4 to 32 expert cache slots")
+    assert_one_line_error(run_cli("plan", model, "--rpc", rpc_endpoint, "--expert-cache", "33"), "takes 1 to 32 expert cache slots")
+    assert_one_line_error(run_cli("plan", model, "--rpc", rpc_endpoint, "--expert-cache", "3", "--cache-misses", "upload"),
+                          "takes 4 to 32 expert cache slots")
+
+
+@pytest.mark.parametrize("command", ["plan", "serve", "bench", "chat"])
+def test_a_bad_miss_setting_is_a_one_line_error(model, command):
+    assert_one_line_error(run_cli(command, model, "--cache-misses", "later"), "--cache-misses takes split or upload")

@@ -235,7 +235,7 @@ def test_auto_cache_fills_the_budget_left_after_the_resident_blocks(tiny):
     m = tiny["qwen3moe"]
     minimum = make_plan(m, RPC, 10 * GiB).minimum_budget
     budget = minimum + m.expert_bytes(3) + 10 * one_slot(m, [0, 1, 2]) + 5
-    plan = make_plan(m, RPC, budget, expert_cache="auto")
+    plan = make_plan(m, RPC, budget, expert_cache="auto", cache_misses="upload")
     assert plan.resident == make_plan(m, RPC, budget).resident == {3}  # residency as without the cache
     cache = plan.expert_cache
     assert cache.slots == 10 and cache.layers == (0, 1, 2) and plan.expert_cache_reason == ""
@@ -248,11 +248,11 @@ def test_auto_cache_fills_the_budget_left_after_the_resident_blocks(tiny):
 def test_auto_cache_needs_a_tokens_experts_and_host_blocks(tiny):
     m = tiny["qwen3moe"]
     minimum = make_plan(m, RPC, 10 * GiB).minimum_budget
-    short = make_plan(m, RPC, minimum + m.expert_bytes(3) + 7 * one_slot(m, [0, 1, 2]), expert_cache="auto")
+    short = make_plan(m, RPC, minimum + m.expert_bytes(3) + 7 * one_slot(m, [0, 1, 2]), expert_cache="auto", cache_misses="upload")
     assert short.expert_cache is None and short.accelerator_use.expert_cache == 0
     assert "holds 7 slots per block, fewer than the 8 auto needs (2x the 4 experts a token uses)" in short.expert_cache_reason
-    assert make_plan(m, RPC, minimum + m.expert_bytes(3) + 8 * one_slot(m, [0, 1, 2]), expert_cache="auto").expert_cache.slots == 8
-    everything = make_plan(m, RPC, 10 * GiB, expert_cache="auto")
+    assert make_plan(m, RPC, minimum + m.expert_bytes(3) + 8 * one_slot(m, [0, 1, 2]), expert_cache="auto", cache_misses="upload").expert_cache.slots == 8
+    everything = make_plan(m, RPC, 10 * GiB, expert_cache="auto", cache_misses="upload")
     assert everything.expert_cache is None and "every expert block is resident" in everything.expert_cache_reason
     assert make_plan(m, RPC, 10 * GiB).expert_cache_reason == "the expert cache is off"
 
@@ -261,12 +261,12 @@ def test_explicit_slots_make_room_by_keeping_fewer_blocks_resident(tiny):
     m = tiny["qwen3moe"]
     budget = make_plan(m, RPC, 10 * GiB).minimum_budget + 2 * m.expert_bytes(0)
     assert len(make_plan(m, RPC, budget).resident) == 2
-    plan = make_plan(m, RPC, budget, expert_cache=8)
+    plan = make_plan(m, RPC, budget, expert_cache=8, cache_misses="upload")
     assert plan.resident == {3} and plan.expert_cache.slots == 8 and plan.expert_cache.layers == (0, 1, 2)
     assert plan.accelerator_use.expert_cache == 8 * one_slot(m, [0, 1, 2]) and plan.accelerator_use.total <= budget
 
     real = qwen36_figures()
-    off, cached = (make_plan(real, CUDA, 8 * GiB, ctx=32768, expert_cache=s) for s in ("off", 64))
+    off, cached = (make_plan(real, CUDA, 8 * GiB, ctx=32768, expert_cache=s, cache_misses="upload") for s in ("off", 64))
     assert len(cached.resident) < len(off.resident) and cached.accelerator_use.total <= 8 * GiB
     assert cached.accelerator_use.expert_cache == 64 * one_slot(real, cached.host_layers)
 
@@ -274,30 +274,30 @@ def test_explicit_slots_make_room_by_keeping_fewer_blocks_resident(tiny):
 def test_bad_cache_settings_are_one_line_errors(tiny):
     m = tiny["qwen3moe"]
     for slots in (3, 33):
-        with pytest.raises(UserError, match="needs 4 to 32 expert cache slots per block"):
-            make_plan(m, RPC, 10 * GiB, expert_cache=slots)
+        with pytest.raises(UserError, match="takes 4 to 32 expert cache slots per block"):
+            make_plan(m, RPC, 10 * GiB, expert_cache=slots, cache_misses="upload")
     with pytest.raises(UserError, match="unknown expert cache setting 'lots'"):
         make_plan(m, RPC, 10 * GiB, expert_cache="lots")
     minimum = make_plan(m, RPC, 10 * GiB).minimum_budget
     every_block = range(m.n_layer)
     with pytest.raises(UserError) as err:
-        make_plan(m, RPC, minimum + 10 * one_slot(m, every_block) - 1, expert_cache=10)
+        make_plan(m, RPC, minimum + 10 * one_slot(m, every_block) - 1, expert_cache=10, cache_misses="upload")
     message = str(err.value)
     assert "\n" not in message and "too small for 10 expert cache slots" in message and "9 slots per block fit" in message
     with pytest.raises(UserError, match="not even 4 slots per block fit"):
-        make_plan(m, RPC, minimum + 3 * one_slot(m, every_block), expert_cache=4)
+        make_plan(m, RPC, minimum + 3 * one_slot(m, every_block), expert_cache=4, cache_misses="upload")
 
 
 def test_placement_with_a_cache_keeps_host_experts_in_the_plain_layout(tiny):
     real = qwen36_figures()
-    off, cached = (make_plan(real, CUDA, 8 * GiB, expert_cache=s) for s in ("off", 16))
+    off, cached = (make_plan(real, CUDA, 8 * GiB, expert_cache=s, cache_misses="upload") for s in ("off", 16))
     assert off.placement.repack and off.placement.use_mmap and {b for _, b in off.overrides} == {"CPU"}
     assert cached.expert_cache is not None and cached.placement.offload_min_batch is None
     assert not cached.placement.repack and not cached.placement.use_mmap  # pinned memory, plain layout
     assert {b for _, b in cached.overrides} == {"CUDA_Host"} == {cached.location(f"blk.{cached.host_layers[0]}.ffn_up_exps.weight")}
 
     m = tiny["qwen3moe"]
-    rpc = make_plan(m, RPC, make_plan(m, RPC, 10 * GiB).minimum_budget + 2 * m.expert_bytes(0), expert_cache=4)
+    rpc = make_plan(m, RPC, make_plan(m, RPC, 10 * GiB).minimum_budget + 2 * m.expert_bytes(0), expert_cache=4, cache_misses="upload")
     assert not rpc.placement.repack and rpc.placement.use_mmap  # RPC has no pinned host memory
     assert {b for _, b in rpc.overrides} == {"CPU"}
 
@@ -305,16 +305,57 @@ def test_placement_with_a_cache_keeps_host_experts_in_the_plain_layout(tiny):
 def test_json_has_the_expert_cache(tiny):
     m = tiny["qwen3moe"]
     budget = make_plan(m, RPC, 10 * GiB).minimum_budget + 2 * m.expert_bytes(0)
-    first = json.dumps(make_plan(m, RPC, budget, expert_cache=6).to_json())
-    assert first == json.dumps(make_plan(m, RPC, budget, expert_cache=6).to_json())
+    first = json.dumps(make_plan(m, RPC, budget, expert_cache=6, cache_misses="upload").to_json())
+    assert first == json.dumps(make_plan(m, RPC, budget, expert_cache=6, cache_misses="upload").to_json())
     s = json.loads(first)
     slot = {str(i): m.expert_bytes(i) // m.n_expert for i in (0, 1, 2)}
     assert s["expert_cache"] == {
         "slots": 6, "slots_per_layer": {"0": 6, "1": 6, "2": 6}, "layers": [0, 1, 2], "slot_bytes": slot,
-        "bytes": 6 * sum(slot.values()), "reason": "6 slots per block were asked for",
+        "bytes": 6 * sum(slot.values()), "misses": "upload", "upload_budget": None,
+        "reason": "6 slots per block were asked for",
     }
     assert s["predicted"]["accelerator"]["expert_cache"] == s["expert_cache"]["bytes"]
     assert s["predicted"]["accelerator_bytes"] <= budget and "expert_cache_reason" not in s
     assert s["placement"]["repack"] is False
     off = make_plan(m, RPC, budget).to_json()
     assert off["expert_cache"] is None and off["expert_cache_reason"] == "the expert cache is off"
+
+
+# --- split compute ----------------------------------------------------------------------------------
+def test_split_auto_is_never_predicted_slower_than_resident_blocks_alone(tiny):
+    """At every budget, auto weighs slot counts against the resident blocks the same memory holds:
+    the chosen plan's predicted host-expert time is at most that of resident blocks alone."""
+    real = qwen36_figures()
+    for m, device in ((tiny["qwen35moe"], RPC), (real, CUDA)):
+        minimum = make_plan(m, device, 100 * GiB).minimum_budget
+        full = minimum + sum(m.expert_bytes(i) for i in range(m.n_layer))
+        chosen = []
+        for k in range(0, 21):
+            budget = minimum + (full - minimum) * k // 20
+            split = make_plan(m, device, budget, expert_cache="auto")
+            plain = make_plan(m, device, budget)
+            assert split.accelerator_use.total <= budget
+            assert split.predicted_host_expert_seconds() <= plain.predicted_host_expert_seconds()
+            if split.expert_cache is not None:
+                cache = split.expert_cache
+                assert cache.split and 0 < cache.slots < m.n_expert
+                assert cache.bytes == (cache.slots + 1) * sum(cache.slot_bytes)  # and the zero slot
+                assert split.accelerator_use.expert_cache == cache.bytes and "split slots per block" in cache.reason
+                chosen.append(cache.slots)
+        if m is real:  # a tiny model's experts cost less than the syncs split compute adds
+            assert chosen, "split compute never won at any budget on Qwen3.6"
+
+
+def test_split_takes_fewer_slots_than_a_token_uses(tiny):
+    m = tiny["qwen3moe"]
+    budget = make_plan(m, RPC, 10 * GiB).minimum_budget + 2 * m.expert_bytes(0)
+    plan = make_plan(m, RPC, budget, expert_cache=2)
+    cache = plan.expert_cache
+    assert cache.split and cache.slots == 2 and cache.upload_budget == m.n_expert_used * max(cache.slot_bytes)
+    assert plan.to_json()["expert_cache"]["misses"] == "split"
+    with pytest.raises(UserError, match="takes 1 to 32 expert cache slots per block, not 0"):
+        make_plan(m, RPC, budget, expert_cache=0)
+    every = make_plan(m, RPC, 10 * GiB, expert_cache=m.n_expert)  # a slot for every expert: nothing to split
+    assert every.expert_cache is None or not every.expert_cache.split
+    with pytest.raises(UserError, match="unknown cache-miss handling 'later'"):
+        make_plan(m, RPC, budget, cache_misses="later")
