@@ -505,7 +505,8 @@ class CacheView(_View):
 
     def title(self) -> str:
         c = self.dashboard.reading.cache
-        return f"{self.name} · {c['slots']} slots/block · {c['policy']}"
+        kind = " · split compute (accelerator share per block below)" if c.get("split") else ""
+        return f"{self.name} · {c['slots']} slots/block · {c['policy']}{kind}"
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         d = self.dashboard
@@ -514,12 +515,21 @@ class CacheView(_View):
             yield Text(f"{self.name} off: {c['disabled_reason'] or 'turned off'}", style="dim", no_wrap=True,
                        overflow="ellipsis")
             return
-        yield Text.assemble(
-            ("" if self.boxed else "cache ", "bold"),
-            ("hits ", "bold"), (f"{c['hit_rate']:.1%}", "bold green"), (" · recent ", "dim"), f"{c['recent_hit_rate']:.1%}",
-            (" · uploads ", "dim"), f"{human_bytes(c['uploaded_bytes_per_s'])}/s",
-            (f" ({human_bytes(c['uploaded_bytes'])})", "dim"), (" · fallback calls ", "dim"), f"{c['fallback_calls']:,}",
-            no_wrap=True, overflow="ellipsis")
+        if c.get("split"):  # hits ran on the accelerator, misses on the CPU worker at the same time
+            yield Text.assemble(
+                ("" if self.boxed else "split ", "bold"),
+                ("on accel ", "bold"), (f"{c['hit_rate']:.1%}", "bold green"), (" · CPU ", "dim"), f"{1 - c['hit_rate']:.1%}",
+                (" · CPU worker ", "dim"), f"{c['cpu_seconds_per_token'] * 1e3:.2f} ms/token",
+                (f" (waited {c['cpu_wait_seconds_per_token'] * 1e3:.2f})", "dim"),
+                (" · uploads ", "dim"), f"{human_bytes(c['uploaded_bytes_per_token'])}/token",
+                no_wrap=True, overflow="ellipsis")
+        else:
+            yield Text.assemble(
+                ("" if self.boxed else "cache ", "bold"),
+                ("hits ", "bold"), (f"{c['hit_rate']:.1%}", "bold green"), (" · recent ", "dim"), f"{c['recent_hit_rate']:.1%}",
+                (" · uploads ", "dim"), f"{human_bytes(c['uploaded_bytes_per_s'])}/s",
+                (f" ({human_bytes(c['uploaded_bytes'])})", "dim"), (" · fallback calls ", "dim"), f"{c['fallback_calls']:,}",
+                no_wrap=True, overflow="ellipsis")
         if not self.boxed:
             return
         rates = dict(sorted(c["layer_hit_rate"].items()))

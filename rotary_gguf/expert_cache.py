@@ -399,6 +399,7 @@ class ExpertCache:
         self.policies: dict[int, Policy] = {}
         self.stats: dict[int, CacheStats] = {}
         self.uploaded_bytes = self.fallback_calls = 0  # fallback_calls: decode calls on llama.cpp's path
+        self.split_tokens = 0  # tokens of the decode calls split compute served
         self._samples: deque[tuple[float, int, int, int]] = deque()  # (time, hits, misses, uploaded bytes)
         self._samples_lock = threading.Lock()  # snapshot() readers on several threads
         self.trace: Trace | None = None  # set to a Trace to record the steps the cache sees (python)
@@ -519,7 +520,7 @@ class ExpertCache:
         # (the native hot path keeps its own policy state; these stand for the blocks it serves)
         self.policies = {layer: make_policy(self.policy_name, max(self.slots, 1), self.n_expert) for layer in self.tensors}
         self.stats = {layer: CacheStats() for layer in self.tensors}
-        self.uploaded_bytes = self.fallback_calls = 0
+        self.uploaded_bytes = self.fallback_calls = self.split_tokens = 0
         with self._samples_lock:
             self._samples.clear()
         if self._native is not None:
@@ -567,6 +568,7 @@ class ExpertCache:
             self.disable("the native hot path met a routing node it could not serve")
             return
         if self.split and n_tokens <= SPLIT_MAX_TOKENS:
+            self.split_tokens += n_tokens
             self._bind(True)  # first: uploads go to the slots, never into the host copy
             self._native.admit_pending(self.upload_budget)  # between calls: off the token's path
             self._set_mode("split")
@@ -696,6 +698,16 @@ class ExpertCache:
             # split compute: hits ran on the accelerator, misses on the CPU worker meanwhile
             "split": self.split,
             "upload_budget": self.upload_budget,
-            "cpu_seconds": self._native.cpu_seconds if self.split and self._native and self.policies else 0.0,
-            "cpu_wait_seconds": self._native.wait_seconds if self.split and self._native and self.policies else 0.0,
+            **self._split_figures(),
         }
+
+    def _split_figures(self) -> dict:
+        """Split compute's per-token figures: the CPU worker's time, the time the graph waited for
+        it, and the bytes admitted into slots, over the tokens it served."""
+        live = self.split and self._native is not None and bool(self.policies)
+        cpu = self._native.cpu_seconds if live else 0.0
+        wait = self._native.wait_seconds if live else 0.0
+        per_token = lambda total: total / self.split_tokens if self.split_tokens else 0.0  # noqa: E731
+        return {"split_tokens": self.split_tokens, "cpu_seconds": cpu, "cpu_wait_seconds": wait,
+                "cpu_seconds_per_token": per_token(cpu), "cpu_wait_seconds_per_token": per_token(wait),
+                "uploaded_bytes_per_token": per_token(self.uploaded_bytes)}

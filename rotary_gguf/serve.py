@@ -611,6 +611,21 @@ def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]],
                [("", cache["uploaded_bytes_per_s"])])
         metric("expert_cache_resident_experts", "gauge", "Experts holding a slot, per block.",
                labelled("layer", {layer: len(experts) for layer, experts in cache["resident"].items()}))
+        if cache.get("split"):
+            metric("expert_accelerator_share", "gauge",
+                   "Split compute: share of expert computations done on the accelerator (the rest on the CPU).",
+                   [("", cache["hit_rate"])])
+            metric("expert_accelerator_share_layer", "gauge", "Split compute: accelerator share per block.",
+                   labelled("layer", cache["layer_hit_rate"]))
+            metric("expert_cpu_seconds_total", "counter", "Split compute: CPU worker time on missed experts.",
+                   [("", cache["cpu_seconds"])])
+            metric("expert_cpu_seconds_per_token", "gauge", "Split compute: CPU worker time per token it served.",
+                   [("", cache["cpu_seconds_per_token"])])
+            metric("expert_cpu_wait_seconds_per_token", "gauge",
+                   "Split compute: time per token the graph waited for the CPU worker.",
+                   [("", cache["cpu_wait_seconds_per_token"])])
+            metric("expert_cache_upload_bytes_per_token", "gauge", "Split compute: bytes admitted into slots per token.",
+                   [("", cache["uploaded_bytes_per_token"])])
     return "\n".join(lines) + "\n"
 
 

@@ -130,3 +130,37 @@ def test_slot_counts_outside_the_model_are_refused_for_split(test_model):
     inv = read_inventory(test_model(arch="qwen3moe"))
     with pytest.raises(native.UserError, match="slots per block"):
         ExpertCache(inv.n_layer, inv.n_expert, inv.n_expert_used, -1, 0, split=True)
+
+
+def test_the_dashboard_and_metrics_show_the_split(test_model, rpc_endpoint):
+    """Per block and overall, the share of expert computations on the accelerator vs the CPU, the
+    CPU worker's time per token and the bytes uploaded per token: on the dashboard and /metrics."""
+    from test_dashboard import render
+    from test_serve import parse_prometheus
+
+    from rotary_gguf.dashboard import Dashboard
+    from rotary_gguf.serve import prometheus_text
+    from rotary_gguf.telemetry import RoutingTelemetry
+
+    path = test_model(arch="qwen35moe", quant="q8_0", fused_gate_up=True, router_skew=1.5)
+    inv = read_inventory(path)
+    rpc = native.add_rpc_device(rpc_endpoint)
+    telemetry = RoutingTelemetry.for_model(path)
+    cache = split_cache(inv, inv.n_expert // 4, rpc)
+    with Engine.load(path, host_experts(rpc), n_ctx=256, n_threads=1, telemetry=telemetry, expert_cache=cache) as engine:
+        engine.greedy(engine.tokenize(PROMPT), 24)
+        dashboard = Dashboard(engine, telemetry=telemetry)
+        lines = render(dashboard, 120, 30)
+        snap = dashboard.reading.cache
+        samples = parse_prometheus(prometheus_text(engine.live.snapshot(), engine.accelerator_memory(), snap))
+    text = "\n".join(lines)
+    assert snap["split"] and 0 < snap["hit_rate"] < 1 and snap["split_tokens"] == 23  # the prompt batch ran llama.cpp's path
+    assert snap["cpu_seconds_per_token"] > 0 and snap["uploaded_bytes_per_token"] > 0
+    assert f"on accel {snap['hit_rate']:.1%} · CPU {1 - snap['hit_rate']:.1%}" in text
+    assert f"CPU worker {snap['cpu_seconds_per_token'] * 1e3:.2f} ms/token" in text and "/token" in text
+    assert "split compute" in text
+    assert samples["rotary_gguf_expert_accelerator_share"] == snap["hit_rate"]
+    for layer, share in snap["layer_hit_rate"].items():
+        assert samples[f'rotary_gguf_expert_accelerator_share_layer{{layer="{layer}"}}'] == share
+    assert samples["rotary_gguf_expert_cpu_seconds_per_token"] == snap["cpu_seconds_per_token"] > 0
+    assert samples["rotary_gguf_expert_cache_upload_bytes_per_token"] == snap["uploaded_bytes_per_token"]
