@@ -36,6 +36,8 @@ class Candidate:
     mode: str  # "cpu", "rotary", "accelerator" (no host experts) or "cpu-only" (no accelerator)
     description: str
     expert_cache_slots: int | None = None  # the rotary expert cache's slots per host block, if any
+    split: bool = False  # the cache's misses computed by the CPU meanwhile (else uploaded first)
+    upload_budget: int | None = None  # split: bytes admitted into slots between decode calls
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Result:
             "description": c.description,
             "mode": c.mode,
             "expert_cache_slots": c.expert_cache_slots,
+            "cache_misses": None if c.expert_cache_slots is None else "split" if c.split else "upload",
             "devices": list(c.placement.devices),
             "overrides": [list(o) for o in c.placement.overrides],
             "figures": {f: self.summary(f) for f in (*self.FIGURES, "decode_ratio")},
@@ -92,24 +95,37 @@ def without_expert_cache(plan: Plan) -> Plan:
                      notes=plan.notes)
 
 
-def plan_candidate(p: Plan) -> Candidate:
+def plan_candidates(p: Plan) -> list[Candidate]:
+    """The plan as planned; a split-compute plan also with the same slots uploading every miss
+    first (when a token's experts fit them), the policy for fast links."""
     blocks = f"{len(p.resident)} of {len(p.resident) + len(p.host_layers)} expert blocks resident"
-    if p.expert_cache is None:
-        return Candidate(f"plan {p.mode}", p.placement, p.mode, blocks)
-    slots = p.expert_cache.slots
-    return Candidate(f"plan {p.mode}+cache {slots}", p.placement, p.mode,
-                     f"{blocks}, {slots} expert cache slots per host block", expert_cache_slots=slots)
+    cache = p.expert_cache
+    if cache is None:
+        return [Candidate(f"plan {p.mode}", p.placement, p.mode, blocks)]
+    if not cache.split:
+        return [Candidate(f"plan {p.mode}+cache {cache.slots}", p.placement, p.mode,
+                          f"{blocks}, {cache.slots} expert cache slots per host block, misses uploaded first",
+                          expert_cache_slots=cache.slots)]
+    out = [Candidate(f"plan {p.mode}+split {cache.slots}", p.placement, p.mode,
+                     f"{blocks}, {cache.slots} slots per host block, misses computed on the CPU meanwhile",
+                     expert_cache_slots=cache.slots, split=True, upload_budget=cache.upload_budget)]
+    if cache.slots >= p.model.n_expert_used:
+        out.append(Candidate(f"plan {p.mode}+cache {cache.slots}", p.placement, p.mode,
+                             f"{blocks}, the same {cache.slots} slots uploading every miss first",
+                             expert_cache_slots=cache.slots))
+    return out
 
 
 def candidates(plans: Sequence[Plan]) -> list[Candidate]:
     """The planner's choice in each mode, then llama.cpp's own behaviours as baselines: every
     expert on host (`--cpu-moe`), the first N blocks' experts on host with the plan's memory use
     (`--n-cpu-moe N`), and everything on the accelerator when the budget holds it. `plans` share
-    the model, accelerator and budget; the first is a cpu-mode plan without an expert cache."""
+    the model, accelerator and budget; the first is a cpu-mode plan without an expert cache
+    (resident blocks only)."""
     base = plans[0]
     model, device = base.model, base.accelerator.name
     repack = base.placement.repack
-    out = [plan_candidate(p) for p in plans]
+    out = [c for p in plans for c in plan_candidates(p)]
 
     def host_experts(layers: list[int] | None) -> Placement:
         overrides = ((names.expert_pattern(layers), HOST_BUFFER_TYPE),) if layers != [] else ()
@@ -185,7 +201,8 @@ def run_bench(
             cand = result.candidate
             cache = None
             if cand.expert_cache_slots is not None:
-                cache = ExpertCache.on_device(inv, cand.expert_cache_slots, cand.placement.devices[0])
+                cache = ExpertCache.on_device(inv, cand.expert_cache_slots, cand.placement.devices[0], split=cand.split,
+                                              upload_budget=cand.upload_budget, n_threads=n_threads or 0)
             with Engine.load(model, cand.placement, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              expert_cache=cache) as engine:
                 prompt = prompt or prompt_tokens(engine, prompt_len)

@@ -164,3 +164,24 @@ def test_the_dashboard_and_metrics_show_the_split(test_model, rpc_endpoint):
         assert samples[f'rotary_gguf_expert_accelerator_share_layer{{layer="{layer}"}}'] == share
     assert samples["rotary_gguf_expert_cpu_seconds_per_token"] == snap["cpu_seconds_per_token"] > 0
     assert samples["rotary_gguf_expert_cache_upload_bytes_per_token"] == snap["uploaded_bytes_per_token"]
+
+
+def test_bench_measures_split_beside_upload_resident_only_and_llama_cpp_flags(test_model, rpc_endpoint):
+    import json
+
+    from conftest import run_cli
+
+    path = test_model(arch="qwen3moe", router_skew=1.5)
+    plan = json.loads(run_cli("plan", path, "--rpc", rpc_endpoint, "--ctx", "256", "--json", "--expert-cache", "off").stdout)
+    budget = plan["minimum_budget"] + plan["layers"][0]["expert_bytes"] + 9 * sum(l["expert_bytes"] for l in plan["layers"]) // 32
+    result = run_cli("bench", path, "--rpc", rpc_endpoint, "--vram", str(budget), "--expert-cache", "8", "--ctx", "256",
+                     "--prompt-tokens", "16", "--gen-tokens", "16", "--runs", "1", "--threads", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    by_name = {c["name"]: c for c in doc["candidates"]}
+    assert {"plan cpu", "plan cpu+split 8", "plan cpu+cache 8", "--cpu-moe"} <= by_name.keys()
+    assert any(name.startswith("--n-cpu-moe") for name in by_name)
+    split, upload = by_name["plan cpu+split 8"], by_name["plan cpu+cache 8"]
+    assert (split["cache_misses"], upload["cache_misses"], by_name["plan cpu"]["cache_misses"]) == ("split", "upload", None)
+    assert 0 < split["figures"]["cache_hit_rate"]["median"] < 1
+    assert doc["outputs_identical"] and split["output_tokens"] == by_name["--cpu-moe"]["output_tokens"]
