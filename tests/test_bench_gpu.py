@@ -76,9 +76,11 @@ def test_every_variant_in_its_own_process_on_the_rpc_device(tmp_path, rpc_endpoi
     budget = host_experts_budget(model)
     out = tmp_path / "out"
     result = subprocess.run([*BENCH, str(model), "--rpc", rpc_endpoint, "--vram", f"{budget}B", *QUICK,
-                             "--cache", "8", "auto", "--out", str(out)], capture_output=True, text=True, timeout=120)
+                             "--split", "8", "--upload", "8", "auto", "--out", str(out)], capture_output=True, text=True,
+                            timeout=180)
     assert result.returncode == 0, result.stderr
-    runs = {name: json.loads((out / f"{name}.json").read_text()) for name in ("cpu", "rotary", "cache-8", "cache-auto")}
+    runs = {name: json.loads((out / f"{name}.json").read_text())
+            for name in ("cpu", "rotary", "split-8", "upload-8", "upload-auto")}
 
     cpu = runs["cpu"]
     assert cpu["status"] == "ok" and cpu["device"] == "RPC0" and cpu["cache_slots"] is None and cpu["hit_rate"] is None
@@ -89,27 +91,29 @@ def test_every_variant_in_its_own_process_on_the_rpc_device(tmp_path, rpc_endpoi
     rotary = runs["rotary"]
     assert rotary["status"] == "skipped" and "rotary mode needs a CUDA GPU" in rotary["reason"]
 
-    for name in ("cache-8", "cache-auto"):
+    for name in ("split-8", "upload-8", "upload-auto"):
         cache = runs[name]
         assert cache["status"] == "ok" and cache["cache_disabled_reason"] is None, cache
         assert cache["cache_slots"] and cache["predicted_accelerator"]["expert_cache"] > 0
-        assert 0 <= cache["hit_rate"] <= 1 and cache["cache_uploaded_bytes"] > 0
-        assert cache["predicted_accelerator_bytes"] <= budget and cache["decode_tps"] > 0
-    assert runs["cache-8"]["cache_slots"] == 8
+        assert 0 < cache["hit_rate"] < 1 and cache["decode_tps"] > 0
+        assert cache["predicted_accelerator_bytes"] <= budget
+        assert cache["tokens"] == cpu["tokens"]  # the same greedy output
+    assert runs["upload-8"]["cache_uploaded_bytes"] > 0  # every miss is uploaded
+    assert runs["split-8"]["cache_slots"] == runs["upload-8"]["cache_slots"] == 8
 
     table = (out / "table.md").read_text()
     assert result.stdout == table
     assert "| cpu | " in table and " 1.00x " in table and "| rotary | skipped |" in table
-    assert "| cache-8 | " in table and f"| cache-auto ({runs['cache-auto']['cache_slots']} slots) | " in table
+    assert "| split-8 | " in table and f"| upload-auto ({runs['upload-auto']['cache_slots']} slots) | " in table
     assert "- rotary skipped: rotary mode needs a CUDA GPU" in table
 
 
 def test_a_failing_variant_is_recorded_and_the_rest_go_on(tmp_path, test_model):
     out = tmp_path / "out"
-    result = subprocess.run([*BENCH, str(test_model(arch="qwen35moe")), *QUICK, "--cache", "8", "--timeout", "0.01",
+    result = subprocess.run([*BENCH, str(test_model(arch="qwen35moe")), *QUICK, "--split", "8", "--upload", "--timeout", "0.01",
                              "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
-    for name in ("cpu", "rotary", "cache-8"):
+    for name in ("cpu", "rotary", "split-8"):
         record = json.loads((out / f"{name}.json").read_text())
         assert record["status"] == "error" and "ran past --timeout" in record["reason"]
         assert f"| {name} | error |" in result.stdout
@@ -117,7 +121,7 @@ def test_a_failing_variant_is_recorded_and_the_rest_go_on(tmp_path, test_model):
 
 def test_bad_settings_are_one_line_errors(tmp_path, capsys):
     model = str(tmp_path / "any.gguf")
-    assert bench_gpu.main([model, "--cache", "off"]) == 2
+    assert bench_gpu.main([model, "--split", "off"]) == 2
     assert bench_gpu.main([model, "--vram", "lots"]) == 2
     assert bench_gpu.main([model, "--ctx", "64", "--prompt-tokens", "60", "--gen-tokens", "8"]) == 2
     errors = capsys.readouterr().err.splitlines()

@@ -3,10 +3,14 @@
 
 Variants, each measured in its own process (llama.cpp reads GGML_OP_OFFLOAD_MIN_BATCH once per
 process, so rotary mode cannot share one with cpu mode), one after the other:
-  cpu       the plan in cpu mode, no expert cache: the CPU computes the host experts
+  cpu       the plan in cpu mode, no expert cache: resident blocks only, the CPU computes the
+            other blocks' experts (llama.cpp's --n-cpu-moe at the same memory)
   rotary    the plan in rotary mode, no expert cache: every token's host experts streamed to the GPU
-  cache-S   the plan in cpu mode with an expert cache of S slots per host block ("auto": the
-            planner sizes it from what the resident blocks leave)
+  split-S   split compute: an expert cache of S slots per host block whose hits the GPU computes
+            while the CPU computes the misses ("auto": the planner weighs slot counts against
+            resident blocks and may choose none)
+  upload-S  an expert cache of S slots per host block that uploads every miss before the block
+            runs ("auto": it fills what the resident blocks leave)
 
 Each variant is planned (`cli.plan_for`), loaded with the plan's placement and expert cache, warmed
 up with one generation and timed on a second (the same prompt, greedy). Its figures go to
@@ -19,7 +23,7 @@ Peak VRAM is NVML's used memory at its highest during the timed run less what wa
 variant's process touched the GPU; on an RPC device (--rpc, a simulated accelerator) it is what
 llama.cpp placed there. The hit rate is the expert cache's over the timed run.
 
-    python tools/bench_gpu.py MODEL [--vram 6.3GB] [--cache 16 64] [--ctx 4096] [--out DIR]
+    python tools/bench_gpu.py MODEL [--vram 6.3GB] [--split auto 64] [--upload 64] [--ctx 4096] [--out DIR]
                               [--prompt-tokens 128] [--gen-tokens 64] [--timeout 300] [--rpc HOST:PORT]
 """
 
@@ -48,12 +52,12 @@ PEAK_SOURCES = {
 
 
 # --- one variant, in its own process ------------------------------------------------------------------
-def variant_setting(name: str) -> tuple[str, str | int]:
-    """(host-expert mode, expert cache setting) of a variant name."""
+def variant_setting(name: str) -> tuple[str, str | int, str]:
+    """(host-expert mode, expert cache setting, cache-miss handling) of a variant name."""
     if name in ("cpu", "rotary"):
-        return name, "off"
-    size = name.removeprefix("cache-")
-    return "cpu", size if size == "auto" else int(size)
+        return name, "off", "split"
+    misses, _, size = name.partition("-")
+    return "cpu", size if size == "auto" else int(size), misses
 
 
 def nvml_used(index: int = 0) -> int | None:
@@ -77,7 +81,7 @@ def cache_counts(cache) -> tuple[int, int, int] | None:
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     """Plan, load, warm up and time one variant; its figures as one JSON-ready dict."""
-    mode, cache_setting = variant_setting(name)
+    mode, cache_setting, misses = variant_setting(name)
     # before anything here touches the GPU: what others (and the driver) hold
     baseline = nvml_used() if args.rpc is None else None
 
@@ -94,7 +98,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
               "budget_bytes": parse_size(args.vram), "accelerator_baseline_bytes": baseline}
     try:
         plan = plan_for(args.model, vram=args.vram, ctx=args.ctx, n_batch=N_BATCH, mode=mode, rpc=args.rpc,
-                        expert_cache=cache_setting)
+                        expert_cache=cache_setting, cache_misses=misses)
     except UserError as e:
         return {**result, "status": "skipped", "reason": str(e)}
     result.update(
@@ -106,7 +110,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         predicted_accelerator=plan.accelerator_use.parts(),
         plan_notes=[plan.mode_reason, *plan.notes, *([plan.expert_cache_reason] if plan.expert_cache_reason else [])],
     )
-    cache = ExpertCache.for_plan(plan, read_inventory(args.model))
+    cache = ExpertCache.for_plan(plan, read_inventory(args.model), n_threads=args.threads)
     start = time.perf_counter()
     with Engine.load(args.model, plan.placement, n_ctx=args.ctx, n_batch=plan.n_batch, n_threads=args.threads or None,
                      expert_cache=cache) as engine:
@@ -197,7 +201,7 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         ratio = f"{r['decode_tps'] / base['decode_tps']:.2f}x" if base and base["decode_tps"] else "-"
         peak = human_bytes(r["peak_vram_bytes"]) if r["peak_vram_bytes"] is not None else "-"
         hits = f"{r['hit_rate']:.1%}" if r["hit_rate"] is not None else "-"
-        slots = f" ({r['cache_slots']} slots)" if r["variant"] == "cache-auto" and r["cache_slots"] else ""
+        slots = f" ({r['cache_slots'] or 'no'} slots)" if r["variant"].endswith("-auto") else ""
         blocks = f"{r['resident_blocks']} of {r['resident_blocks'] + r['host_blocks']}"
         lines.append(f"| {r['variant']}{slots} | {r['decode_tps']:.1f} | {ratio} | {r['prompt_tps']:.1f} | {peak} | "
                      f"{human_bytes(r['predicted_accelerator_bytes'])} | {hits} | {blocks} |")
@@ -212,8 +216,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="a GGUF MoE model")
     ap.add_argument("--vram", default="6.3GB", help="accelerator budget, e.g. 6.3GB, 8GiB (default 6.3GB)")
-    ap.add_argument("--cache", nargs="+", default=["16", "64"], metavar="SLOTS",
-                    help="expert cache sizes to measure, slots per host block or 'auto' (default 16 64)")
+    ap.add_argument("--split", nargs="*", default=["auto", "64"], metavar="SLOTS",
+                    help="split-compute cache sizes to measure, slots per host block or 'auto' (default auto 64)")
+    ap.add_argument("--upload", nargs="*", default=["64"], metavar="SLOTS",
+                    help="upload-every-miss cache sizes to measure, slots per host block or 'auto' (default 64)")
     ap.add_argument("--ctx", type=int, default=4096, help="context length the plan sizes for (default 4096)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=64)
@@ -228,9 +234,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--prompt-tokens must be at least 1 and --gen-tokens at least 2 (decode speed needs two)")
     if args.prompt_tokens + args.gen_tokens > args.ctx:
         raise UserError(f"--prompt-tokens plus --gen-tokens ({args.prompt_tokens + args.gen_tokens}) do not fit --ctx {args.ctx}")
-    for size in args.cache:
-        if size != "auto" and not (size.isdigit() and int(size) > 0):
-            raise UserError(f"--cache takes slot counts or 'auto', not {size!r}")
+    for flag, sizes in (("--split", args.split), ("--upload", args.upload)):
+        for size in sizes:
+            if size != "auto" and not (size.isdigit() and int(size) > 0):
+                raise UserError(f"{flag} takes slot counts or 'auto', not {size!r}")
     return args
 
 
@@ -245,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = args.out or Path(os.environ.get("OUT") or "gpu-out")
     out.mkdir(parents=True, exist_ok=True)
-    variants = ["cpu", "rotary", *dict.fromkeys(f"cache-{size}" for size in args.cache)]
+    variants = ["cpu", "rotary", *dict.fromkeys(f"split-{size}" for size in args.split),
+                *dict.fromkeys(f"upload-{size}" for size in args.upload)]
     results = []
     for name in variants:
         result = measure_variant(name, args, out)

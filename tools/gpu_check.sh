@@ -4,15 +4,15 @@
 #   smi        nvidia-smi
 #   tests      the tests that skip without CUDA
 #   bench      a synthetic qwen35moe with the real expert widths (Q4_K), LAYERS blocks:
-#              tools/bench_gpu.py's variants (experts on CPU, rotary streaming, the expert cache
-#              at two sizes) under a VRAM budget, decode t/s and NVML peak memory
+#              tools/bench_gpu.py's variants (resident blocks only, rotary streaming, split compute and
+#              an uploading expert cache) under a VRAM budget, decode t/s and NVML peak memory
 #   telemetry  tools/bench_telemetry.py on the GPU (what the routing tap costs there)
 #
 # Usage: OUT=gpu-out bash tools/gpu_check.sh
 # The CUDA build alone takes minutes: where one command may run 10 minutes, run STEPS=build first
 # and STEPS="smi tests bench telemetry" next on the same (warm) machine, which keeps .venv.
 # Settings (environment): OUT (default ./gpu-out), STEPS (default all, in the order above),
-# LAYERS (16), VRAM (6.3GB), CACHE_SIZES ("16 64"),
+# LAYERS (16), VRAM (6.3GB), SPLIT_SIZES ("auto 64"), UPLOAD_SIZES ("64"),
 # CUDA_CMAKE_ARGS (the CMake flags of the build), FULL_SUITE=1 (also the whole test suite), and
 # the per-step time limits in seconds BUILD_TIMEOUT (540), TESTS_TIMEOUT (180), MODEL_TIMEOUT
 # (240), VARIANT_TIMEOUT (120 per bench variant), TELEMETRY_TIMEOUT (150).
@@ -23,7 +23,8 @@ OUT=${OUT:-./gpu-out}
 STEPS=${STEPS:-build smi tests bench telemetry}
 LAYERS=${LAYERS:-16}
 VRAM=${VRAM:-6.3GB}
-CACHE_SIZES=${CACHE_SIZES:-16 64}
+SPLIT_SIZES=${SPLIT_SIZES:-auto 64}
+UPLOAD_SIZES=${UPLOAD_SIZES:-64}
 CUDA_CMAKE_ARGS=${CUDA_CMAKE_ARGS:--DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90}
 MODEL_DIR=build/gpu-check  # ignored by git; the model (~0.5 GB per block) must not land in $OUT
 PY=.venv/bin/python
@@ -106,10 +107,10 @@ if wanted bench; then
     if [ ! -s "$model" ]; then
         step bench-model "${MODEL_TIMEOUT:-240}" "$PY" tools/make_test_model.py -o "$model" --bench-dims --layers "$LAYERS"
     fi
-    # shellcheck disable=SC2086  # CACHE_SIZES is a list
-    n_variants=$((2 + $(echo $CACHE_SIZES | wc -w)))
+    # shellcheck disable=SC2086  # the sizes are lists
+    n_variants=$((2 + $(echo $SPLIT_SIZES $UPLOAD_SIZES | wc -w)))
     step bench "$((n_variants * ${VARIANT_TIMEOUT:-120} + 30))" "$PY" tools/bench_gpu.py "$model" --vram "$VRAM" \
-        --cache $CACHE_SIZES --timeout "${VARIANT_TIMEOUT:-120}" --out "$OUT/bench"
+        --split $SPLIT_SIZES --upload $UPLOAD_SIZES --timeout "${VARIANT_TIMEOUT:-120}" --out "$OUT/bench"
 fi
 
 if wanted telemetry && [ -f tools/bench_telemetry.py ]; then
