@@ -707,7 +707,8 @@ class ExpertCache:
         live = self.split and self._native is not None and bool(self.policies)
         cpu = self._native.cpu_seconds if live else 0.0
         wait = self._native.wait_seconds if live else 0.0
+        hot = self._native.hot_path_seconds if live else 0.0
         per_token = lambda total: total / self.split_tokens if self.split_tokens else 0.0  # noqa: E731
-        return {"split_tokens": self.split_tokens, "cpu_seconds": cpu, "cpu_wait_seconds": wait,
+        return {"split_tokens": self.split_tokens, "cpu_seconds": cpu, "cpu_wait_seconds": wait, "hot_seconds": hot,
                 "cpu_seconds_per_token": per_token(cpu), "cpu_wait_seconds_per_token": per_token(wait),
-                "uploaded_bytes_per_token": per_token(self.uploaded_bytes)}
+                "hot_seconds_per_token": per_token(hot), "uploaded_bytes_per_token": per_token(self.uploaded_bytes)}

@@ -547,7 +547,7 @@ def _native_library() -> ctypes.CDLL:
     lib.expert_cache_set_split_weight.argtypes = [c_void_p, i32, i32, i32, ctypes.c_int64, ctypes.c_int64, c_void_p]
     lib.expert_cache_admit_pending.restype = ctypes.c_int64
     lib.expert_cache_admit_pending.argtypes = [c_void_p, ctypes.c_int64]
-    for name in ("expert_cache_wait_ns", "expert_cache_cpu_ns"):
+    for name in ("expert_cache_wait_ns", "expert_cache_cpu_ns", "expert_cache_hot_ns"):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = i64p, [c_void_p]
     return lib
@@ -713,6 +713,7 @@ class NativeExpertCache:
             raise UserError("could not start the split-compute CPU worker")
         self._wait_ns = self._lib.expert_cache_wait_ns(self.user_data)
         self._cpu_ns = self._lib.expert_cache_cpu_ns(self.user_data)
+        self._hot_ns = self._lib.expert_cache_hot_ns(self.user_data)
 
     def set_split_weight(self, layer: int, role: str, ggml_type: int, ne0: int, ne1: int, host: int) -> None:
         """The host copy of one expert weight of `layer` ([ne0, ne1, n_expert]) for the CPU worker."""
@@ -732,5 +733,10 @@ class NativeExpertCache:
     def wait_seconds(self) -> float:
         """Time the graph waited for the CPU worker."""
         return int(self._wait_ns[0]) / 1e9
+
+    @property
+    def hot_path_seconds(self) -> float:
+        """Time split mode's callbacks spent on their own reads, remaps and writes."""
+        return int(self._hot_ns[0]) / 1e9
 
 route_llama_logs()

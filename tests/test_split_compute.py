@@ -155,7 +155,7 @@ def test_the_dashboard_and_metrics_show_the_split(test_model, rpc_endpoint):
         samples = parse_prometheus(prometheus_text(engine.live.snapshot(), engine.accelerator_memory(), snap))
     text = "\n".join(lines)
     assert snap["split"] and 0 < snap["hit_rate"] < 1 and snap["split_tokens"] == 23  # the prompt batch ran llama.cpp's path
-    assert snap["cpu_seconds_per_token"] > 0 and snap["uploaded_bytes_per_token"] > 0
+    assert snap["cpu_seconds_per_token"] > 0 and snap["uploaded_bytes_per_token"] > 0 and snap["hot_seconds_per_token"] > 0
     assert f"on accel {snap['hit_rate']:.1%} · CPU {1 - snap['hit_rate']:.1%}" in text
     assert f"CPU worker {snap['cpu_seconds_per_token'] * 1e3:.2f} ms/token" in text and "/token" in text
     assert "split compute" in text

@@ -85,6 +85,7 @@ struct expert_cache {
     uint8_t *x, *scratch;
     size_t x_size, scratch_size;
     int64_t wait_ns; /* time the graph waited for the worker at `ffn_moe_weighted` */
+    int64_t hot_ns;  /* time in split mode's own reads, remaps and writes (waiting excluded) */
 };
 
 void expert_cache_free(struct expert_cache *c) {
@@ -133,7 +134,7 @@ void expert_cache_reset(struct expert_cache *c) {
         l->step = l->base = 0;
     }
     c->job.layer = -1;
-    c->wait_ns = 0;
+    c->wait_ns = c->hot_ns = 0;
     if (c->worker) {
         *split_worker_compute_ns(c->worker) = 0;
     }
@@ -404,6 +405,7 @@ bool expert_cache_set_split_weight(struct expert_cache *c, int32_t layer, int32_
 }
 
 int64_t *expert_cache_wait_ns(struct expert_cache *c) { return &c->wait_ns; }
+int64_t *expert_cache_hot_ns(struct expert_cache *c) { return &c->hot_ns; }
 int64_t *expert_cache_cpu_ns(struct expert_cache *c) { return c->worker ? split_worker_compute_ns(c->worker) : NULL; }
 
 static bool split_ready(const struct split_layer *sl) {
@@ -625,14 +627,18 @@ bool expert_cache_eval(struct ggml_tensor *t, bool ask, void *user_data) {
         int32_t layer = node_layer(t, WEIGHTS_PREFIX, sizeof WEIGHTS_PREFIX - 1);
         if (layer == c->job.layer) {
             if (!ask) {
+                int64_t t0 = now_ns();
                 fill_weights(c, t);
+                c->hot_ns += now_ns() - t0;
             }
             return true;
         }
         layer = node_layer(t, WEIGHTED_PREFIX, sizeof WEIGHTED_PREFIX - 1);
         if (layer == c->job.layer) {
             if (!ask) {
+                int64_t t0 = now_ns(), waited = c->wait_ns;
                 fill_weighted(c, t);
+                c->hot_ns += now_ns() - t0 - (c->wait_ns - waited);
             }
             return true;
         }
@@ -655,7 +661,9 @@ bool expert_cache_eval(struct ggml_tensor *t, bool ask, void *user_data) {
         moe_tap_record_rows(c->tap, t, ids);
     }
     if (serving && splitting) {
+        int64_t t0 = now_ns();
         remap_split(c, t, ids, &c->layers[layer], layer);
+        c->hot_ns += now_ns() - t0;
     } else if (serving) {
         remap(c, t, ids, &c->layers[layer], layer);
     }
