@@ -53,8 +53,9 @@ CacheOpt = Annotated[
     typer.Option(
         "--expert-cache",
         metavar="auto|off|SLOTS",
-        help="Keep recently used host experts in GPU slots (per host expert block): 'auto' sizes the slots from the "
-        "VRAM left after the plan, 'off' turns the cache off, a number sets the slots per block.",
+        help="Keep often used host experts in GPU slots (per host expert block): 'auto' lets the planner weigh slot "
+        "counts against resident blocks (with --cache-misses upload: fills the VRAM left after the plan), 'off' "
+        "turns the cache off, a number sets the slots per block.",
     ),
 ]
 

@@ -11,6 +11,7 @@ import json
 import re
 
 import pytest
+from predict_split import qwen36_figures  # Qwen3.6-35B-A3B's figures, shared with the speed predictor
 
 from rotary_gguf import arch as names
 from rotary_gguf.errors import UserError
@@ -30,29 +31,6 @@ from rotary_gguf.plan import (
 MiB, GiB = 2**20, 2**30
 RPC = Accelerator("RPC0", "RPC0[127.0.0.1:1]", None, 64 * GiB, streams_host_ops=False, runtime_reserve=0)
 CUDA = Accelerator.planned_cuda()
-
-
-def qwen36_figures(n_layer: int = 40, fused: bool = False) -> ModelFigures:
-    """Qwen3.6-35B-A3B at Q4_K_M as DESIGN describes it: Q4_K gate/up (144 MiB each), Q6_K down
-    (210 MiB), 10 full-attention blocks of 40, 248320-token vocabulary."""
-    tensors = [("token_embd.weight", 2048 * 248320 // 256 * 144), ("output_norm.weight", 2048 * 4),
-               ("output.weight", 2048 * 248320 // 256 * 210)]
-    attention = tuple("full" if (i + 1) % 4 == 0 else "linear" for i in range(n_layer))
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        tensors += [(p + "attn_norm.weight", 8192), (p + "ffn_gate_inp.weight", 2048 * 256 * 4),
-                    (p + "attn_qkv.weight" if attention[i] == "linear" else p + "attn_q.weight", 2048 * 8192 // 32 * 34)]
-        if fused:
-            tensors.append((p + "ffn_gate_up_exps.weight", 288 * MiB))
-        else:
-            tensors += [(p + "ffn_gate_exps.weight", 144 * MiB), (p + "ffn_up_exps.weight", 144 * MiB)]
-        tensors.append((p + "ffn_down_exps.weight", 210 * MiB))
-    return ModelFigures(
-        name="qwen3.6-35b-a3b", arch="qwen35moe", n_layer=n_layer, tensors=tuple(tensors), attention=attention,
-        n_vocab=248320, n_embd=2048, n_expert=256, n_expert_used=8, n_ff_exp=512, n_head=16, n_head_kv=2,
-        head_dim_k=256, head_dim_v=256, recurrent_conv=3 * (4096 + 2 * 16 * 128), recurrent_ssm=128 * 4096,
-        recurrent_width=2 * 8192 + 4096 + 4 * 64 * 32,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,23 @@ static size_t arena_bytes(int32_t cols, int32_t n_embd, int64_t n_ff) {
     return floats * sizeof(float) + ggml_graph_overhead() + ggml_tensor_overhead() * 16 + 1024 * 64;
 }
 
+/* Everything a worker holds; `sync` also its lock and conditions (once they exist). */
+static void release(struct split_worker *s, bool sync) {
+    if (sync) {
+        pthread_mutex_destroy(&s->lock);
+        pthread_cond_destroy(&s->wake);
+        pthread_cond_destroy(&s->done_cond);
+    }
+    if (s->cpu) {
+        ggml_backend_free(s->cpu);
+    }
+    free(s->arena);
+    free(s->x);
+    free(s->out);
+    free(s->ids);
+    free(s);
+}
+
 struct split_worker *split_worker_new(int32_t n_embd, int64_t n_ff, int32_t max_cols, int32_t n_threads) {
     struct split_worker *s = calloc(1, sizeof *s);
     if (!s) {
@@ -131,29 +148,18 @@ struct split_worker *split_worker_new(int32_t n_embd, int64_t n_ff, int32_t max_
     s->ids = malloc(sizeof(int32_t) * max_cols);
     s->cpu = ggml_backend_cpu_init();
     if (!s->arena || !s->x || !s->out || !s->ids || !s->cpu) {
-        goto fail;
+        release(s, false);
+        return NULL;
     }
     ggml_backend_cpu_set_n_threads(s->cpu, n_threads > 0 ? n_threads : 1);
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->wake, NULL);
     pthread_cond_init(&s->done_cond, NULL);
     if (pthread_create(&s->thread, NULL, run, s) != 0) {
-        pthread_mutex_destroy(&s->lock);
-        pthread_cond_destroy(&s->wake);
-        pthread_cond_destroy(&s->done_cond);
-        goto fail;
+        release(s, true);
+        return NULL;
     }
     return s;
-fail:
-    if (s->cpu) {
-        ggml_backend_free(s->cpu);
-    }
-    free(s->arena);
-    free(s->x);
-    free(s->out);
-    free(s->ids);
-    free(s);
-    return NULL;
 }
 
 void split_worker_free(struct split_worker *s) {
@@ -165,20 +171,11 @@ void split_worker_free(struct split_worker *s) {
     pthread_cond_signal(&s->wake);
     pthread_mutex_unlock(&s->lock);
     pthread_join(s->thread, NULL);
-    pthread_mutex_destroy(&s->lock);
-    pthread_cond_destroy(&s->wake);
-    pthread_cond_destroy(&s->done_cond);
-    ggml_backend_free(s->cpu);
-    free(s->arena);
-    free(s->x);
-    free(s->out);
-    free(s->ids);
-    free(s);
+    release(s, true);
 }
 
 float *split_worker_input(struct split_worker *s) { return s->x; }
 int32_t *split_worker_experts(struct split_worker *s) { return s->ids; }
-int32_t split_worker_max_cols(const struct split_worker *s) { return s->max_cols; }
 int64_t *split_worker_compute_ns(struct split_worker *s) { return &s->compute_ns; }
 
 bool split_worker_start(struct split_worker *s, const struct split_layer *layer, int32_t n_cols) {

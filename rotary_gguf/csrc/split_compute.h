@@ -29,7 +29,6 @@ void split_worker_free(struct split_worker *s);
  * each column. */
 float *split_worker_input(struct split_worker *s);
 int32_t *split_worker_experts(struct split_worker *s);
-int32_t split_worker_max_cols(const struct split_worker *s);
 int64_t *split_worker_compute_ns(struct split_worker *s);
 bool split_worker_start(struct split_worker *s, const struct split_layer *layer, int32_t n_cols);
 /* The outputs [n_embd, cols] of the started job, or NULL when it failed. */
