@@ -71,12 +71,37 @@ class GenerationStats:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log probability under the model (before sampling), with the most likely
+    alternatives when asked for: (token text, its bytes, log probability), best first."""
+
+    text: str
+    data: bytes
+    logprob: float
+    top: list[tuple[str, bytes, float]] = field(default_factory=list)
+
+
+@dataclass
 class TokenEvent:
     """One generated token: its id, the text it completes (may be '' mid-character), and stats."""
 
     token: int | None  # None for the closing event of an end-of-generation token
     text: str
     stats: GenerationStats
+    logprob: TokenLogprob | None = None  # when the generation was asked for log probabilities
+
+
+@dataclass
+class Thinking:
+    """How a reply may think: `open` when the prompt ends inside a think block (else the model may
+    open one with `start` as its first words); after `budget` tokens of thinking, `close` is written
+    for the model and the reply goes on. A grammar applies only once thinking is over."""
+
+    open: bool
+    start: str = "<think>"
+    end: str = "</think>"
+    close: str = "\n</think>\n\n"
+    budget: int | None = None
 
 
 @dataclass
@@ -266,14 +291,24 @@ class Engine:
         template = llama_cpp.llama_model_chat_template(self._model, None)
         return template.decode("utf-8", errors="replace") if template else None
 
-    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
-        """The tokens of `messages` ({"role", "content"} dicts) in the model's chat template,
-        ending where the assistant's reply begins."""
+    def chat_text(self, messages: Sequence[dict], **variables) -> str:
+        """`messages` ({"role", "content", ...} dicts) in the model's chat template, ending where the
+        assistant's reply begins; `variables` (tools, enable_thinking, ...) go to the template."""
         template = self.chat_template
         if not template:
             raise PromptError(f"{self.path.name} has no chat template; send a plain completion prompt instead")
         bos, eos = llama_cpp.llama_vocab_bos(self._vocab), llama_cpp.llama_vocab_eos(self._vocab)
-        text = render_chat_template(template, messages, bos_token=self._special_text(bos), eos_token=self._special_text(eos))
+        return render_chat_template(
+            template, messages, **{"bos_token": self._special_text(bos), "eos_token": self._special_text(eos), **variables}
+        )
+
+    def chat_prompt(self, messages: Sequence[dict], **variables) -> list[int]:
+        """The tokens of `chat_text(messages, **variables)`."""
+        return self.chat_tokens(self.chat_text(messages, **variables))
+
+    def chat_tokens(self, text: str) -> list[int]:
+        """The tokens of a rendered chat prompt (special tokens parsed, one BOS at most)."""
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
         tokens = self.tokenize(text, add_special=True, parse_special=True)
         if len(tokens) > 1 and tokens[0] == tokens[1] == bos:  # the template wrote the BOS llama.cpp adds
             del tokens[0]
@@ -313,6 +348,24 @@ class Engine:
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    def token_logprob(self, token: int, top: int) -> TokenLogprob:
+        """`token`'s log probability after the last evaluated token, and the `top` likeliest tokens'."""
+        logits = self.logits().astype(np.float64)
+        logprobs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+
+        def entry(t: int) -> tuple[str, bytes, float]:
+            data = self.token_bytes(int(t))
+            return data.decode("utf-8", errors="replace"), data, float(logprobs[t])
+
+        best = np.argsort(-logprobs, kind="stable")[:top] if top > 0 else []
+        text, data, logprob = entry(token)
+        return TokenLogprob(text, data, logprob, [entry(t) for t in best])
+
+    def check_grammar(self, grammar: str) -> None:
+        """PromptError unless llama.cpp's grammar sampler accepts the GBNF text `grammar`."""
+        sampler = _grammar_sampler(self._vocab, grammar)
+        llama_cpp.llama_sampler_free(sampler)
+
     def prepare(self, prompt: Sequence[int]) -> int:
         """Make the context hold exactly `prompt`, reusing a cached prefix when the prompt extends
         what is cached (multi-turn chat). Returns how many prompt tokens were reused."""
@@ -334,12 +387,18 @@ class Engine:
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
         cancel: threading.Event | None = None,
+        grammar: str | None = None,
+        thinking: Thinking | None = None,
+        logprobs: int | None = None,
     ) -> Iterator[TokenEvent]:
         """Stream tokens after `prompt`. Text is whole UTF-8 characters; stop strings are cut out.
-        Setting `cancel` (from any thread) ends the generation before its next token."""
+        Setting `cancel` (from any thread) ends the generation before its next token. `grammar`
+        (GBNF) constrains the reply after any thinking (`thinking`); `logprobs` (the number of top
+        alternatives, 0 for none) adds each token's log probability to its event."""
         self.check_prompt(prompt)
         stats = GenerationStats(prompt_tokens=len(prompt))
-        sampler = Sampler(self, sampling or SamplingParams(), history=prompt)
+        sampler = Sampler(self, sampling or SamplingParams(), history=prompt, grammar=grammar)
+        think = _ThinkTracker(self, thinking)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text_filter = StopFilter(stop)
         budget = min(max_tokens, self.n_ctx - len(prompt))
@@ -353,7 +412,12 @@ class Engine:
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
                     return
-                token = sampler.sample()
+                token = think.forced_token()
+                if token is None:
+                    token = sampler.sample(constrained=not think.active)
+                else:
+                    sampler.accept(token)
+                logprob = self.token_logprob(token, logprobs) if logprobs is not None else None
                 stats.completion_tokens += 1
                 if stats.completion_tokens == 1:
                     stats.ttft_seconds = time.perf_counter() - t0
@@ -361,16 +425,18 @@ class Engine:
                     stats.completion_tokens -= 1
                     stats.finish_reason = "stop"
                     tail = text_filter.flush(decoder.decode(b"", final=True))
-                    yield TokenEvent(None, tail, stats)
+                    yield TokenEvent(None, tail, stats, logprob)
                     return
-                text, stopped = text_filter.feed(decoder.decode(self.token_bytes(token)))
+                piece = decoder.decode(self.token_bytes(token))
+                think.saw(piece)
+                text, stopped = text_filter.feed(piece)
                 if stopped:
                     stats.finish_reason = "stop"
                 elif stats.completion_tokens >= budget:
                     stats.finish_reason = "length"
                     text += text_filter.flush(decoder.decode(b"", final=True))
                 stats.decode_seconds = time.perf_counter() - t_decode
-                yield TokenEvent(token, text, stats)
+                yield TokenEvent(token, text, stats, logprob)
                 if stats.finish_reason:
                     return
                 # Evaluated once the consumer asks for the next token: it can hand this one on first
@@ -402,17 +468,33 @@ class Engine:
 
 
 class Sampler:
-    """llama.cpp's sampler chain for one request."""
+    """llama.cpp's sampler chain for one request; with a grammar, a second chain that starts with
+    llama.cpp's grammar sampler, used once the caller says the reply is constrained."""
 
-    def __init__(self, engine: Engine, params: SamplingParams, history: Sequence[int]):
+    def __init__(self, engine: Engine, params: SamplingParams, history: Sequence[int], grammar: str | None = None):
         self._engine = engine
+        self._chain = self._build(params, None)
+        self._constrained = self._build(params, grammar) if grammar is not None else None
+        # Penalties remember the prompt; the grammar must only ever see the reply.
+        for chain in filter(None, (self._chain, self._constrained) if _penalized(params) else ()):
+            penalties = llama_cpp.llama_sampler_chain_get(chain, 1 if chain is self._constrained else 0)
+            for token in history[-params.repeat_last_n :]:
+                llama_cpp.llama_sampler_accept(penalties, token)
+
+    def _build(self, params: SamplingParams, grammar: str | None):
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        penalize = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
-        if penalize:
+        if grammar is not None:
+            try:
+                add(_grammar_sampler(self._engine._vocab, grammar))
+            except PromptError:
+                llama_cpp.llama_sampler_free(chain)
+                self.close()
+                raise
+        if _penalized(params):
             add(
                 llama_cpp.llama_sampler_init_penalties(
-                    engine.n_vocab,
+                    self._engine.n_vocab,
                     params.repeat_last_n,
                     params.repeat_penalty,
                     params.frequency_penalty,
@@ -431,17 +513,74 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_temp(params.temperature))
             seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
             add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        for token in history[-params.repeat_last_n :] if penalize else ():
-            llama_cpp.llama_sampler_accept(chain, token)
-        self._chain = chain
+        return chain
 
-    def sample(self) -> int:
-        return llama_cpp.llama_sampler_sample(self._chain, self._engine._ctx, -1)
+    def sample(self, constrained: bool = True) -> int:
+        """The next token (from the grammar's chain when there is one and `constrained`); both
+        chains learn it."""
+        use = self._constrained if constrained and self._constrained else self._chain
+        token = llama_cpp.llama_sampler_sample(use, self._engine._ctx, -1)
+        if use is not self._chain:
+            llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
+
+    def accept(self, token: int) -> None:
+        """A token written for the model (a closed think block): only the unconstrained chain
+        learns it, since grammars start after thinking."""
+        llama_cpp.llama_sampler_accept(self._chain, token)
 
     def close(self) -> None:
-        if self._chain:
-            llama_cpp.llama_sampler_free(self._chain)
-            self._chain = None
+        for name in ("_chain", "_constrained"):
+            if getattr(self, name, None):
+                llama_cpp.llama_sampler_free(getattr(self, name))
+                setattr(self, name, None)
+
+
+def _penalized(params: SamplingParams) -> bool:
+    return (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
+
+
+def _grammar_sampler(vocab, grammar: str):
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise PromptError("llama.cpp's grammar parser refused the grammar built for this request")
+    return sampler
+
+
+class _ThinkTracker:
+    """Follows a reply's think block: whether the model is thinking, and the tokens that close the
+    block for it once its budget is spent."""
+
+    def __init__(self, engine: Engine, thinking: Thinking | None):
+        self._engine, self._thinking = engine, thinking
+        self.active = bool(thinking and thinking.open)
+        self._undecided = bool(thinking and not thinking.open)  # the model may still open a block
+        self._text, self._spent = "", 0
+        self._forced: list[int] | None = None  # the closing tokens, once the budget is spent
+
+    def saw(self, piece: str) -> None:
+        if self._thinking is None:
+            return
+        self._text += piece
+        if self._undecided:
+            head = self._text.lstrip()
+            if head.startswith(self._thinking.start):
+                self._undecided, self.active, self._text = False, True, head[len(self._thinking.start) :]
+            elif head and not self._thinking.start.startswith(head):
+                self._undecided = False
+            return
+        if self.active:
+            self._spent += 1
+            if self._thinking.end in self._text:
+                self.active = False
+            self._text = self._text[-len(self._thinking.end) :]
+
+    def forced_token(self) -> int | None:
+        """The next token to write for the model, when its thinking budget is spent."""
+        budget = self._thinking.budget if self._thinking else None
+        if self._forced is None and self.active and budget is not None and self._spent >= budget:
+            self._forced = self._engine.tokenize(self._thinking.close, add_special=False, parse_special=True)
+        return self._forced.pop(0) if self._forced else None
 
 
 class StopFilter:

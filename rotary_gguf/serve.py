@@ -33,7 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import log
-from .engine import Engine, GenerationStats, PromptError, SamplingParams
+from .api import openai as oai
+from .api.reply import ReplyParser
+from .engine import Engine, GenerationStats, PromptError, SamplingParams, Thinking, TokenLogprob
 from .errors import UserError
 from .stats import Snapshot
 
@@ -105,7 +107,6 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
-    logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
 
     def sampling(self) -> SamplingParams:
@@ -124,8 +125,6 @@ class _Body(BaseModel):
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise unsupported("n", "only n=1 is supported (one choice per request)")
-        if self.logprobs:
-            raise unsupported("logprobs", "log probabilities are not supported")
         if self.logit_bias:
             raise unsupported("logit_bias", "logit_bias is not supported")
 
@@ -134,39 +133,18 @@ class _Body(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def for_template(self) -> dict:
-        """The message as chat templates expect it: a role and one string of content."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
-
-
-class ChatCompletionRequest(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
+class ChatCompletionRequest(_Body, oai.ChatOptions):
+    messages: list[oai.ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=oai.MAX_TOP_LOGPROBS)
 
-    def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
-        if self.tools or self.tool_choice not in (None, "none", "auto"):
-            raise unsupported("tools", "tool calls are not supported")
-        if self.top_logprobs:
-            raise unsupported("top_logprobs", "log probabilities are not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", "only the 'text' response format is supported")
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's log probability comes with; None: no log probabilities."""
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -176,6 +154,10 @@ class ChatCompletionRequest(_Body):
 class CompletionRequest(_Body):
     prompt: str | list[str] | list[int]
     max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -202,9 +184,14 @@ class Job:
     sampling: SamplingParams
     stop: list[str]
     loop: asyncio.AbstractEventLoop
-    output: asyncio.Queue = field(default_factory=asyncio.Queue)  # str pieces, then stats or an exception
+    grammar: str | None = None
+    thinking: Thinking | None = None
+    logprobs: int | None = None  # top alternatives per token; None: no log probabilities
+    # str pieces (each after its tokens' TokenLogprobs, when asked for), then stats or an exception
+    output: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     stats: GenerationStats | None = None
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the pieces read so far
 
     def send(self, item) -> None:
         """Hand `item` to the request's coroutine (called from the worker thread)."""
@@ -221,6 +208,7 @@ class Job:
                 items = [await self.output.get()]
                 while not self.output.empty():
                     items.append(self.output.get_nowait())
+                self.token_logprobs.extend(item for item in items if isinstance(item, TokenLogprob))
                 if text := "".join(item for item in items if isinstance(item, str)):
                     yield text
                 end = items[-1]  # the worker's last item is the stats or an exception
@@ -306,9 +294,12 @@ class Worker:
             return
         try:
             for event in self.engine.generate(
-                job.prompt, max_tokens=job.max_tokens, sampling=job.sampling, stop=job.stop, cancel=job.cancel
+                job.prompt, max_tokens=job.max_tokens, sampling=job.sampling, stop=job.stop, cancel=job.cancel,
+                grammar=job.grammar, thinking=job.thinking, logprobs=job.logprobs,
             ):
                 stats = event.stats
+                if event.logprob is not None and event.token is not None:
+                    job.send(event.logprob)
                 if event.text:
                     job.send(event.text)
         except Exception as e:  # a failure inside llama.cpp: the request gets a 500, the server lives on
@@ -395,10 +386,11 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
-        messages = [m.for_template() for m in body.messages]
-        prompt = await _tokenized(engine, lambda: engine.chat_prompt(messages), "messages")
-        job = _submit(worker, engine, body, prompt, body.token_limit)
-        return await _respond(Reply("chat", options.model_id), job, body, request)
+        plan = _chat_plan(engine, lambda: body.plan(body.messages, engine.chat_template))
+        text = await _rendered(engine, plan)
+        prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
+        job = _submit(worker, engine, body, prompt, body.token_limit, plan, text)
+        return await _respond(Reply("chat", options.model_id, plan.parser(text)), job, body, request)
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -445,13 +437,39 @@ def _fitting(engine: Engine, tokens: list[int], param: str) -> list[int]:
     return tokens
 
 
-def _submit(worker: Worker, engine: Engine, body: _Body, prompt: list[int], max_tokens: int | None) -> Job:
+def _chat_plan(engine: Engine, plan: Callable[[], oai.ChatPlan]) -> oai.ChatPlan:
+    try:
+        return plan()
+    except oai.RequestError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+
+
+async def _rendered(engine: Engine, plan: oai.ChatPlan) -> str:
+    """The chat prompt's text; a template that refuses the messages, or a grammar llama.cpp does not
+    parse, is the client's error (400)."""
+
+    def render() -> str:
+        if plan.grammar is not None:
+            engine.check_grammar(plan.grammar)
+        return engine.chat_text(plan.messages, **plan.variables)
+
+    try:
+        return await run_in_threadpool(render)
+    except PromptError as e:
+        raise ApiError(400, str(e), param="messages") from None
+
+
+def _submit(worker: Worker, engine: Engine, body: _Body, prompt: list[int], max_tokens: int | None,
+            plan: oai.ChatPlan | None = None, prompt_text: str = "") -> Job:
     job = Job(
         prompt=prompt,
         max_tokens=max_tokens or engine.n_ctx,  # the engine also stops where the context ends
         sampling=body.sampling(),
         stop=body.stop_strings(),
         loop=asyncio.get_running_loop(),
+        grammar=plan.grammar if plan else None,
+        thinking=plan.thinking(prompt_text) if plan else None,
+        logprobs=body.logprob_count(),
     )
     worker.submit(job)
     return job
@@ -460,7 +478,7 @@ def _submit(worker: Worker, engine: Engine, body: _Body, prompt: list[int], max_
 async def _respond(reply: Reply, job: Job, body: _Body, request: Request):
     if body.stream:
         return _sse(reply.chunks(job, body.include_usage))
-    return reply.whole(await _unless_disconnected(request, job), job.stats)
+    return reply.whole(await _unless_disconnected(request, job), job)
 
 
 async def _unless_disconnected(request: Request, job: Job) -> str:
@@ -495,10 +513,12 @@ def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
 
 
 class Reply:
-    """The OpenAI response objects of one request: kind "chat" (chat.completion) or "completion"."""
+    """The OpenAI response objects of one request: kind "chat" (chat.completion) or "completion".
+    A chat reply's text goes through `parser` (reasoning, content, tool calls)."""
 
-    def __init__(self, kind: Literal["chat", "completion"], model_id: str):
+    def __init__(self, kind: Literal["chat", "completion"], model_id: str, parser: ReplyParser | None = None):
         self.kind, self.model_id = kind, model_id
+        self.parser = parser or ReplyParser()
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
@@ -508,15 +528,10 @@ class Reply:
             obj = "chat.completion.chunk"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id, "choices": choices, **extra}
 
-    def _choice(self, text: str, finish_reason: str | None, *, chunk: bool) -> dict:
-        choice: dict = {"index": 0}
-        if self.kind == "completion":
-            choice["text"] = text
-        elif chunk:
-            choice["delta"] = {"content": text} if text else {}
-        else:
-            choice["message"] = {"role": "assistant", "content": text}
-        return {**choice, "logprobs": None, "finish_reason": finish_reason}
+    def _logprobs(self, entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+        if entries is None:
+            return None
+        return oai.logprobs_chat(entries) if self.kind == "chat" else oai.logprobs_completion(entries, offset)
 
     @staticmethod
     def usage(stats: GenerationStats) -> dict:
@@ -524,34 +539,65 @@ class Reply:
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.completion_tokens,
             "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_prompt_tokens},
         }
 
-    def whole(self, text: str, stats: GenerationStats) -> dict:
+    def _finish_reason(self, stats: GenerationStats) -> str | None:
+        return "tool_calls" if self.parser.calls and stats.finish_reason == "stop" else stats.finish_reason
+
+    def whole(self, text: str, job: Job) -> dict:
         """The non-streaming response."""
-        return self._envelope([self._choice(text, stats.finish_reason, chunk=False)], chunk=False, usage=self.usage(stats))
+        logprobs = self._logprobs(job.token_logprobs if job.logprobs is not None else None)
+        choice: dict = {"index": 0}
+        if self.kind == "completion":
+            choice["text"] = text
+        else:
+            self.parser.feed(text)
+            self.parser.finish()
+            choice["message"] = oai.message(*self.parser.message())
+        choice.update(logprobs=logprobs, finish_reason=self._finish_reason(job.stats))
+        return self._envelope([choice], chunk=False, usage=self.usage(job.stats))
 
     async def chunks(self, job: Job, include_usage: bool) -> AsyncIterator[dict]:
         """The streaming response's events. A failure after the response started becomes an error
         event (the OpenAI client raises it)."""
         usage_field = {"usage": None} if include_usage else {}
+        said = {"logprobs": 0, "calls": 0, "text": 0}
 
-        def chunk(text: str, finish_reason: str | None = None) -> dict:
-            return self._envelope([self._choice(text, finish_reason, chunk=True)], chunk=True, **usage_field)
+        def chunk(piece: str, finish_reason: str | None = None, final: bool = False) -> dict | None:
+            """The event for `piece`, or None while the parser holds it back (its log
+            probabilities then go with the next event)."""
+            choice: dict = {"index": 0}
+            if self.kind == "completion":
+                choice["text"] = piece
+            else:
+                d = self.parser.finish() if final else self.parser.feed(piece)
+                choice["delta"] = oai.delta(d.reasoning, d.content, d.calls, said["calls"])
+                said["calls"] += len(d.calls)
+            if not final and not (choice.get("delta") if self.kind == "chat" else piece):
+                return None
+            entries = None
+            if job.logprobs is not None:
+                entries = job.token_logprobs[said["logprobs"] :]
+                said["logprobs"] = len(job.token_logprobs)
+            choice.update(logprobs=self._logprobs(entries, said["text"]), finish_reason=finish_reason)
+            said["text"] += len(piece)
+            return self._envelope([choice], chunk=True, **usage_field)
 
         if self.kind == "chat":
-            first = chunk("")
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            yield first
+            yield self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}], chunk=True, **usage_field)
         try:
             async for piece in job.pieces():
-                yield chunk(piece)
+                if (event := chunk(piece)) is not None:
+                    yield event
         except ShuttingDown as e:
             yield ApiError(503, str(e), type="server_error").body()
             return
         except Exception as e:
             yield ApiError(500, f"generation failed: {e}", type="server_error").body()
             return
-        yield chunk("", job.stats.finish_reason)
+        yield chunk("", self._finish_reason(job.stats), final=True)
         if include_usage:
             yield self._envelope([], chunk=True, usage=self.usage(job.stats))
 

@@ -1,0 +1,237 @@
+"""OpenAI chat requests beyond plain text: messages with tool calls, tool results and reasoning;
+tools and tool_choice; response_format; thinking controls. `ChatOptions.plan` turns them into a
+`ChatPlan` the server renders and generates from; `message`/`delta`/`logprobs_*` write replies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine import Thinking, TokenLogprob
+from .grammar import SchemaError, json_grammar, tool_call_grammar
+from .reply import THINK_START, ReplyParser, thinking_open
+from .tools import ToolCall, ToolFormat, arguments_object, parameter_types, template_tool_format
+
+MAX_TOP_LOGPROBS = 20
+
+
+class RequestError(ValueError):
+    """A request this server cannot serve as asked: answered with a 400 naming `param`."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+# --- request pieces --------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def for_template(self, index: int) -> dict:
+        """The message as chat templates expect it: one string of content; tool call arguments as
+        objects; reasoning given back as `reasoning_content`."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
+        out: dict = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            calls = []
+            for j, call in enumerate(self.tool_calls):
+                arguments = arguments_object(call.function.arguments)
+                if arguments is None:
+                    raise RequestError(f"messages.{index}.tool_calls.{j}.function.arguments", "is not a JSON object")
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments}})
+            out["tool_calls"] = calls
+        return out
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: str | None = None
+    json_schema: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+# --- what a request asks for -------------------------------------------------------------------------
+@dataclass
+class ChatPlan:
+    """A chat request made ready for the engine: the template's messages and variables, a grammar
+    for the reply if it must have a shape, and how to read the reply back."""
+
+    messages: list[dict]
+    variables: dict = field(default_factory=dict)
+    grammar: str | None = None
+    tool_format: ToolFormat | None = None  # tool calls are parsed from the reply when set
+    tool_types: dict = field(default_factory=dict)
+    thinking_budget: int | None = None
+    template_thinks: bool = False  # the template knows <think> blocks
+
+    def thinking(self, prompt_text: str) -> Thinking | None:
+        """The engine's thinking control for the rendered prompt."""
+        if not self.template_thinks:
+            return None
+        return Thinking(open=thinking_open(prompt_text), budget=self.thinking_budget)
+
+    def parser(self, prompt_text: str) -> ReplyParser:
+        thinking = self.template_thinks and thinking_open(prompt_text)
+        return ReplyParser(thinking=thinking, may_think=self.template_thinks, tool_format=self.tool_format,
+                           types=self.tool_types)
+
+
+class ChatOptions(_Strict):
+    """The chat request fields about tools, structured output and thinking."""
+
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict | None = None
+    thinking_budget: int | None = Field(None, ge=0)
+
+    def plan(self, messages: list[ChatMessage], template: str | None) -> ChatPlan:
+        """RequestError when the model's chat template cannot do what the request asks."""
+        rendered = [m.for_template(i) for i, m in enumerate(messages)]
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or ()]
+        choice = self.tool_choice or ("auto" if tools else "none")
+        fmt = template_tool_format(template)
+        plan = ChatPlan(rendered, dict(self.chat_template_kwargs or {}), thinking_budget=self.thinking_budget,
+                        template_thinks=bool(template) and THINK_START in template)
+        if tools:
+            plan.variables["tools"] = tools
+        if choice != "none" and not tools:
+            raise RequestError("tool_choice", "needs tools")
+        if tools and choice != "none":
+            if fmt is None:
+                raise RequestError("tools", "the model's chat template does not take tools")
+            plan.tool_format, plan.tool_types = fmt, parameter_types(tools)
+        if isinstance(choice, NamedToolChoice):
+            chosen = [t for t in tools if t["function"]["name"] == choice.function.name]
+            if not chosen:
+                raise RequestError("tool_choice", f"names {choice.function.name!r}, which is not among the tools")
+            plan.grammar = _grammar("tools", lambda: tool_call_grammar(chosen, fmt, parallel=False))
+        elif choice == "required":
+            plan.grammar = _grammar("tools", lambda: tool_call_grammar(tools, fmt, parallel=self.parallel_tool_calls))
+        if self.response_format and self.response_format.type != "text":
+            if plan.grammar is not None:
+                raise RequestError("response_format", "cannot be combined with a required tool call")
+            plan.grammar = _grammar("response_format", lambda: json_grammar(self._schema()))
+            plan.tool_format = None
+        return plan
+
+    def _schema(self) -> dict | None:
+        if self.response_format.type == "json_object":
+            return None
+        schema = self.response_format.json_schema.json_schema if self.response_format.json_schema else None
+        if not isinstance(schema, dict):
+            raise RequestError("response_format.json_schema.schema", "a JSON schema object is required")
+        return schema
+
+
+def _grammar(param: str, build) -> str:
+    try:
+        return build()
+    except SchemaError as e:
+        raise RequestError(param, str(e)) from None
+
+
+# --- replies -----------------------------------------------------------------------------------------
+def message(reasoning: str, content: str, calls: list[ToolCall]) -> dict:
+    """The assistant message of a whole reply."""
+    out: dict = {"role": "assistant", "content": content or (None if calls else "")}
+    if reasoning:
+        out["reasoning_content"] = reasoning
+    if calls:
+        out["tool_calls"] = [call.openai() for call in calls]
+    return out
+
+
+def delta(reasoning: str, content: str, calls: list[ToolCall], first_index: int) -> dict:
+    """A streamed delta; each tool call comes whole (its arguments are one valid JSON text)."""
+    out: dict = {}
+    if reasoning:
+        out["reasoning_content"] = reasoning
+    if content:
+        out["content"] = content
+    if calls:
+        out["tool_calls"] = [call.openai(first_index + i) for i, call in enumerate(calls)]
+    return out
+
+
+def logprobs_chat(entries: list[TokenLogprob]) -> dict:
+    """The chat `logprobs` object for these tokens."""
+
+    def item(text: str, data: bytes, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(data)}
+
+    return {"content": [{**item(e.text, e.data, e.logprob), "top_logprobs": [item(*t) for t in e.top]} for e in entries],
+            "refusal": None}
+
+
+def logprobs_completion(entries: list[TokenLogprob], offset: int) -> dict:
+    """The legacy completions `logprobs` object; text offsets count from `offset`."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {
+        "tokens": [e.text for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{text: lp for text, _, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
