@@ -52,7 +52,8 @@ def parameter_types(tools: list[dict]) -> dict[str, dict[str, str]]:
 
 
 _XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.S)
-_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>\s*", re.S)
+# A value runs to its </parameter>, never across the next <parameter=.
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?((?:(?!<parameter=).)*?)\n?</parameter>\s*", re.S)
 
 
 def parse_call(block: str, fmt: ToolFormat, types: dict[str, dict[str, str]]) -> ToolCall | None:
