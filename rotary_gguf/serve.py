@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import log
+from .api import anthropic as messages_api
 from .api import openai as oai
 from .api.reply import ReplyParser
 from .engine import Engine, GenerationStats, PromptError, SamplingParams, Thinking, TokenLogprob
@@ -56,8 +57,17 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict:
+        """The Anthropic Messages API's form of the error."""
+        kinds = {401: "authentication_error", 404: "not_found_error", 503: "overloaded_error"}
+        kind = kinds.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, request: Request | None = None) -> JSONResponse:
+        """The error response; in the Anthropic form for requests to /v1/messages."""
+        anthropic = request is not None and request.url.path.startswith("/v1/messages")
+        return JSONResponse(self.anthropic_body() if anthropic else self.body(), status_code=self.status,
+                            headers=self.headers)
 
 
 def unsupported(param: str, why: str) -> ApiError:
@@ -341,12 +351,12 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     app.state.worker = worker
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError):
-        return exc.response()
+    async def _api_error(request: Request, exc: ApiError):
+        return exc.response(request)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError):
-        return _validation_error(exc).response()
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _validation_error(exc).response(request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
@@ -362,8 +372,10 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         if options.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), options.api_key.encode()):
-            raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+        if scheme.lower() != "bearer":  # Anthropic clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), options.api_key.encode()):
+            raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     api = APIRouter(dependencies=[Depends(check_api_key)])
@@ -386,11 +398,25 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
-        plan = _chat_plan(engine, lambda: body.plan(body.messages, engine.chat_template))
+        plan = _checked(lambda: body.plan(body.messages, engine.chat_template))
         text = await _rendered(engine, plan)
         prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
         job = _submit(worker, engine, body, prompt, body.token_limit, plan, text)
         return await _respond(Reply("chat", options.model_id, plan.parser(text)), job, body, request)
+
+    @api.post("/v1/messages")
+    async def anthropic_messages(body: messages_api.MessagesRequest, request: Request):
+        chat_messages, chat_options = _checked(body.chat)
+        plan = _checked(lambda: chat_options.plan(chat_messages, engine.chat_template))
+        text = await _rendered(engine, plan)
+        prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
+        job = _submit(worker, engine, body, prompt, body.max_tokens, plan, text)
+        reply, parser = messages_api.MessageReply(options.model_id), plan.parser(text)
+        if body.stream:
+            return _sse(_message_events(reply, parser, job, len(prompt)), named=True)
+        parser.feed(await _unless_disconnected(request, job))
+        parser.finish()
+        return reply.whole(*parser.message(), job.stats)
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -437,9 +463,10 @@ def _fitting(engine: Engine, tokens: list[int], param: str) -> list[int]:
     return tokens
 
 
-def _chat_plan(engine: Engine, plan: Callable[[], oai.ChatPlan]) -> oai.ChatPlan:
+def _checked(make: Callable):
+    """`make()`, with a request the model cannot serve as asked answered by a 400."""
     try:
-        return plan()
+        return make()
     except oai.RequestError as e:
         raise ApiError(400, str(e), param=e.param) from None
 
@@ -500,16 +527,40 @@ async def _unless_disconnected(request: Request, job: Job) -> str:
         watcher.cancel()
 
 
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+def _sse(events: AsyncIterator[dict], *, named: bool = False) -> StreamingResponse:
+    """Server-sent events: OpenAI's (data lines, then [DONE]) or, `named`, Anthropic's (each with
+    an event line naming its type)."""
+
     async def lines() -> AsyncIterator[str]:
         async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
-            if "error" in event:  # the stream ends without [DONE]
+            name = f"event: {event['type']}\n" if named else ""
+            yield f"{name}data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
+            if "error" in event:  # the stream ends here, without [DONE]
                 return
-        yield "data: [DONE]\n\n"
+        if not named:
+            yield "data: [DONE]\n\n"
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
+
+
+async def _message_events(reply: messages_api.MessageReply, parser: ReplyParser, job: Job,
+                          prompt_tokens: int) -> AsyncIterator[dict]:
+    """The Messages API's stream events for `job`; a failure after the start is an error event."""
+    for event in reply.start(prompt_tokens):
+        yield event
+    try:
+        async for piece in job.pieces():
+            for event in reply.events(parser.feed(piece)):
+                yield event
+    except ShuttingDown as e:
+        yield ApiError(503, str(e), type="server_error").anthropic_body()
+        return
+    except Exception as e:
+        yield ApiError(500, f"generation failed: {e}", type="server_error").anthropic_body()
+        return
+    for event in [*reply.events(parser.finish()), *reply.end(job.stats, parser.calls)]:
+        yield event
 
 
 class Reply:

@@ -26,27 +26,29 @@ class RequestError(ValueError):
 
 
 # --- request pieces --------------------------------------------------------------------------------
-class _Strict(BaseModel):
+class ApiModel(BaseModel):
+    """A request object: unknown fields ignored, NaN and infinity refused."""
+
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
-class TextPart(_Strict):
+class TextPart(ApiModel):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(_Strict):
+class FunctionCall(ApiModel):
     name: str
     arguments: str
 
 
-class ToolCallIn(_Strict):
+class ToolCallIn(ApiModel):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
+class ChatMessage(ApiModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -75,34 +77,34 @@ class ChatMessage(_Strict):
         return out
 
 
-class FunctionDefinition(_Strict):
+class FunctionDefinition(ApiModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(ApiModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class ChosenFunction(_Strict):
+class ChosenFunction(ApiModel):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(ApiModel):
     type: Literal["function"]
     function: ChosenFunction
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(ApiModel):
     name: str | None = None
     json_schema: dict | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(ApiModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -133,7 +135,7 @@ class ChatPlan:
                            types=self.tool_types)
 
 
-class ChatOptions(_Strict):
+class ChatOptions(ApiModel):
     """The chat request fields about tools, structured output and thinking."""
 
     tools: list[Tool] | None = None

@@ -64,13 +64,15 @@ class ReplyParser:
         rest, self._pending = self._pending, ""
         if self._state == "call":
             rest = CALL_START + rest
-        self._say(delta, "reasoning" if self._state == "reasoning" else "content", rest)
+        if self._state == "reasoning":
+            self._say(delta, "reasoning", rest.rstrip())
+        else:
+            self._say(delta, "content", rest)
         return self._record(delta)
 
     def message(self) -> tuple[str, str, list[ToolCall]]:
-        """The whole reply so far: (reasoning, content, tool calls); reasoning, and content beside
-        tool calls, without outer whitespace."""
-        return self.reasoning.strip(), self.content.strip() if self.calls else self.content, list(self.calls)
+        """The whole reply so far: (reasoning, content, tool calls), exactly as streamed."""
+        return self.reasoning, self.content, list(self.calls)
 
     # --- the state machine ----------------------------------------------------------------------
     def _step(self, delta: Delta, final: bool) -> bool:
@@ -119,14 +121,18 @@ class ReplyParser:
 
     def _until(self, delta: Delta, section: str, tag: str, next_state: str, final: bool) -> bool:
         """Say the pending text as `section` up to `tag`, then switch to `next_state`; without the
-        tag, hold back an ending that could be its start."""
+        tag, hold back an ending that could be its start. Whitespace before the tag is dropped:
+        it is held back too until text follows it."""
         text = self._pending
         at = text.find(tag)
         if at >= 0:
-            self._say(delta, section, text[:at])
+            self._say(delta, section, text[:at].rstrip())
             self._switch(next_state, text[at + len(tag) :])
             return True
-        keep = 0 if final else next((k for k in range(len(tag) - 1, 0, -1) if text.endswith(tag[:k])), 0)
+        if final:
+            return False
+        keep = next((k for k in range(len(tag) - 1, 0, -1) if text.endswith(tag[:k])), 0)
+        keep += len(text[: len(text) - keep]) - len(text[: len(text) - keep].rstrip())
         self._say(delta, section, text[: len(text) - keep])
         self._pending = text[len(text) - keep :]
         return False
