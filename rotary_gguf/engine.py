@@ -28,7 +28,9 @@ from . import native
 from .errors import UserError
 from .inventory import read_inventory
 from .plan import Placement
+from .prompt_cache import CheckpointStore
 from .stats import LiveStats
+from .thinking import Thinking, ThinkTracker
 
 
 @dataclass
@@ -91,18 +93,6 @@ class TokenEvent:
     logprob: TokenLogprob | None = None  # when the generation was asked for log probabilities
 
 
-@dataclass
-class Thinking:
-    """How a reply may think: `open` when the prompt ends inside a think block (else the model may
-    open one with `start` as its first words); after `budget` tokens of thinking, `close` is written
-    for the model and the reply goes on. A grammar applies only once thinking is over."""
-
-    open: bool
-    start: str = "<think>"
-    end: str = "</think>"
-    close: str = "\n</think>\n\n"
-    budget: int | None = None
-
 
 @dataclass
 class LoadReport:
@@ -155,6 +145,9 @@ class Engine:
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         self.n_batch = llama_cpp.llama_n_batch(ctx)
         self._cached: list[int] = []  # tokens whose state is in the context memory
+        # Hybrid and recurrent models keep checkpoints of their recurrent state (prompt_cache).
+        recurrent = llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        self.checkpoints = CheckpointStore() if recurrent else None
         self.inventory = read_inventory(path)
         self.live = LiveStats()  # totals over every generation, read by /metrics and the dashboard
 
@@ -321,9 +314,11 @@ class Engine:
 
     # --- evaluation --------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the context memory (KV cache and recurrent state)."""
+        """Forget the context memory (KV cache and recurrent state) and its checkpoints."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._cached = []
+        if self.checkpoints is not None:
+            self.checkpoints.clear()
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Append `tokens` to the context, in batches of n_batch; logits of the last one are kept."""
@@ -366,17 +361,59 @@ class Engine:
         sampler = _grammar_sampler(self._vocab, grammar)
         llama_cpp.llama_sampler_free(sampler)
 
-    def prepare(self, prompt: Sequence[int]) -> int:
-        """Make the context hold exactly `prompt`, reusing a cached prefix when the prompt extends
-        what is cached (multi-turn chat). Returns how many prompt tokens were reused."""
+    def prepare(self, prompt: Sequence[int], checkpoint_at: Sequence[int] = ()) -> int:
+        """Make the context hold exactly `prompt`, reusing the longest prefix it shares with what is
+        cached: all of it when the prompt extends the cache; else, attention-only models trim their
+        KV cache, and hybrid ones restart from the longest checkpoint of their recurrent state
+        within it. On hybrid models, checkpoints are taken at the `checkpoint_at` positions (turn
+        boundaries). Returns how many prompt tokens were reused."""
         prompt = list(prompt)
-        n = len(self._cached)
-        if 0 < n < len(prompt) and prompt[:n] == self._cached:
-            self.eval(prompt[n:])
-            return n
-        self.reset()
-        self.eval(prompt)
-        return 0
+        common = next((i for i, (a, b) in enumerate(zip(self._cached, prompt)) if a != b),
+                      min(len(self._cached), len(prompt)))
+        keep = min(common, len(prompt) - 1)  # the last prompt token is evaluated for its logits
+        if 0 < keep == len(self._cached) or (0 < keep and self.checkpoints is None and self._trim(keep)):
+            reused = keep
+        elif self.checkpoints is not None and (checkpoint := self.checkpoints.best(prompt, keep)) and self._restore(checkpoint):
+            reused = len(checkpoint.tokens)
+        else:
+            self.reset()
+            reused = 0
+        if self.checkpoints is not None:
+            self.checkpoints.retain(prompt)
+        start = reused
+        for at in sorted(set(checkpoint_at)) if self.checkpoints is not None else ():
+            if start < at <= len(prompt):
+                self.eval(prompt[start:at])
+                self._checkpoint()
+                start = at
+        if start < len(prompt):
+            self.eval(prompt[start:])
+        return reused
+
+    def _trim(self, n: int) -> bool:
+        """Drop the cached tokens after the first `n`; False where the memory cannot (recurrent)."""
+        if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, n, -1):
+            return False
+        del self._cached[n:]
+        return True
+
+    def _checkpoint(self) -> None:
+        """Keep the recurrent state after the cached tokens as a checkpoint."""
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = llama_cpp.llama_state_seq_get_size_ext(self._ctx, 0, flags)
+        state = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data_ext(self._ctx, state, size, 0, flags)
+        if written == size:
+            self.checkpoints.add(tuple(self._cached), bytes(state))
+
+    def _restore(self, checkpoint) -> bool:
+        """Restore a checkpoint's recurrent state, then drop the KV cache after its tokens (in this
+        order: the hybrid memory refuses the trim before the restore)."""
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        state = (ctypes.c_uint8 * len(checkpoint.state)).from_buffer_copy(checkpoint.state)
+        if not llama_cpp.llama_state_seq_set_data_ext(self._ctx, state, len(checkpoint.state), 0, flags):
+            return False
+        return self._trim(len(checkpoint.tokens))
 
     # --- generation --------------------------------------------------------------------------------
     def generate(
@@ -387,25 +424,27 @@ class Engine:
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
         cancel: threading.Event | None = None,
+        checkpoint_at: Sequence[int] = (),
         grammar: str | None = None,
         thinking: Thinking | None = None,
         logprobs: int | None = None,
     ) -> Iterator[TokenEvent]:
         """Stream tokens after `prompt`. Text is whole UTF-8 characters; stop strings are cut out.
-        Setting `cancel` (from any thread) ends the generation before its next token. `grammar`
+        Setting `cancel` (from any thread) ends the generation before its next token; a hybrid model
+        keeps checkpoints at the `checkpoint_at` prompt positions (see `prepare`). `grammar`
         (GBNF) constrains the reply after any thinking (`thinking`); `logprobs` (the number of top
         alternatives, 0 for none) adds each token's log probability to its event."""
         self.check_prompt(prompt)
         stats = GenerationStats(prompt_tokens=len(prompt))
         sampler = Sampler(self, sampling or SamplingParams(), history=prompt, grammar=grammar)
-        think = _ThinkTracker(self, thinking)
+        think = ThinkTracker(thinking, lambda text: self.tokenize(text, add_special=False, parse_special=True))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text_filter = StopFilter(stop)
         budget = min(max_tokens, self.n_ctx - len(prompt))
         self.live.generation_started(stats)
         try:
             t0 = time.perf_counter()
-            stats.cached_prompt_tokens = self.prepare(prompt)
+            stats.cached_prompt_tokens = self.prepare(prompt, checkpoint_at)
             stats.prompt_seconds = time.perf_counter() - t0
             t_decode = time.perf_counter()
             while True:
@@ -547,41 +586,6 @@ def _grammar_sampler(vocab, grammar: str):
     return sampler
 
 
-class _ThinkTracker:
-    """Follows a reply's think block: whether the model is thinking, and the tokens that close the
-    block for it once its budget is spent."""
-
-    def __init__(self, engine: Engine, thinking: Thinking | None):
-        self._engine, self._thinking = engine, thinking
-        self.active = bool(thinking and thinking.open)
-        self._undecided = bool(thinking and not thinking.open)  # the model may still open a block
-        self._text, self._spent = "", 0
-        self._forced: list[int] | None = None  # the closing tokens, once the budget is spent
-
-    def saw(self, piece: str) -> None:
-        if self._thinking is None:
-            return
-        self._text += piece
-        if self._undecided:
-            head = self._text.lstrip()
-            if head.startswith(self._thinking.start):
-                self._undecided, self.active, self._text = False, True, head[len(self._thinking.start) :]
-            elif head and not self._thinking.start.startswith(head):
-                self._undecided = False
-            return
-        if self.active:
-            self._spent += 1
-            if self._thinking.end in self._text:
-                self.active = False
-            self._text = self._text[-len(self._thinking.end) :]
-
-    def forced_token(self) -> int | None:
-        """The next token to write for the model, when its thinking budget is spent."""
-        budget = self._thinking.budget if self._thinking else None
-        if self._forced is None and self.active and budget is not None and self._spent >= budget:
-            self._forced = self._engine.tokenize(self._thinking.close, add_special=False, parse_special=True)
-        return self._forced.pop(0) if self._forced else None
-
 
 class StopFilter:
     """Holds back text that could be the start of a stop string; cuts output at the first stop."""
@@ -611,11 +615,12 @@ class StopFilter:
         return out
 
 
-def render_chat_template(template: str, messages: Sequence[dict], **variables) -> str:
-    """Apply a Hugging Face style jinja chat template in a sandbox, with the generation prompt."""
+def render_chat_template(template: str, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                         **variables) -> str:
+    """Apply a Hugging Face style jinja chat template in a sandbox, by default with the generation prompt."""
     compiled = _compile_chat_template(template)
     try:
-        return compiled.render(messages=list(messages), add_generation_prompt=True, **variables)
+        return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
     except Exception as e:  # the template is the model's code: any failure means it refused these messages
         raise PromptError(f"the model's chat template cannot render these messages: {e}") from None
 

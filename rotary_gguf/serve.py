@@ -36,7 +36,8 @@ from . import log
 from .api import anthropic as messages_api
 from .api import openai as oai
 from .api.reply import ReplyParser
-from .engine import Engine, GenerationStats, PromptError, SamplingParams, Thinking, TokenLogprob
+from .engine import Engine, GenerationStats, PromptError, SamplingParams, TokenLogprob
+from .thinking import Thinking
 from .errors import UserError
 from .stats import Snapshot
 
@@ -197,6 +198,7 @@ class Job:
     grammar: str | None = None
     thinking: Thinking | None = None
     logprobs: int | None = None  # top alternatives per token; None: no log probabilities
+    checkpoint_at: tuple[int, ...] = ()  # prompt positions where a hybrid model keeps its state
     # str pieces (each after its tokens' TokenLogprobs, when asked for), then stats or an exception
     output: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -305,7 +307,7 @@ class Worker:
         try:
             for event in self.engine.generate(
                 job.prompt, max_tokens=job.max_tokens, sampling=job.sampling, stop=job.stop, cancel=job.cancel,
-                grammar=job.grammar, thinking=job.thinking, logprobs=job.logprobs,
+                checkpoint_at=job.checkpoint_at, grammar=job.grammar, thinking=job.thinking, logprobs=job.logprobs,
             ):
                 stats = event.stats
                 if event.logprob is not None and event.token is not None:
@@ -393,7 +395,9 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     async def metrics():
         memory = await run_in_threadpool(engine.accelerator_memory)
         cache = engine.expert_cache.snapshot() if engine.expert_cache is not None else None
-        return PlainTextResponse(prometheus_text(engine.live.snapshot(), memory, cache), media_type="text/plain; version=0.0.4")
+        checkpoints = engine.checkpoints.snapshot() if engine.checkpoints is not None else None
+        return PlainTextResponse(prometheus_text(engine.live.snapshot(), memory, cache, checkpoints),
+                                 media_type="text/plain; version=0.0.4")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -401,7 +405,8 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         plan = _checked(lambda: body.plan(body.messages, engine.chat_template))
         text = await _rendered(engine, plan)
         prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
-        job = _submit(worker, engine, body, prompt, body.token_limit, plan, text)
+        turn_start = await run_in_threadpool(_turn_start, engine, plan, prompt)
+        job = _submit(worker, engine, body, prompt, body.token_limit, plan, text, turn_start)
         return await _respond(Reply("chat", options.model_id, plan.parser(text)), job, body, request)
 
     @api.post("/v1/messages")
@@ -410,7 +415,8 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         plan = _checked(lambda: chat_options.plan(chat_messages, engine.chat_template))
         text = await _rendered(engine, plan)
         prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
-        job = _submit(worker, engine, body, prompt, body.max_tokens, plan, text)
+        turn_start = await run_in_threadpool(_turn_start, engine, plan, prompt)
+        job = _submit(worker, engine, body, prompt, body.max_tokens, plan, text, turn_start)
         reply, parser = messages_api.MessageReply(options.model_id), plan.parser(text)
         if body.stream:
             return _sse(_message_events(reply, parser, job, len(prompt)), named=True)
@@ -486,8 +492,20 @@ async def _rendered(engine: Engine, plan: oai.ChatPlan) -> str:
         raise ApiError(400, str(e), param="messages") from None
 
 
+def _turn_start(engine: Engine, plan: oai.ChatPlan, prompt: list[int]) -> tuple[int, ...]:
+    """Where the new turn begins in a chat prompt (before the generation prompt): the checkpoint a
+    hybrid model restarts from next turn, when the template rewrites this turn (drops thinking)."""
+    if engine.checkpoints is None:
+        return ()
+    try:
+        head = engine.chat_tokens(engine.chat_text(plan.messages, add_generation_prompt=False, **plan.variables))
+    except PromptError:
+        return ()
+    return (len(head),) if 0 < len(head) < len(prompt) and prompt[: len(head)] == head else ()
+
+
 def _submit(worker: Worker, engine: Engine, body: _Body, prompt: list[int], max_tokens: int | None,
-            plan: oai.ChatPlan | None = None, prompt_text: str = "") -> Job:
+            plan: oai.ChatPlan | None = None, prompt_text: str = "", checkpoint_at: tuple[int, ...] = ()) -> Job:
     job = Job(
         prompt=prompt,
         max_tokens=max_tokens or engine.n_ctx,  # the engine also stops where the context ends
@@ -497,6 +515,7 @@ def _submit(worker: Worker, engine: Engine, body: _Body, prompt: list[int], max_
         grammar=plan.grammar if plan else None,
         thinking=plan.thinking(prompt_text) if plan else None,
         logprobs=body.logprob_count(),
+        checkpoint_at=checkpoint_at,
     )
     worker.submit(job)
     return job
@@ -654,9 +673,11 @@ class Reply:
 
 
 # --- /metrics ----------------------------------------------------------------------------------------
-def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]], cache: dict | None = None) -> str:
+def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]], cache: dict | None = None,
+                    checkpoints: dict | None = None) -> str:
     """The live figures in Prometheus' text exposition format; `cache` is the expert cache's
-    snapshot (ExpertCache.snapshot()), when the engine has one."""
+    snapshot (ExpertCache.snapshot()) and `checkpoints` the prompt checkpoints'
+    (CheckpointStore.snapshot()), when the engine has them."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -708,6 +729,14 @@ def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]],
                [("", cache["uploaded_bytes_per_s"])])
         metric("expert_cache_resident_experts", "gauge", "Experts holding a slot, per block.",
                labelled("layer", {layer: len(experts) for layer, experts in cache["resident"].items()}))
+    if checkpoints is not None:
+        metric("prompt_checkpoints", "gauge", "Checkpoints of the recurrent state kept for prompt reuse.",
+               [("", checkpoints["count"])])
+        metric("prompt_checkpoint_bytes", "gauge", "Host memory the prompt checkpoints hold.", [("", checkpoints["bytes"])])
+        metric("prompt_checkpoint_max_bytes", "gauge", "The prompt checkpoints' memory budget.",
+               [("", checkpoints["max_bytes"])])
+        metric("prompt_checkpoints_restored_total", "counter", "Prompts that restarted from a checkpoint.",
+               [("", checkpoints["restored"])])
     return "\n".join(lines) + "\n"
 
 

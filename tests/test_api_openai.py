@@ -11,7 +11,8 @@ import openai
 import pytest
 
 from test_serve import API_KEY, Server
-from rotary_gguf.engine import Engine, Thinking
+from rotary_gguf.engine import Engine
+from rotary_gguf.thinking import Thinking
 
 CTX = 4096
 WEATHER = {"type": "function", "function": {
@@ -158,7 +159,8 @@ def test_logprobs(server):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert all(len(top) <= 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
     streamed = client.completions.create(model="m", prompt="The weather", temperature=0, max_tokens=5, logprobs=2, stream=True)
-    assert [t for c in streamed for t in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    # equal up to float noise: the repeated prompt reuses the cached context (a different batch split)
+    assert [t for c in streamed for t in c.choices[0].logprobs.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-3)
 
 
 @pytest.mark.parametrize("body, param", [

@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine import Thinking, TokenLogprob
+from ..engine import TokenLogprob
+from ..thinking import Thinking
 from .grammar import SchemaError, json_grammar, tool_call_grammar
 from .reply import THINK_START, ReplyParser, thinking_open
 from .tools import ToolCall, ToolFormat, arguments_object, parameter_types, template_tool_format
