@@ -7,7 +7,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from test_dashboard import render
 from test_serve import API_KEY, Server
+from rotary_gguf.dashboard import Dashboard
+from rotary_gguf.units import human_bytes
 from rotary_gguf.api.reply import ReplyParser
 from rotary_gguf.engine import Engine
 from rotary_gguf.prompt_cache import CheckpointStore
@@ -36,6 +39,9 @@ def test_restart_from_a_checkpoint_gives_the_fresh_tokens(model):
         assert engine.checkpoints.snapshot()["count"] == 1
         reused_tokens, reused = greedy(engine, a + c, 6)
         assert reused == len(a)  # the context held a+b+reply: only the checkpoint's prefix is reusable
+        held = engine.checkpoints.snapshot()
+        text = "\n".join(render(Dashboard(engine, serving=True), 120, 30))
+        assert held["count"] == 1 and f"checkpoints {human_bytes(held['bytes'])} / 512.0 MiB (1)" in text
         engine.reset()
         fresh_tokens, fresh = greedy(engine, a + c, 6)
         assert fresh == 0 and reused_tokens == fresh_tokens
