@@ -18,11 +18,9 @@ import signal
 import socket
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -35,11 +33,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import log
 from .api import anthropic as messages_api
 from .api import openai as oai
-from .api.reply import ReplyParser
 from .engine import Engine, GenerationStats, PromptError, SamplingParams, TokenLogprob
 from .thinking import Thinking
 from .errors import UserError
-from .stats import Snapshot
+from .metrics import prometheus_text
 
 RETRY_AFTER_SECONDS = 1
 MAX_STOP_STRINGS = 4
@@ -407,7 +404,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
         turn_start = await run_in_threadpool(_turn_start, engine, plan, prompt)
         job = _submit(worker, engine, body, prompt, body.token_limit, plan, text, turn_start)
-        return await _respond(Reply("chat", options.model_id, plan.parser(text)), job, body, request)
+        return await _respond(oai.Reply("chat", options.model_id, plan.parser(text)), job, body, request)
 
     @api.post("/v1/messages")
     async def anthropic_messages(body: messages_api.MessagesRequest, request: Request):
@@ -419,7 +416,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         job = _submit(worker, engine, body, prompt, body.max_tokens, plan, text, turn_start)
         reply, parser = messages_api.MessageReply(options.model_id), plan.parser(text)
         if body.stream:
-            return _sse(_message_events(reply, parser, job, len(prompt)), named=True)
+            return _sse(_guarded(reply.stream(parser, job, len(prompt)), ApiError.anthropic_body), named=True)
         parser.feed(await _unless_disconnected(request, job))
         parser.finish()
         return reply.whole(*parser.message(), job.stats)
@@ -433,7 +430,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
             text = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)  # at most one
             prompt = await _tokenized(engine, lambda: engine.tokenize(text), "prompt")
         job = _submit(worker, engine, body, prompt, body.max_tokens)
-        return await _respond(Reply("completion", options.model_id), job, body, request)
+        return await _respond(oai.Reply("completion", options.model_id), job, body, request)
 
     app.include_router(api)
     return app
@@ -521,9 +518,9 @@ def _submit(worker: Worker, engine: Engine, body: _Body, prompt: list[int], max_
     return job
 
 
-async def _respond(reply: Reply, job: Job, body: _Body, request: Request):
+async def _respond(reply: oai.Reply, job: Job, body: _Body, request: Request):
     if body.stream:
-        return _sse(reply.chunks(job, body.include_usage))
+        return _sse(_guarded(reply.chunks(job, body.include_usage), ApiError.body))
     return reply.whole(await _unless_disconnected(request, job), job)
 
 
@@ -563,186 +560,16 @@ def _sse(events: AsyncIterator[dict], *, named: bool = False) -> StreamingRespon
     return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
 
 
-async def _message_events(reply: messages_api.MessageReply, parser: ReplyParser, job: Job,
-                          prompt_tokens: int) -> AsyncIterator[dict]:
-    """The Messages API's stream events for `job`; a failure after the start is an error event."""
-    for event in reply.start(prompt_tokens):
-        yield event
+async def _guarded(events: AsyncIterator[dict], error_body: Callable[[ApiError], dict]) -> AsyncIterator[dict]:
+    """A response's stream events; a failure after the response started ends it with an error
+    event in the API's form (clients raise it)."""
     try:
-        async for piece in job.pieces():
-            for event in reply.events(parser.feed(piece)):
-                yield event
+        async for event in events:
+            yield event
     except ShuttingDown as e:
-        yield ApiError(503, str(e), type="server_error").anthropic_body()
-        return
+        yield error_body(ApiError(503, str(e), type="server_error"))
     except Exception as e:
-        yield ApiError(500, f"generation failed: {e}", type="server_error").anthropic_body()
-        return
-    for event in [*reply.events(parser.finish()), *reply.end(job.stats, parser.calls)]:
-        yield event
-
-
-class Reply:
-    """The OpenAI response objects of one request: kind "chat" (chat.completion) or "completion".
-    A chat reply's text goes through `parser` (reasoning, content, tool calls)."""
-
-    def __init__(self, kind: Literal["chat", "completion"], model_id: str, parser: ReplyParser | None = None):
-        self.kind, self.model_id = kind, model_id
-        self.parser = parser or ReplyParser()
-        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def _envelope(self, choices: list[dict], *, chunk: bool, **extra) -> dict:
-        obj = {"chat": "chat.completion", "completion": "text_completion"}[self.kind]
-        if chunk and self.kind == "chat":
-            obj = "chat.completion.chunk"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id, "choices": choices, **extra}
-
-    def _logprobs(self, entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
-        if entries is None:
-            return None
-        return oai.logprobs_chat(entries) if self.kind == "chat" else oai.logprobs_completion(entries, offset)
-
-    @staticmethod
-    def usage(stats: GenerationStats) -> dict:
-        return {
-            "prompt_tokens": stats.prompt_tokens,
-            "completion_tokens": stats.completion_tokens,
-            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_prompt_tokens},
-        }
-
-    def _finish_reason(self, stats: GenerationStats) -> str | None:
-        return "tool_calls" if self.parser.calls and stats.finish_reason == "stop" else stats.finish_reason
-
-    def whole(self, text: str, job: Job) -> dict:
-        """The non-streaming response."""
-        logprobs = self._logprobs(job.token_logprobs if job.logprobs is not None else None)
-        choice: dict = {"index": 0}
-        if self.kind == "completion":
-            choice["text"] = text
-        else:
-            self.parser.feed(text)
-            self.parser.finish()
-            choice["message"] = oai.message(*self.parser.message())
-        choice.update(logprobs=logprobs, finish_reason=self._finish_reason(job.stats))
-        return self._envelope([choice], chunk=False, usage=self.usage(job.stats))
-
-    async def chunks(self, job: Job, include_usage: bool) -> AsyncIterator[dict]:
-        """The streaming response's events. A failure after the response started becomes an error
-        event (the OpenAI client raises it)."""
-        usage_field = {"usage": None} if include_usage else {}
-        said = {"logprobs": 0, "calls": 0, "text": 0}
-
-        def chunk(piece: str, finish_reason: str | None = None, final: bool = False) -> dict | None:
-            """The event for `piece`, or None while the parser holds it back (its log
-            probabilities then go with the next event)."""
-            choice: dict = {"index": 0}
-            if self.kind == "completion":
-                choice["text"] = piece
-            else:
-                d = self.parser.finish() if final else self.parser.feed(piece)
-                choice["delta"] = oai.delta(d.reasoning, d.content, d.calls, said["calls"])
-                said["calls"] += len(d.calls)
-            if not final and not (choice.get("delta") if self.kind == "chat" else piece):
-                return None
-            entries = None
-            if job.logprobs is not None:
-                entries = job.token_logprobs[said["logprobs"] :]
-                said["logprobs"] = len(job.token_logprobs)
-            choice.update(logprobs=self._logprobs(entries, said["text"]), finish_reason=finish_reason)
-            said["text"] += len(piece)
-            return self._envelope([choice], chunk=True, **usage_field)
-
-        if self.kind == "chat":
-            yield self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                   "finish_reason": None}], chunk=True, **usage_field)
-        try:
-            async for piece in job.pieces():
-                if (event := chunk(piece)) is not None:
-                    yield event
-        except ShuttingDown as e:
-            yield ApiError(503, str(e), type="server_error").body()
-            return
-        except Exception as e:
-            yield ApiError(500, f"generation failed: {e}", type="server_error").body()
-            return
-        yield chunk("", self._finish_reason(job.stats), final=True)
-        if include_usage:
-            yield self._envelope([], chunk=True, usage=self.usage(job.stats))
-
-
-# --- /metrics ----------------------------------------------------------------------------------------
-def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]], cache: dict | None = None,
-                    checkpoints: dict | None = None) -> str:
-    """The live figures in Prometheus' text exposition format; `cache` is the expert cache's
-    snapshot (ExpertCache.snapshot()) and `checkpoints` the prompt checkpoints'
-    (CheckpointStore.snapshot()), when the engine has them."""
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP rotary_gguf_{name} {help_text}")
-        lines.append(f"# TYPE rotary_gguf_{name} {kind}")
-        lines.extend(f"rotary_gguf_{name}{suffix} {_sample_value(value)}" for suffix, value in samples)
-
-    def labelled(label: str, values: dict) -> list[tuple[str, float]]:
-        return [(f'{{{label}="{key}"}}', value) for key, value in sorted(values.items())]
-
-    metric("requests_total", "counter", "Generations finished, by finish reason.", labelled("finish_reason", s.requests))
-    metric("requests_rejected_total", "counter", "Requests refused because the queue was full.", [("", s.rejected)])
-    metric("prompt_tokens_total", "counter", "Prompt tokens of finished generations.", [("", s.prompt_tokens)])
-    metric("prompt_tokens_cached_total", "counter", "Prompt tokens reused from the context cache.",
-           [("", s.cached_prompt_tokens)])
-    metric("completion_tokens_total", "counter", "Generated tokens.", [("", s.completion_tokens)])
-    metric("decode_seconds_total", "counter", "Seconds spent generating after the first token.", [("", s.decode_seconds)])
-    metric("decode_tokens_per_second", "gauge", "Decode speed of the last generation.", [("", s.last_decode_tps)])
-    metric("decode_tokens_per_second_avg", "gauge", "Decode speed over all generations.", [("", s.avg_decode_tps)])
-    metric("prompt_tokens_per_second", "gauge", "Prompt speed of the last generation.", [("", s.last_prompt_tps)])
-    metric("time_to_first_token_seconds", "summary", "Time from a generation's start to its first token.",
-           [("_sum", s.ttft_seconds_sum), ("_count", s.ttft_count)])
-    metric("time_to_first_token_seconds_last", "gauge", "Time to first token of the last generation.",
-           [("", s.last_ttft_seconds)])
-    metric("queue_length", "gauge", "Requests waiting for the engine.", [("", s.queue_length)])
-    metric("requests_in_flight", "gauge", "Generations running now.", [("", s.in_flight)])
-    metric("accelerator_memory_used_bytes", "gauge", "Memory in use on each accelerator, as the device reports it.",
-           labelled("device", {name: used for name, (used, _) in accelerator_memory.items()}))
-    metric("accelerator_memory_total_bytes", "gauge", "Memory of each accelerator.",
-           labelled("device", {name: total for name, (_, total) in accelerator_memory.items()}))
-    if cache is not None:
-        metric("expert_cache_enabled", "gauge", "1 while the expert cache serves decode calls, 0 once it turned itself off.",
-               [("", int(cache["enabled"]))])
-        metric("expert_cache_slots", "gauge", "Accelerator slots for experts, per cached block.", [("", cache["slots"])])
-        metric("expert_cache_hits_total", "counter", "Expert selections served from a slot.", [("", cache["hits"])])
-        metric("expert_cache_misses_total", "counter", "Expert selections uploaded into a slot first.",
-               [("", cache["misses"])])
-        metric("expert_cache_hit_rate", "gauge", "Share of expert selections served from a slot.", [("", cache["hit_rate"])])
-        metric("expert_cache_hit_rate_recent", "gauge", "Share of expert selections served from a slot lately (about 10 s).",
-               [("", cache["recent_hit_rate"])])
-        metric("expert_cache_layer_hit_rate", "gauge", "Share of expert selections served from a slot, per block.",
-               labelled("layer", cache["layer_hit_rate"]))
-        metric("expert_cache_fallback_calls_total", "counter",
-               "Decode calls that ran llama.cpp's own path: batches that could need more experts than the slots hold.",
-               [("", cache["fallback_calls"])])
-        metric("expert_cache_uploaded_bytes_total", "counter", "Expert bytes uploaded into slots.",
-               [("", cache["uploaded_bytes"])])
-        metric("expert_cache_upload_bytes_per_second", "gauge", "Expert upload speed lately (about 10 s).",
-               [("", cache["uploaded_bytes_per_s"])])
-        metric("expert_cache_resident_experts", "gauge", "Experts holding a slot, per block.",
-               labelled("layer", {layer: len(experts) for layer, experts in cache["resident"].items()}))
-    if checkpoints is not None:
-        metric("prompt_checkpoints", "gauge", "Checkpoints of the recurrent state kept for prompt reuse.",
-               [("", checkpoints["count"])])
-        metric("prompt_checkpoint_bytes", "gauge", "Host memory the prompt checkpoints hold.", [("", checkpoints["bytes"])])
-        metric("prompt_checkpoint_max_bytes", "gauge", "The prompt checkpoints' memory budget.",
-               [("", checkpoints["max_bytes"])])
-        metric("prompt_checkpoints_restored_total", "counter", "Prompts that restarted from a checkpoint.",
-               [("", checkpoints["restored"])])
-    return "\n".join(lines) + "\n"
-
-
-def _sample_value(value: float) -> str:
-    """A sample value in full: integers exact (counters soon pass 6 digits), floats to the last digit."""
-    return str(int(value)) if isinstance(value, int) else repr(float(value))
+        yield error_body(ApiError(500, f"generation failed: {e}", type="server_error"))
 
 
 # --- running -----------------------------------------------------------------------------------------

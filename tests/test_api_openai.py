@@ -175,6 +175,7 @@ def test_logprobs(server):
      "messages.2.tool_calls.0.function.arguments"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"extra_body": {"thinking_budget": -1}}, "thinking_budget"),
+    ({"extra_body": {"chat_template_kwargs": {"add_generation_prompt": False}}}, "chat_template_kwargs"),
 ])
 def test_bad_tool_and_format_requests_are_400(server, body, param):
     with pytest.raises(openai.BadRequestError) as e:

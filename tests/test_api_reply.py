@@ -11,7 +11,7 @@ import pytest
 from make_test_model import chat_template_text
 from rotary_gguf.api.reply import ReplyParser, thinking_open
 from rotary_gguf.api.tools import parameter_types, template_tool_format
-from rotary_gguf.engine import render_chat_template
+from rotary_gguf.chat_template import render_chat_template
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {

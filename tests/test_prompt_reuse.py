@@ -4,7 +4,6 @@ the new turn, with the same tokens as a fresh context."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from test_dashboard import render

@@ -23,7 +23,8 @@ from rotary_gguf.engine import Engine
 from rotary_gguf.expert_cache import ExpertCache
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.plan import Placement
-from rotary_gguf.serve import ServeOptions, create_app, prometheus_text
+from rotary_gguf.metrics import prometheus_text
+from rotary_gguf.serve import ServeOptions, create_app
 
 API_KEY = "sk-test-key"
 CTX = 256

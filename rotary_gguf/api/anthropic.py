@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from pydantic import Field
 
 from ..engine import GenerationStats, SamplingParams
 from . import openai as oai
-from .reply import Delta
+from .reply import Delta, ReplyParser
 from .tools import ToolCall
 
 MAX_STOP_SEQUENCES = 4
@@ -185,6 +186,16 @@ class MessageReply:
         for call in calls:
             blocks.append({**_tool_use(call), "input": json.loads(call.arguments)})
         return self._message(blocks, stop_reason(stats, calls), usage(stats))
+
+    async def stream(self, parser: ReplyParser, job, prompt_tokens: int) -> AsyncIterator[dict]:
+        """The stream's events for the server's generation `job`, its text read through `parser`."""
+        for event in self.start(prompt_tokens):
+            yield event
+        async for piece in job.pieces():
+            for event in self.events(parser.feed(piece)):
+                yield event
+        for event in [*self.events(parser.finish()), *self.end(job.stats, parser.calls)]:
+            yield event
 
     def start(self, prompt_tokens: int) -> list[dict]:
         use = {"input_tokens": prompt_tokens, "output_tokens": 0}

@@ -4,18 +4,23 @@ tools and tool_choice; response_format; thinking controls. `ChatOptions.plan` tu
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine import TokenLogprob
+from ..engine import GenerationStats, TokenLogprob
 from ..thinking import Thinking
 from .grammar import SchemaError, json_grammar, tool_call_grammar
 from .reply import THINK_START, ReplyParser, thinking_open
 from .tools import ToolCall, ToolFormat, arguments_object, parameter_types, template_tool_format
 
 MAX_TOP_LOGPROBS = 20
+# Template variables the server sets itself; chat_template_kwargs may set any other.
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
 
 
 class RequestError(ValueError):
@@ -148,6 +153,9 @@ class ChatOptions(ApiModel):
 
     def plan(self, messages: list[ChatMessage], template: str | None) -> ChatPlan:
         """RequestError when the model's chat template cannot do what the request asks."""
+        reserved = RESERVED_TEMPLATE_VARIABLES.intersection(self.chat_template_kwargs or {})
+        if reserved:
+            raise RequestError("chat_template_kwargs", f"cannot set {', '.join(sorted(reserved))} (the server does)")
         rendered = [m.for_template(i) for i, m in enumerate(messages)]
         tools = [t.model_dump(exclude_none=True) for t in self.tools or ()]
         choice = self.tool_choice or ("auto" if tools else "none")
@@ -238,3 +246,85 @@ def logprobs_completion(entries: list[TokenLogprob], offset: int) -> dict:
         "text_offset": offsets,
     }
 
+
+class Reply:
+    """The OpenAI response objects of one request: kind "chat" (chat.completion) or "completion".
+    A chat reply's text goes through `parser` (reasoning, content, tool calls). `job` is the
+    server's generation job: its pieces, stats and log probabilities."""
+
+    def __init__(self, kind: Literal["chat", "completion"], model_id: str, parser: ReplyParser | None = None):
+        self.kind, self.model_id = kind, model_id
+        self.parser = parser or ReplyParser()
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _envelope(self, choices: list[dict], *, chunk: bool, **extra) -> dict:
+        obj = {"chat": "chat.completion", "completion": "text_completion"}[self.kind]
+        if chunk and self.kind == "chat":
+            obj = "chat.completion.chunk"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id, "choices": choices, **extra}
+
+    def _logprobs(self, entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+        if entries is None:
+            return None
+        return logprobs_chat(entries) if self.kind == "chat" else logprobs_completion(entries, offset)
+
+    @staticmethod
+    def usage(stats: GenerationStats) -> dict:
+        return {
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_prompt_tokens},
+        }
+
+    def _finish_reason(self, stats: GenerationStats) -> str | None:
+        return "tool_calls" if self.parser.calls and stats.finish_reason == "stop" else stats.finish_reason
+
+    def whole(self, text: str, job) -> dict:
+        """The non-streaming response."""
+        logprobs = self._logprobs(job.token_logprobs if job.logprobs is not None else None)
+        choice: dict = {"index": 0}
+        if self.kind == "completion":
+            choice["text"] = text
+        else:
+            self.parser.feed(text)
+            self.parser.finish()
+            choice["message"] = message(*self.parser.message())
+        choice.update(logprobs=logprobs, finish_reason=self._finish_reason(job.stats))
+        return self._envelope([choice], chunk=False, usage=self.usage(job.stats))
+
+    async def chunks(self, job, include_usage: bool) -> AsyncIterator[dict]:
+        """The streaming response's events."""
+        usage_field = {"usage": None} if include_usage else {}
+        said = {"logprobs": 0, "calls": 0, "text": 0}
+
+        def chunk(piece: str, finish_reason: str | None = None, final: bool = False) -> dict | None:
+            """The event for `piece`, or None while the parser holds it back (its log
+            probabilities then go with the next event)."""
+            choice: dict = {"index": 0}
+            if self.kind == "completion":
+                choice["text"] = piece
+            else:
+                d = self.parser.finish() if final else self.parser.feed(piece)
+                choice["delta"] = delta(d.reasoning, d.content, d.calls, said["calls"])
+                said["calls"] += len(d.calls)
+            if not final and not (choice.get("delta") if self.kind == "chat" else piece):
+                return None
+            entries = None
+            if job.logprobs is not None:
+                entries = job.token_logprobs[said["logprobs"] :]
+                said["logprobs"] = len(job.token_logprobs)
+            choice.update(logprobs=self._logprobs(entries, said["text"]), finish_reason=finish_reason)
+            said["text"] += len(piece)
+            return self._envelope([choice], chunk=True, **usage_field)
+
+        if self.kind == "chat":
+            yield self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}], chunk=True, **usage_field)
+        async for piece in job.pieces():
+            if (event := chunk(piece)) is not None:
+                yield event
+        yield chunk("", self._finish_reason(job.stats), final=True)
+        if include_usage:
+            yield self._envelope([], chunk=True, usage=self.usage(job.stats))
