@@ -26,7 +26,7 @@ from .chat_template import render_chat_template
 from .errors import PromptError, UserError
 from .inventory import read_inventory
 from .plan import Placement
-from .prompt_cache import CheckpointStore
+from .prompt_cache import DEFAULT_CHECKPOINT_BYTES, CheckpointStore
 from .stats import LiveStats
 from .thinking import Thinking, ThinkTracker
 
@@ -91,7 +91,6 @@ class TokenEvent:
     logprob: TokenLogprob | None = None  # when the generation was asked for log probabilities
 
 
-
 @dataclass
 class LoadReport:
     """What llama.cpp allocated while loading, per buffer name, read from its load log (sizes in MiB
@@ -129,7 +128,8 @@ class Engine:
     expert_cache = None
     before_decode = None  # called with each batch's size before llama_decode (the expert cache)
 
-    def __init__(self, path: Path, model, ctx, placement: Placement, keepalive: list):
+    def __init__(self, path: Path, model, ctx, placement: Placement, keepalive: list,
+                 checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES):
         self.path = path
         self.placement = placement
         self._model, self._ctx = model, ctx
@@ -141,7 +141,7 @@ class Engine:
         self._cached: list[int] = []  # tokens whose state is in the context memory
         # Hybrid and recurrent models keep checkpoints of their recurrent state (prompt_cache).
         recurrent = llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
-        self.checkpoints = CheckpointStore() if recurrent else None
+        self.checkpoints = CheckpointStore(checkpoint_bytes) if recurrent else None
         self.inventory = read_inventory(path)
         self.live = LiveStats()  # totals over every generation, read by /metrics and the dashboard
 
@@ -157,12 +157,14 @@ class Engine:
         n_threads: int | None = None,
         telemetry=None,
         expert_cache=None,
+        checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
     ) -> "Engine":
         """Load `path` with `placement` (default: everything on the CPU) and create a context.
         `telemetry` (e.g. a `telemetry.RoutingTelemetry`) is installed as llama.cpp's eval callback:
         anything with `callback` (an EvalCallback) and `user_data`. `expert_cache` (an
         `expert_cache.ExpertCache`) takes the eval callback's place and is attached after loading;
-        with both, the cache's callback also counts the routing for the telemetry."""
+        with both, the cache's callback also counts the routing for the telemetry. A hybrid model
+        keeps prompt checkpoints within `checkpoint_bytes` of host memory."""
         callback = expert_cache if expert_cache is not None else telemetry
         path = Path(path)
         inv = read_inventory(path)  # clear errors for missing/broken files before llama.cpp sees them
@@ -207,7 +209,7 @@ class Engine:
             if not ctx:
                 llama_cpp.llama_model_free(model)
                 raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
-        engine = cls(path, model, ctx, placement, keepalive)
+        engine = cls(path, model, ctx, placement, keepalive, checkpoint_bytes)
         engine.load_report = LoadReport.from_log(log_lines)
         if expert_cache is not None:
             engine.expert_cache, engine.before_decode = expert_cache, expert_cache.before_decode
@@ -578,7 +580,6 @@ def _grammar_sampler(vocab, grammar: str):
     if not sampler:
         raise PromptError("llama.cpp's grammar parser refused the grammar built for this request")
     return sampler
-
 
 
 class StopFilter:

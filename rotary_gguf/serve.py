@@ -34,9 +34,9 @@ from . import log
 from .api import anthropic as messages_api
 from .api import openai as oai
 from .engine import Engine, GenerationStats, PromptError, SamplingParams, TokenLogprob
-from .thinking import Thinking
 from .errors import UserError
 from .metrics import prometheus_text
+from .thinking import Thinking
 
 RETRY_AFTER_SECONDS = 1
 MAX_STOP_STRINGS = 4
@@ -163,12 +163,12 @@ class CompletionRequest(_Body):
     prompt: str | list[str] | list[int]
     max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
-
-    def logprob_count(self) -> int | None:
-        return self.logprobs
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -332,6 +332,7 @@ class ServeOptions:
     model_id: str  # the name /v1/models lists and responses carry
     max_queue: int  # requests that may wait for the engine; more get 503
     api_key: str | None = None  # required as a Bearer token on everything but /health
+    thinking_budget: int | None = None  # for chat requests that set none
 
 
 def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
@@ -400,23 +401,17 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
         plan = _checked(lambda: body.plan(body.messages, engine.chat_template))
-        text = await _rendered(engine, plan)
-        prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
-        turn_start = await run_in_threadpool(_turn_start, engine, plan, prompt)
-        job = _submit(worker, engine, body, prompt, body.token_limit, plan, text, turn_start)
-        return await _respond(oai.Reply("chat", options.model_id, plan.parser(text)), job, body, request)
+        job, parser = await _chat_job(worker, engine, body, plan, body.token_limit, options)
+        return await _respond(oai.Reply("chat", options.model_id, parser), job, body, request)
 
     @api.post("/v1/messages")
     async def anthropic_messages(body: messages_api.MessagesRequest, request: Request):
         chat_messages, chat_options = _checked(body.chat)
         plan = _checked(lambda: chat_options.plan(chat_messages, engine.chat_template))
-        text = await _rendered(engine, plan)
-        prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
-        turn_start = await run_in_threadpool(_turn_start, engine, plan, prompt)
-        job = _submit(worker, engine, body, prompt, body.max_tokens, plan, text, turn_start)
-        reply, parser = messages_api.MessageReply(options.model_id), plan.parser(text)
+        job, parser = await _chat_job(worker, engine, body, plan, body.max_tokens, options)
+        reply = messages_api.MessageReply(options.model_id)
         if body.stream:
-            return _sse(_guarded(reply.stream(parser, job, len(prompt)), ApiError.anthropic_body), named=True)
+            return _sse(_guarded(reply.stream(parser, job, len(job.prompt)), ApiError.anthropic_body), named=True)
         parser.feed(await _unless_disconnected(request, job))
         parser.finish()
         return reply.whole(*parser.message(), job.stats)
@@ -472,6 +467,17 @@ def _checked(make: Callable):
         return make()
     except oai.RequestError as e:
         raise ApiError(400, str(e), param=e.param) from None
+
+
+async def _chat_job(worker: Worker, engine: Engine, body, plan: oai.ChatPlan, max_tokens: int | None,
+                    options: ServeOptions):
+    """Render, tokenize and queue a chat request; returns its job and the parser for its reply."""
+    if plan.thinking_budget is None:
+        plan.thinking_budget = options.thinking_budget
+    text = await _rendered(engine, plan)
+    prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
+    turn_start = await run_in_threadpool(_turn_start, engine, plan, prompt)
+    return _submit(worker, engine, body, prompt, max_tokens, plan, text, turn_start), plan.parser(text)
 
 
 async def _rendered(engine: Engine, plan: oai.ChatPlan) -> str:

@@ -27,6 +27,7 @@ TIME = {"type": "function", "function": {
                                          "required": ["zone"]}}}
 ASK = [{"role": "system", "content": "You help."}, {"role": "user", "content": "Weather in Paris?"}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+SERVER_BUDGET = 6  # serve --thinking-budget: for requests that set none
 
 
 @pytest.fixture(scope="module", params=["qwen3.5", "qwen3"])
@@ -42,7 +43,8 @@ def model(test_model, template):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model):
-    s = Server(tmp_path_factory.mktemp("api"), model, "--ctx", str(CTX), "--api-key", API_KEY)
+    s = Server(tmp_path_factory.mktemp("api"), model, "--ctx", str(CTX), "--api-key", API_KEY,
+               "--thinking-budget", str(SERVER_BUDGET))
     yield s
     s.stop()
 
@@ -119,6 +121,17 @@ def test_thinking_budget_and_reasoning_stream(server, template):
         assert message.reasoning_content and "</think>" not in message.content
     off = client.chat.completions.create(model="m", messages=ASK, temperature=0, max_tokens=8, extra_body=NO_THINKING)
     assert getattr(off.choices[0].message, "reasoning_content", None) is None
+
+
+def test_the_servers_thinking_budget_applies_when_the_request_sets_none(server, template):
+    reply = server.client().chat.completions.create(model="m", messages=ASK, temperature=0, max_tokens=40)
+    usage, message = reply.usage, reply.choices[0].message
+    if template == "qwen3.5":  # random weights never close the block themselves: the budget did
+        assert message.reasoning_content and message.content and usage.completion_tokens == 40
+    own = server.client().chat.completions.create(model="m", messages=ASK, temperature=0, max_tokens=40,
+                                                  extra_body={"thinking_budget": SERVER_BUDGET + 10})
+    if template == "qwen3.5":
+        assert len(own.choices[0].message.reasoning_content) > len(message.reasoning_content)
 
 
 def test_json_schema_reply_validates(server):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from test_dashboard import render
+from conftest import assert_one_line_error, run_cli
 from test_serve import API_KEY, Server
 from rotary_gguf.dashboard import Dashboard
 from rotary_gguf.units import human_bytes
@@ -77,7 +78,7 @@ def run_conversation(server: Server) -> list[tuple[list[dict], dict]]:
 
 
 def test_five_turns_with_thinking_evaluate_only_the_new_turn(tmp_path, model):
-    server = Server(tmp_path, model, "--ctx", str(CTX), "--api-key", API_KEY)
+    server = Server(tmp_path, model, "--ctx", str(CTX), "--api-key", API_KEY, "--checkpoint-memory", "1MiB")
     try:
         turns = run_conversation(server)
         metrics = server.metrics()
@@ -102,5 +103,9 @@ def test_five_turns_with_thinking_evaluate_only_the_new_turn(tmp_path, model):
             reasoning, content, _ = parser.message()
             assert (reply["choices"][0]["message"]["content"], reply["choices"][0]["message"].get("reasoning_content")) \
                 == (content, reasoning or None)
-    assert metrics["rotary_gguf_prompt_checkpoints"] >= 1
-    assert 0 < metrics["rotary_gguf_prompt_checkpoint_bytes"] <= metrics["rotary_gguf_prompt_checkpoint_max_bytes"]
+    assert metrics["rotary_gguf_prompt_checkpoints"] >= 1 and metrics["rotary_gguf_prompt_checkpoint_max_bytes"] == 2**20
+    assert 0 < metrics["rotary_gguf_prompt_checkpoint_bytes"] <= 2**20
+
+
+def test_a_bad_checkpoint_memory_is_one_line(model):
+    assert_one_line_error(run_cli("serve", model, "--checkpoint-memory", "lots"), "bad size 'lots'")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_test_model import make_model  # noqa: E402
 
 from rotary_gguf.engine import Engine  # noqa: E402
-from rotary_gguf.prompt_cache import CheckpointStore  # noqa: E402
+from rotary_gguf.prompt_cache import DEFAULT_CHECKPOINT_BYTES  # noqa: E402
 from rotary_gguf.serve import ServeOptions, create_app  # noqa: E402
 
 # ~270 MB, the bench_serve model's widths, with the model family's chat template
@@ -64,13 +64,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         model = Path(args.model) if args.model else make_model(Path(folder) / "bench.gguf", **BENCH_MODEL)
         runs = {}
-        for name, budget in (("checkpoints", None), ("none", 0)):
-            with Engine.load(model, n_ctx=args.ctx, n_threads=args.threads) as engine:
+        for name, budget in (("checkpoints", DEFAULT_CHECKPOINT_BYTES), ("none", 0)):
+            with Engine.load(model, n_ctx=args.ctx, n_threads=args.threads, checkpoint_bytes=budget) as engine:
                 if engine.checkpoints is None:
                     print("error: not a hybrid (recurrent) model: nothing to measure", file=sys.stderr)
                     return 2
-                if budget is not None:
-                    engine.checkpoints = CheckpointStore(max_bytes=budget)
                 runs[name] = conversation(engine, args.turns)
     print(f"{'turn':>4} {'prompt':>7} | {'evaluated':>9} {'seconds':>8} (checkpoints) | {'evaluated':>9} {'seconds':>8} (none)")
     for turn, (a, b) in enumerate(zip(runs["checkpoints"], runs["none"]), 1):

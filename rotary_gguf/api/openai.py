@@ -164,7 +164,7 @@ class ChatOptions(ApiModel):
                         template_thinks=bool(template) and THINK_START in template)
         if tools:
             plan.variables["tools"] = tools
-        if choice != "none" and not tools:
+        if choice not in ("none", "auto") and not tools:
             raise RequestError("tool_choice", "needs tools")
         if tools and choice != "none":
             if fmt is None:

@@ -28,9 +28,6 @@ class Delta:
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.reasoning or self.content or self.calls)
-
 
 class ReplyParser:
     """Splits generated text into reasoning, content and tool calls, and keeps the whole of each.
