@@ -187,6 +187,17 @@ def test_logprobs(server):
         {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "[1"}}]}]},
      "messages.2.tool_calls.0.function.arguments"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": ["x"]}}}]},
+     "tools.0.function.parameters.properties"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+     "tools.0.function.parameters"),
+    # nested 20000 deep, this crashed llama.cpp's grammar parser: refused before it sees it
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "maxLength": 20000}}}},
+     "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"s": {"type": "string", "pattern": "a{1,99999}"}}}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}}}}, "response_format"),
     ({"extra_body": {"thinking_budget": -1}}, "thinking_budget"),
     ({"extra_body": {"chat_template_kwargs": {"add_generation_prompt": False}}}, "chat_template_kwargs"),
 ])

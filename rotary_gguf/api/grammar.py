@@ -5,12 +5,19 @@ JSON-schema converter (llama_cpp.llama_grammar), used as a library."""
 from __future__ import annotations
 
 import json
+import re
 
 from llama_cpp.llama_grammar import SchemaConverter
 
 from .tools import CALL_END, CALL_START, ToolFormat
 
 NL = "\n"
+# The converter spells a bounded repetition (maxLength 20000) as that many nested optional groups,
+# and llama.cpp's recursive grammar parser overflows its stack on deep nesting (a crash, seen at
+# 20000): bounds above this are refused.
+MAX_REPEAT = 500
+_REPEAT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_PATTERN_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 class SchemaError(ValueError):
@@ -50,13 +57,13 @@ def tool_call_grammar(tools: list[dict], fmt: ToolFormat, *, parallel: bool) -> 
 
 
 def _xml_parameters(converter: SchemaConverter, parameters: dict, tool: int) -> str:
-    """The <parameter=..> blocks of one tool: the required ones in order, then each optional one
-    or not. String values are raw text (without '<'), others JSON."""
+    """The <parameter=..> blocks of one tool in the schema's order, each optional one or not. String
+    values are raw text (without '<'), others JSON."""
     properties = parameters.get("properties") or {}
     required = set(parameters.get("required") or ())
     parts = []
     for j, (name, schema) in enumerate(properties.items()):
-        schema = schema if isinstance(schema, dict) else {}
+        _check_repeats(schema)
         if schema.get("type") == "string" and "enum" not in schema and "const" not in schema:
             limit = schema.get("maxLength")
             value = f"[^<]{{0,{int(limit)}}}" if isinstance(limit, int) else "[^<]*"
@@ -75,10 +82,28 @@ def _converter() -> SchemaConverter:
 
 
 def _visit(converter: SchemaConverter, schema: dict, name: str) -> str:
+    _check_repeats(schema)
     try:
         return converter.visit(converter.resolve_refs(schema, "request"), name)
     except Exception as e:  # the converter raises plain errors on schemas it does not handle
         raise SchemaError(f"cannot build a grammar from this JSON schema: {e}") from None
+
+
+def _check_repeats(schema) -> None:
+    """SchemaError for a repetition bound over MAX_REPEAT anywhere in `schema` (a length or count
+    keyword, or a {n,m} in a pattern)."""
+    if isinstance(schema, list):
+        for item in schema:
+            _check_repeats(item)
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        counts = [value] if key in _REPEAT_KEYS and isinstance(value, int) else []
+        if key == "pattern" and isinstance(value, str):
+            counts = [int(n) for m in _PATTERN_COUNT.finditer(value) for n in m.groups() if n]
+        if any(n > MAX_REPEAT for n in counts):
+            raise SchemaError(f"{key}: repetition bounds above {MAX_REPEAT} are not supported in grammars")
+        _check_repeats(value)
 
 
 def _literal(text: str) -> str:

@@ -157,6 +157,8 @@ class ChatOptions(ApiModel):
         if reserved:
             raise RequestError("chat_template_kwargs", f"cannot set {', '.join(sorted(reserved))} (the server does)")
         rendered = [m.for_template(i) for i, m in enumerate(messages)]
+        for i, tool in enumerate(self.tools or ()):
+            _check_parameters(tool.function.parameters, f"tools.{i}.function.parameters")
         tools = [t.model_dump(exclude_none=True) for t in self.tools or ()]
         choice = self.tool_choice or ("auto" if tools else "none")
         fmt = template_tool_format(template)
@@ -191,6 +193,20 @@ class ChatOptions(ApiModel):
         if not isinstance(schema, dict):
             raise RequestError("response_format.json_schema.schema", "a JSON schema object is required")
         return schema
+
+
+def _check_parameters(parameters: dict | None, param: str) -> None:
+    """A tool's parameters must be an object schema: properties an object of schemas, required a
+    list of names."""
+    if parameters is None:
+        return
+    properties, required = parameters.get("properties", {}), parameters.get("required", [])
+    if parameters.get("type", "object") != "object":
+        raise RequestError(param, "must be a JSON schema of type object")
+    if not isinstance(properties, dict) or not all(isinstance(v, dict) for v in properties.values()):
+        raise RequestError(f"{param}.properties", "must map each parameter name to a JSON schema")
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise RequestError(f"{param}.required", "must be a list of parameter names")
 
 
 def _grammar(param: str, build) -> str:

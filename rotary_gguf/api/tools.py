@@ -45,7 +45,7 @@ def parameter_types(tools: list[dict]) -> dict[str, dict[str, str]]:
         function = tool.get("function", {})
         properties = (function.get("parameters") or {}).get("properties") or {}
         out[function.get("name", "")] = {
-            name: schema.get("type", "") if isinstance(schema, dict) and isinstance(schema.get("type", ""), str) else ""
+            name: schema.get("type", "") if isinstance(schema.get("type", ""), str) else ""
             for name, schema in properties.items()
         }
     return out
