@@ -119,8 +119,9 @@ def test_thinking_budget_and_reasoning_stream(server, template):
     assert streamed_reasoning.strip() == (getattr(message, "reasoning_content", None) or "")
     if template == "qwen3.5":  # the template opens the think block: the budget closes it
         assert message.reasoning_content and "</think>" not in message.content
-    off = client.chat.completions.create(model="m", messages=ASK, temperature=0, max_tokens=8, extra_body=NO_THINKING)
-    assert getattr(off.choices[0].message, "reasoning_content", None) is None
+    for off in ({"chat_template_kwargs": {"enable_thinking": False}}, {"enable_thinking": False}):
+        reply = client.chat.completions.create(model="m", messages=ASK, temperature=0, max_tokens=8, extra_body=off)
+        assert getattr(reply.choices[0].message, "reasoning_content", None) is None
 
 
 def test_the_servers_thinking_budget_applies_when_the_request_sets_none(server, template):

@@ -88,3 +88,12 @@ def test_reasoning_and_plain_text():
     assert parse("x <tool_call>y</tool_call>", None, thinking=False, chunked=True)[1] == "x <tool_call>y</tool_call>"
     plain = ReplyParser()  # a template that knows no thinking: everything verbatim
     assert plain.feed(" <think>a</think> ").content == " <think>a</think> "
+
+
+@pytest.mark.parametrize("template", ["qwen3.5", "qwen3"])
+def test_a_call_inside_an_unclosed_think_block_is_still_a_call(template):
+    fmt = template_tool_format(chat_template_text(template))
+    call = assistant_turn(template, content="", reasoning="r", calls=CALLS[:1]).split("</think>")[1].lstrip()
+    reasoning, content, calls = parse("I should look it up.\n" + call, fmt, thinking=True, chunked=True)
+    assert reasoning == "I should look it up." and content == ""
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [(CALLS[0]["name"], CALLS[0]["arguments"])]

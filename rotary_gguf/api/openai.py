@@ -149,6 +149,7 @@ class ChatOptions(ApiModel):
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict | None = None
+    enable_thinking: bool | None = None  # as some clients send it; chat_template_kwargs' wins
     thinking_budget: int | None = Field(None, ge=0)
 
     def plan(self, messages: list[ChatMessage], template: str | None) -> ChatPlan:
@@ -164,6 +165,8 @@ class ChatOptions(ApiModel):
         fmt = template_tool_format(template)
         plan = ChatPlan(rendered, dict(self.chat_template_kwargs or {}), thinking_budget=self.thinking_budget,
                         template_thinks=bool(template) and THINK_START in template)
+        if self.enable_thinking is not None:
+            plan.variables.setdefault("enable_thinking", self.enable_thinking)
         if tools:
             plan.variables["tools"] = tools
         if choice not in ("none", "auto") and not tools:

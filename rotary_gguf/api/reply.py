@@ -85,13 +85,15 @@ class ReplyParser:
             self._state = "content"
             return True
         if state == "reasoning":
-            return self._until(delta, "reasoning", THINK_END, "content", final)
+            # A model that starts a tool call without closing its thinking still made the call.
+            ends = {THINK_END: "content", **({CALL_START: "call"} if self._format else {})}
+            return self._until(delta, "reasoning", ends, final)
         if state == "content":
             if self._format is None:
                 self._say(delta, "content", text)
                 self._pending = ""
                 return False
-            return self._until(delta, "content", CALL_START, "call", final)
+            return self._until(delta, "content", {CALL_START: "call"}, final)
         if state == "call":
             end = text.find(CALL_END)
             if end < 0:
@@ -116,19 +118,20 @@ class ReplyParser:
         self._pending = ""
         return False
 
-    def _until(self, delta: Delta, section: str, tag: str, next_state: str, final: bool) -> bool:
-        """Say the pending text as `section` up to `tag`, then switch to `next_state`; without the
-        tag, hold back an ending that could be its start. Whitespace before the tag is dropped:
-        it is held back too until text follows it."""
+    def _until(self, delta: Delta, section: str, ends: dict[str, str], final: bool) -> bool:
+        """Say the pending text as `section` up to the first of the `ends` tags, then switch to
+        that tag's state; without one, hold back an ending that could be a tag's start.
+        Whitespace before a tag is dropped: it is held back too until text follows it."""
         text = self._pending
-        at = text.find(tag)
-        if at >= 0:
+        found = [(text.find(tag), tag) for tag in ends if tag in text]
+        if found:
+            at, tag = min(found)
             self._say(delta, section, text[:at].rstrip())
-            self._switch(next_state, text[at + len(tag) :])
+            self._switch(ends[tag], text[at + len(tag) :])
             return True
         if final:
             return False
-        keep = next((k for k in range(len(tag) - 1, 0, -1) if text.endswith(tag[:k])), 0)
+        keep = max(next((k for k in range(len(tag) - 1, 0, -1) if text.endswith(tag[:k])), 0) for tag in ends)
         keep += len(text[: len(text) - keep]) - len(text[: len(text) - keep].rstrip())
         self._say(delta, section, text[: len(text) - keep])
         self._pending = text[len(text) - keep :]
