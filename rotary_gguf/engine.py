@@ -295,6 +295,20 @@ class Engine:
         """The tokens of `chat_text(messages, **variables)`."""
         return self.chat_tokens(self.chat_text(messages, **variables))
 
+    def turn_start(self, messages: Sequence[dict], prompt: Sequence[int], **variables) -> tuple[int, ...]:
+        """Where the new turn begins in the chat prompt `prompt` of `messages` (before the
+        generation prompt), as `checkpoint_at` for `generate`: the checkpoint a hybrid model
+        restarts from next turn, when its template rewrites this turn (drops its thinking).
+        Empty for other models, or when the template's text without the generation prompt is not
+        a prefix of the prompt."""
+        if self.checkpoints is None:
+            return ()
+        try:
+            head = self.chat_prompt(messages, add_generation_prompt=False, **variables)
+        except PromptError:
+            return ()
+        return (len(head),) if 0 < len(head) < len(prompt) and list(prompt[: len(head)]) == head else ()
+
     def chat_tokens(self, text: str) -> list[int]:
         """The tokens of a rendered chat prompt (special tokens parsed, one BOS at most)."""
         bos = llama_cpp.llama_vocab_bos(self._vocab)

@@ -476,7 +476,7 @@ async def _chat_job(worker: Worker, engine: Engine, body, plan: oai.ChatPlan, ma
         plan.thinking_budget = options.thinking_budget
     text = await _rendered(engine, plan)
     prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
-    turn_start = await run_in_threadpool(_turn_start, engine, plan, prompt)
+    turn_start = await run_in_threadpool(lambda: engine.turn_start(plan.messages, prompt, **plan.variables))
     return _submit(worker, engine, body, prompt, max_tokens, plan, text, turn_start), plan.parser(text)
 
 
@@ -493,18 +493,6 @@ async def _rendered(engine: Engine, plan: oai.ChatPlan) -> str:
         return await run_in_threadpool(render)
     except PromptError as e:
         raise ApiError(400, str(e), param="messages") from None
-
-
-def _turn_start(engine: Engine, plan: oai.ChatPlan, prompt: list[int]) -> tuple[int, ...]:
-    """Where the new turn begins in a chat prompt (before the generation prompt): the checkpoint a
-    hybrid model restarts from next turn, when the template rewrites this turn (drops thinking)."""
-    if engine.checkpoints is None:
-        return ()
-    try:
-        head = engine.chat_tokens(engine.chat_text(plan.messages, add_generation_prompt=False, **plan.variables))
-    except PromptError:
-        return ()
-    return (len(head),) if 0 < len(head) < len(prompt) and prompt[: len(head)] == head else ()
 
 
 def _submit(worker: Worker, engine: Engine, body: _Body, prompt: list[int], max_tokens: int | None,

@@ -109,3 +109,14 @@ def test_five_turns_with_thinking_evaluate_only_the_new_turn(tmp_path, model):
 
 def test_a_bad_checkpoint_memory_is_one_line(model):
     assert_one_line_error(run_cli("serve", model, "--checkpoint-memory", "lots"), "bad size 'lots'")
+
+
+def test_turn_start_is_where_the_generation_prompt_begins(test_model, model):
+    messages = [{"role": "user", "content": "Hi"}]
+    with Engine.load(model, n_ctx=512, n_threads=1) as engine:
+        prompt = engine.chat_prompt(messages)
+        [start] = engine.turn_start(messages, prompt)
+        assert prompt[start:] == engine.tokenize("<|im_start|>assistant\n<think>\n", add_special=False)
+    with Engine.load(test_model(chat_template="qwen3.5"), n_ctx=512, n_threads=1) as attention_only:
+        assert attention_only.checkpoints is None
+        assert attention_only.turn_start(messages, attention_only.chat_prompt(messages)) == ()
