@@ -416,6 +416,13 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         parser.finish()
         return reply.whole(*parser.message(), job.stats)
 
+    @api.post("/v1/messages/count_tokens")
+    async def anthropic_count_tokens(body: messages_api.CountTokensRequest):
+        chat_messages, chat_options = _checked(body.chat)
+        plan = _checked(lambda: chat_options.plan(chat_messages, engine.chat_template))
+        text = await _rendered(engine, plan)
+        return {"input_tokens": len(await _tokenized(engine, lambda: engine.chat_tokens(text), "messages"))}
+
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.refuse_unsupported()

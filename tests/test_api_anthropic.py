@@ -60,10 +60,12 @@ def test_forced_tool_use_and_the_result_back(client):
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21 C"}]},
     ]
-    final = client.messages.create(model="m", max_tokens=8, messages=history, tools=[WEATHER], extra_body=GREEDY,
-                                   tool_choice={"type": "none"}, thinking={"type": "disabled"})
+    ask = dict(model="m", messages=history, tools=[WEATHER], tool_choice={"type": "none"}, thinking={"type": "disabled"})
+    final = client.messages.create(**ask, max_tokens=8, extra_body=GREEDY)
     assert final.stop_reason in ("end_turn", "max_tokens")
-    assert final.usage.input_tokens + final.usage.cache_read_input_tokens > first.usage.input_tokens
+    prompt_tokens = final.usage.input_tokens + final.usage.cache_read_input_tokens
+    assert prompt_tokens > first.usage.input_tokens
+    assert client.messages.count_tokens(**ask).input_tokens == prompt_tokens
 
 
 def test_errors_in_the_messages_form(server, client):

@@ -119,6 +119,12 @@ class MessagesRequest(oai.ApiModel):
         return messages, oai.ChatOptions.model_validate(options)
 
 
+class CountTokensRequest(MessagesRequest):
+    """/v1/messages/count_tokens: a Messages request without max_tokens."""
+
+    max_tokens: int = Field(1, ge=1)
+
+
 def _chat_messages(message: Message) -> list[oai.ChatMessage]:
     """One Anthropic message as chat messages: a user turn's tool results become tool messages."""
     if isinstance(message.content, str):
