@@ -493,11 +493,16 @@ async def _rendered(engine: Engine, plan: oai.ChatPlan) -> str:
 
     def render() -> str:
         if plan.grammar is not None:
-            engine.check_grammar(plan.grammar)
+            try:
+                engine.check_grammar(plan.grammar)
+            except PromptError as e:
+                raise oai.RequestError(plan.grammar_param, str(e)) from None
         return engine.chat_text(plan.messages, **plan.variables)
 
     try:
         return await run_in_threadpool(render)
+    except oai.RequestError as e:
+        raise ApiError(400, str(e), param=e.param) from None
     except PromptError as e:
         raise ApiError(400, str(e), param="messages") from None
 

@@ -124,6 +124,7 @@ class ChatPlan:
     messages: list[dict]
     variables: dict = field(default_factory=dict)
     grammar: str | None = None
+    grammar_param: str = ""  # the request field the grammar comes from, for errors
     tool_format: ToolFormat | None = None  # tool calls are parsed from the reply when set
     tool_types: dict = field(default_factory=dict)
     thinking_budget: int | None = None
@@ -180,13 +181,15 @@ class ChatOptions(ApiModel):
             if not chosen:
                 raise RequestError("tool_choice", f"names {choice.function.name!r}, which is not among the tools")
             plan.grammar = _grammar("tools", lambda: tool_call_grammar(chosen, fmt, parallel=False))
+            plan.grammar_param = "tools"
         elif choice == "required":
             plan.grammar = _grammar("tools", lambda: tool_call_grammar(tools, fmt, parallel=self.parallel_tool_calls))
+            plan.grammar_param = "tools"
         if self.response_format and self.response_format.type != "text":
             if plan.grammar is not None:
                 raise RequestError("response_format", "cannot be combined with a required tool call")
             plan.grammar = _grammar("response_format", lambda: json_grammar(self._schema()))
-            plan.tool_format = None
+            plan.grammar_param, plan.tool_format = "response_format", None
         return plan
 
     def _schema(self) -> dict | None:
