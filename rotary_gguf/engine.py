@@ -362,7 +362,10 @@ class Engine:
             data = self.token_bytes(int(t))
             return data.decode("utf-8", errors="replace"), data, float(logprobs[t])
 
-        best = np.argsort(-logprobs, kind="stable")[:top] if top > 0 else []
+        best = []
+        if top > 0:  # a partial sort: a full one of a 248k vocabulary costs more than a decode step
+            best = np.argpartition(-logprobs, min(top, self.n_vocab - 1))[:top]
+            best = best[np.argsort(-logprobs[best], kind="stable")]
         text, data, logprob = entry(token)
         return TokenLogprob(text, data, logprob, [entry(t) for t in best])
 

@@ -1,6 +1,7 @@
 """OpenAI chat requests beyond plain text: messages with tool calls, tool results and reasoning;
 tools and tool_choice; response_format; thinking controls. `ChatOptions.plan` turns them into a
-`ChatPlan` the server renders and generates from; `message`/`delta`/`logprobs_*` write replies."""
+`ChatPlan` the server renders and generates from; `Reply` writes the response objects of chat and
+completions, whole or streamed."""
 
 from __future__ import annotations
 
