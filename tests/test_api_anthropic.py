@@ -40,6 +40,10 @@ def test_thinking_and_text_whole_and_streamed(client):
     with client.messages.stream(**ask) as stream:
         streamed = stream.get_final_message()
     assert [b.model_dump() for b in streamed.content] == [b.model_dump() for b in whole.content]
+    # the same prompt again restarts from the checkpoint at its turn's start, and the stream says so
+    prompt_tokens = whole.usage.input_tokens + whole.usage.cache_read_input_tokens
+    assert streamed.usage.input_tokens + streamed.usage.cache_read_input_tokens == prompt_tokens
+    assert 0 < streamed.usage.cache_read_input_tokens < prompt_tokens and streamed.usage.output_tokens == 16
     off = client.messages.create(model="m", max_tokens=6, messages=ASK, extra_body=GREEDY, thinking={"type": "disabled"})
     assert [b.type for b in off.content] == ["text"]
 

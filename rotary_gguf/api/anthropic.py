@@ -222,8 +222,9 @@ class MessageReply:
 
     def end(self, stats: GenerationStats, calls: list[ToolCall]) -> list[dict]:
         out = self._close()
+        # the final usage: how much of the prompt came from the context is known only now
         out.append({"type": "message_delta", "delta": {"stop_reason": stop_reason(stats, calls), "stop_sequence": None},
-                    "usage": {"output_tokens": stats.completion_tokens}})
+                    "usage": usage(stats)})
         out.append({"type": "message_stop"})
         return out
 
