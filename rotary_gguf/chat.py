@@ -119,7 +119,8 @@ def answer(engine: Engine, dashboard: Dashboard, console: Console, messages: lis
     dashboard.height = dashboard_height(console)
     try:
         with dashboard.live(console, above=stream, transient=True) as live:
-            for event in engine.generate(prompt, max_tokens=max_tokens, sampling=sampling, cancel=cancel):
+            for event in engine.generate(prompt, max_tokens=max_tokens, sampling=sampling, cancel=cancel,
+                                         checkpoint_at=engine.turn_start(messages, prompt)):
                 parts.append(event.text)
                 for line in stream.feed(event.text):
                     live.console.print(line, highlight=False)

@@ -331,8 +331,16 @@ def serve(
     dashboard: Annotated[
         bool, typer.Option("--dashboard", help="Show the live dashboard (memory, speed, requests, routing) while serving.")
     ] = False,
+    thinking_budget: Annotated[
+        Optional[int],
+        typer.Option(min=0, help="Tokens a reply may think before its think block is closed, for requests that set no budget."),
+    ] = None,
+    checkpoint_memory: Annotated[
+        str, typer.Option(help="Host memory for a hybrid model's prompt checkpoints (recurrent state at turn starts).")
+    ] = "512MiB",
 ) -> None:
-    """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /metrics)."""
+    """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /metrics)
+    and the Anthropic Messages API (/v1/messages)."""
     from . import serve as serving
     from .demo import resolve_model
     from .engine import Engine
@@ -340,9 +348,12 @@ def serve(
     from .inventory import read_inventory
     from .plan import DEFAULT_BATCH
 
+    from .units import parse_size
+
     path = resolve_model(model)
     inv = read_inventory(path)
     cache = cache_setting(expert_cache)
+    checkpoint_bytes = parse_size(checkpoint_memory)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
     sock = serving.listen(host, port)
@@ -351,8 +362,10 @@ def serve(
     placement = the_plan.placement if the_plan else None
     telemetry = _dashboard_telemetry(inv) if dashboard else None
     with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
-                     expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads)) as engine:
-        options = serving.ServeOptions(model_id=path.name.removesuffix(".gguf"), max_queue=max_queue, api_key=api_key)
+                     expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads),
+                     checkpoint_bytes=checkpoint_bytes) as engine:
+        options = serving.ServeOptions(model_id=path.name.removesuffix(".gguf"), max_queue=max_queue, api_key=api_key,
+                                       thinking_budget=thinking_budget)
         if not dashboard:
             serving.run(engine, options, sock)
             return

@@ -132,6 +132,8 @@ class Reading:
     recent: np.ndarray | None = None  # [n_layer, n_expert] by original expert id
     routed_tokens: int = 0  # tokens in `recent` (per block)
     cache: dict | None = None  # the expert cache's snapshot (ExpertCache.snapshot())
+    cached_prompt_tokens: int = 0  # prompt tokens reused from the context instead of evaluated
+    checkpoints: dict | None = None  # the prompt checkpoints' snapshot (CheckpointStore.snapshot())
     resident: np.ndarray | None = None  # [n_layer, n_expert] bool by original id: holds a cache slot
 
     @property
@@ -172,10 +174,12 @@ class Dashboard:
         evaluated = live.prompt_tokens - live.cached_prompt_tokens
         prompt_seconds = live.prompt_seconds
         decode_tps, prompt_tps = live.last_decode_tps, live.last_prompt_tps
+        cached_prompt_tokens = live.cached_prompt_tokens
         if running is not None:
             prompt_tokens += running.prompt_tokens
             completion_tokens += running.completion_tokens
             if running.prompt_seconds > 0:
+                cached_prompt_tokens += running.cached_prompt_tokens
                 prompt_tps = running.prompt_tps
                 evaluated += running.prompt_tokens - running.cached_prompt_tokens
                 prompt_seconds += running.prompt_seconds
@@ -225,6 +229,8 @@ class Dashboard:
             routed_tokens=routed,
             cache=cache,
             resident=self._resident(cache),
+            cached_prompt_tokens=cached_prompt_tokens,
+            checkpoints=self.engine.checkpoints.snapshot() if self.engine.checkpoints is not None else None,
         )
         return self.reading
 
@@ -391,7 +397,9 @@ class MemoryView(_View):
             where = f"placed on {acc.name}" if acc.source == "placed" else acc.name
             yield self._usage("VRAM ", acc.used, acc.total, where, options.max_width)
         yield self._usage("RAM  ", r.ram_used, r.ram_total, "", options.max_width)
-        yield Text.assemble(("RSS  ", "bold"), human_bytes(r.rss), (" this process", "dim"))
+        c = r.checkpoints  # a hybrid model's prompt checkpoints, in this process's memory
+        held = f" · checkpoints {human_bytes(c['bytes'])} / {human_bytes(c['max_bytes'])} ({c['count']})" if c else " this process"
+        yield Text.assemble(("RSS  ", "bold"), human_bytes(r.rss), (held, "dim"), no_wrap=True)
 
     @staticmethod
     def _usage(label: str, used: int, total: int, note: str, width: int) -> Text:
@@ -445,6 +453,7 @@ class ServingView(_View):
             ("" if self.boxed else "serving ", "bold"), (f"{s.in_flight}", "bold"), " in flight · ", (f"{s.queue_length}", "bold"), " queued · ",
             (f"{r.requests_per_minute:.1f}", "bold"), " req/min · ", f"{s.requests_total} done",
             (f" · {s.rejected} turned away" if s.rejected else "", "yellow"),
+            (f" · {r.cached_prompt_tokens:,} prompt tokens cached", "dim"), no_wrap=True,
         )
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import datetime
 import functools
-import json
 import os
 import re
 import threading
@@ -25,11 +23,14 @@ import llama_cpp
 import numpy as np
 
 from . import native
-from .errors import UserError
+from .chat_template import render_chat_template
+from .errors import PromptError, UserError
 from .inventory import read_inventory
 from .log import logger
 from .plan import Placement
+from .prompt_cache import DEFAULT_CHECKPOINT_BYTES, CheckpointStore
 from .stats import LiveStats
+from .thinking import Thinking, ThinkTracker
 
 
 @dataclass
@@ -72,12 +73,24 @@ class GenerationStats:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log probability under the model (before sampling), with the most likely
+    alternatives when asked for: (token text, its bytes, log probability), best first."""
+
+    text: str
+    data: bytes
+    logprob: float
+    top: list[tuple[str, bytes, float]] = field(default_factory=list)
+
+
+@dataclass
 class TokenEvent:
     """One generated token: its id, the text it completes (may be '' mid-character), and stats."""
 
     token: int | None  # None for the closing event of an end-of-generation token
     text: str
     stats: GenerationStats
+    logprob: TokenLogprob | None = None  # when the generation was asked for log probabilities
 
 
 @dataclass
@@ -106,10 +119,6 @@ class LoadReport:
         return report
 
 
-class PromptError(UserError):
-    """A prompt this model cannot take: empty, longer than the context, or refused by the chat template."""
-
-
 class Engine:
     """A loaded model and one context. Not thread-safe: one generation at a time."""
 
@@ -121,7 +130,8 @@ class Engine:
     expert_cache = None
     before_decode = None  # called with each batch's size before llama_decode (the expert cache)
 
-    def __init__(self, path: Path, model, ctx, placement: Placement, keepalive: list):
+    def __init__(self, path: Path, model, ctx, placement: Placement, keepalive: list,
+                 checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES):
         self.path = path
         self.placement = placement
         self._model, self._ctx = model, ctx
@@ -131,6 +141,9 @@ class Engine:
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         self.n_batch = llama_cpp.llama_n_batch(ctx)
         self._cached: list[int] = []  # tokens whose state is in the context memory
+        # Hybrid and recurrent models keep checkpoints of their recurrent state (prompt_cache).
+        recurrent = llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        self.checkpoints = CheckpointStore(checkpoint_bytes) if recurrent else None
         self.inventory = read_inventory(path)
         self.live = LiveStats()  # totals over every generation, read by /metrics and the dashboard
 
@@ -146,12 +159,14 @@ class Engine:
         n_threads: int | None = None,
         telemetry=None,
         expert_cache=None,
+        checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
     ) -> "Engine":
         """Load `path` with `placement` (default: everything on the CPU) and create a context.
         `telemetry` (e.g. a `telemetry.RoutingTelemetry`) is installed as llama.cpp's eval callback:
         anything with `callback` (an EvalCallback) and `user_data`. `expert_cache` (an
         `expert_cache.ExpertCache`) takes the eval callback's place and is attached after loading;
-        with both, the cache's callback also counts the routing for the telemetry."""
+        with both, the cache's callback also counts the routing for the telemetry. A hybrid model
+        keeps prompt checkpoints within `checkpoint_bytes` of host memory."""
         callback = expert_cache if expert_cache is not None else telemetry
         path = Path(path)
         inv = read_inventory(path)  # clear errors for missing/broken files before llama.cpp sees them
@@ -196,7 +211,7 @@ class Engine:
             if not ctx:
                 llama_cpp.llama_model_free(model)
                 raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
-        engine = cls(path, model, ctx, placement, keepalive)
+        engine = cls(path, model, ctx, placement, keepalive, checkpoint_bytes)
         engine.load_report = LoadReport.from_log(log_lines)
         if expert_cache is not None:
             engine.expert_cache, engine.before_decode = expert_cache, expert_cache.before_decode
@@ -267,14 +282,38 @@ class Engine:
         template = llama_cpp.llama_model_chat_template(self._model, None)
         return template.decode("utf-8", errors="replace") if template else None
 
-    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
-        """The tokens of `messages` ({"role", "content"} dicts) in the model's chat template,
-        ending where the assistant's reply begins."""
+    def chat_text(self, messages: Sequence[dict], **variables) -> str:
+        """`messages` ({"role", "content", ...} dicts) in the model's chat template, ending where the
+        assistant's reply begins; `variables` (tools, enable_thinking, ...) go to the template."""
         template = self.chat_template
         if not template:
             raise PromptError(f"{self.path.name} has no chat template; send a plain completion prompt instead")
         bos, eos = llama_cpp.llama_vocab_bos(self._vocab), llama_cpp.llama_vocab_eos(self._vocab)
-        text = render_chat_template(template, messages, bos_token=self._special_text(bos), eos_token=self._special_text(eos))
+        return render_chat_template(
+            template, messages, **{"bos_token": self._special_text(bos), "eos_token": self._special_text(eos), **variables}
+        )
+
+    def chat_prompt(self, messages: Sequence[dict], **variables) -> list[int]:
+        """The tokens of `chat_text(messages, **variables)`."""
+        return self.chat_tokens(self.chat_text(messages, **variables))
+
+    def turn_start(self, messages: Sequence[dict], prompt: Sequence[int], **variables) -> tuple[int, ...]:
+        """Where the new turn begins in the chat prompt `prompt` of `messages` (before the
+        generation prompt), as `checkpoint_at` for `generate`: the checkpoint a hybrid model
+        restarts from next turn, when its template rewrites this turn (drops its thinking).
+        Empty for other models, or when the template's text without the generation prompt is not
+        a prefix of the prompt."""
+        if self.checkpoints is None:
+            return ()
+        try:
+            head = self.chat_prompt(messages, add_generation_prompt=False, **variables)
+        except PromptError:
+            return ()
+        return (len(head),) if 0 < len(head) < len(prompt) and list(prompt[: len(head)]) == head else ()
+
+    def chat_tokens(self, text: str) -> list[int]:
+        """The tokens of a rendered chat prompt (special tokens parsed, one BOS at most)."""
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
         tokens = self.tokenize(text, add_special=True, parse_special=True)
         if len(tokens) > 1 and tokens[0] == tokens[1] == bos:  # the template wrote the BOS llama.cpp adds
             del tokens[0]
@@ -287,9 +326,11 @@ class Engine:
 
     # --- evaluation --------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the context memory (KV cache and recurrent state)."""
+        """Forget the context memory (KV cache and recurrent state) and its checkpoints."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._cached = []
+        if self.checkpoints is not None:
+            self.checkpoints.clear()
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Append `tokens` to the context, in batches of n_batch; logits of the last one are kept."""
@@ -314,17 +355,80 @@ class Engine:
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def prepare(self, prompt: Sequence[int]) -> int:
-        """Make the context hold exactly `prompt`, reusing a cached prefix when the prompt extends
-        what is cached (multi-turn chat). Returns how many prompt tokens were reused."""
+    def token_logprob(self, token: int, top: int) -> TokenLogprob:
+        """`token`'s log probability after the last evaluated token, and the `top` likeliest tokens'."""
+        logits = self.logits().astype(np.float64)
+        logprobs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+
+        def entry(t: int) -> tuple[str, bytes, float]:
+            data = self.token_bytes(int(t))
+            return data.decode("utf-8", errors="replace"), data, float(logprobs[t])
+
+        best = []
+        if top > 0:  # a partial sort: a full one of a 248k vocabulary costs more than a decode step
+            best = np.argpartition(-logprobs, min(top, self.n_vocab - 1))[:top]
+            best = best[np.argsort(-logprobs[best], kind="stable")]
+        text, data, logprob = entry(token)
+        return TokenLogprob(text, data, logprob, [entry(t) for t in best])
+
+    def check_grammar(self, grammar: str) -> None:
+        """PromptError unless llama.cpp's grammar sampler accepts the GBNF text `grammar`."""
+        sampler = _grammar_sampler(self._vocab, grammar)
+        llama_cpp.llama_sampler_free(sampler)
+
+    def prepare(self, prompt: Sequence[int], checkpoint_at: Sequence[int] = ()) -> int:
+        """Make the context hold exactly `prompt`, reusing the longest prefix it shares with what is
+        cached: all of it when the prompt extends the cache; else, attention-only models trim their
+        KV cache, and hybrid ones restart from the longest checkpoint of their recurrent state
+        within it. On hybrid models, checkpoints are taken at the `checkpoint_at` positions (turn
+        boundaries). Returns how many prompt tokens were reused."""
         prompt = list(prompt)
-        n = len(self._cached)
-        if 0 < n < len(prompt) and prompt[:n] == self._cached:
-            self.eval(prompt[n:])
-            return n
-        self.reset()
-        self.eval(prompt)
-        return 0
+        common = next((i for i, (a, b) in enumerate(zip(self._cached, prompt)) if a != b),
+                      min(len(self._cached), len(prompt)))
+        keep = min(common, len(prompt) - 1)  # the last prompt token is evaluated for its logits
+        if 0 < keep == len(self._cached) or (0 < keep and self.checkpoints is None and self._trim(keep)):
+            reused = keep
+        elif self.checkpoints is not None and (checkpoint := self.checkpoints.best(prompt, keep)) and self._restore(checkpoint):
+            reused = len(checkpoint.tokens)
+        else:
+            self.reset()
+            reused = 0
+        if self.checkpoints is not None:
+            self.checkpoints.retain(prompt)
+        start = reused
+        for at in sorted(set(checkpoint_at)) if self.checkpoints is not None else ():
+            if start < at <= len(prompt):
+                self.eval(prompt[start:at])
+                self._checkpoint()
+                start = at
+        if start < len(prompt):
+            self.eval(prompt[start:])
+        return reused
+
+    def _trim(self, n: int) -> bool:
+        """Drop the cached tokens after the first `n`; False where the memory cannot (recurrent)."""
+        if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, n, -1):
+            return False
+        del self._cached[n:]
+        return True
+
+    def _checkpoint(self) -> None:
+        """Keep the recurrent state after the cached tokens as a checkpoint."""
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = llama_cpp.llama_state_seq_get_size_ext(self._ctx, 0, flags)
+        state = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data_ext(self._ctx, state, size, 0, flags)
+        if written == size:
+            self.checkpoints.add(tuple(self._cached), bytes(state))
+
+    def _restore(self, checkpoint) -> bool:
+        """Restore a checkpoint's recurrent state, then drop the KV cache after its tokens (in this
+        order: the hybrid memory refuses the trim before the restore)."""
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        state = (ctypes.c_uint8 * len(checkpoint.state)).from_buffer_copy(checkpoint.state)
+        if not llama_cpp.llama_state_seq_set_data_ext(self._ctx, state, len(checkpoint.state), 0, flags):
+            return False
+        return self._trim(len(checkpoint.tokens))
 
     # --- generation --------------------------------------------------------------------------------
     def generate(
@@ -335,26 +439,39 @@ class Engine:
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
         cancel: threading.Event | None = None,
+        checkpoint_at: Sequence[int] = (),
+        grammar: str | None = None,
+        thinking: Thinking | None = None,
+        logprobs: int | None = None,
     ) -> Iterator[TokenEvent]:
         """Stream tokens after `prompt`. Text is whole UTF-8 characters; stop strings are cut out.
-        Setting `cancel` (from any thread) ends the generation before its next token."""
+        Setting `cancel` (from any thread) ends the generation before its next token; a hybrid model
+        keeps checkpoints at the `checkpoint_at` prompt positions (see `prepare`). `grammar`
+        (GBNF) constrains the reply after any thinking (`thinking`); `logprobs` (the number of top
+        alternatives, 0 for none) adds each token's log probability to its event."""
         self.check_prompt(prompt)
         stats = GenerationStats(prompt_tokens=len(prompt))
-        sampler = Sampler(self, sampling or SamplingParams(), history=prompt)
+        sampler = Sampler(self, sampling or SamplingParams(), history=prompt, grammar=grammar)
+        think = ThinkTracker(thinking, lambda text: self.tokenize(text, add_special=False, parse_special=True))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text_filter = StopFilter(stop)
         budget = min(max_tokens, self.n_ctx - len(prompt))
         self.live.generation_started(stats)
         try:
             t0 = time.perf_counter()
-            stats.cached_prompt_tokens = self.prepare(prompt)
+            stats.cached_prompt_tokens = self.prepare(prompt, checkpoint_at)
             stats.prompt_seconds = time.perf_counter() - t0
             t_decode = time.perf_counter()
             while True:
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
                     return
-                token = sampler.sample()
+                token = think.forced_token()
+                if token is None:
+                    token = sampler.sample(constrained=not think.active)
+                else:
+                    sampler.accept(token)
+                logprob = self.token_logprob(token, logprobs) if logprobs is not None else None
                 stats.completion_tokens += 1
                 if stats.completion_tokens == 1:
                     stats.ttft_seconds = time.perf_counter() - t0
@@ -362,16 +479,18 @@ class Engine:
                     stats.completion_tokens -= 1
                     stats.finish_reason = "stop"
                     tail = text_filter.flush(decoder.decode(b"", final=True))
-                    yield TokenEvent(None, tail, stats)
+                    yield TokenEvent(None, tail, stats, logprob)
                     return
-                text, stopped = text_filter.feed(decoder.decode(self.token_bytes(token)))
+                piece = decoder.decode(self.token_bytes(token))
+                think.saw(piece)
+                text, stopped = text_filter.feed(piece)
                 if stopped:
                     stats.finish_reason = "stop"
                 elif stats.completion_tokens >= budget:
                     stats.finish_reason = "length"
                     text += text_filter.flush(decoder.decode(b"", final=True))
                 stats.decode_seconds = time.perf_counter() - t_decode
-                yield TokenEvent(token, text, stats)
+                yield TokenEvent(token, text, stats, logprob)
                 if stats.finish_reason:
                     return
                 # Evaluated once the consumer asks for the next token: it can hand this one on first
@@ -403,17 +522,33 @@ class Engine:
 
 
 class Sampler:
-    """llama.cpp's sampler chain for one request."""
+    """llama.cpp's sampler chain for one request; with a grammar, a second chain that starts with
+    llama.cpp's grammar sampler, used once the caller says the reply is constrained."""
 
-    def __init__(self, engine: Engine, params: SamplingParams, history: Sequence[int]):
+    def __init__(self, engine: Engine, params: SamplingParams, history: Sequence[int], grammar: str | None = None):
         self._engine = engine
+        self._chain = self._build(params, None)
+        self._constrained = self._build(params, grammar) if grammar is not None else None
+        # Penalties remember the prompt; the grammar must only ever see the reply.
+        for chain in filter(None, (self._chain, self._constrained) if _penalized(params) else ()):
+            penalties = llama_cpp.llama_sampler_chain_get(chain, 1 if chain is self._constrained else 0)
+            for token in history[-params.repeat_last_n :]:
+                llama_cpp.llama_sampler_accept(penalties, token)
+
+    def _build(self, params: SamplingParams, grammar: str | None):
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        penalize = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
-        if penalize:
+        if grammar is not None:
+            try:
+                add(_grammar_sampler(self._engine._vocab, grammar))
+            except PromptError:
+                llama_cpp.llama_sampler_free(chain)
+                self.close()
+                raise
+        if _penalized(params):
             add(
                 llama_cpp.llama_sampler_init_penalties(
-                    engine.n_vocab,
+                    self._engine.n_vocab,
                     params.repeat_last_n,
                     params.repeat_penalty,
                     params.frequency_penalty,
@@ -432,17 +567,38 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_temp(params.temperature))
             seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
             add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        for token in history[-params.repeat_last_n :] if penalize else ():
-            llama_cpp.llama_sampler_accept(chain, token)
-        self._chain = chain
+        return chain
 
-    def sample(self) -> int:
-        return llama_cpp.llama_sampler_sample(self._chain, self._engine._ctx, -1)
+    def sample(self, constrained: bool = True) -> int:
+        """The next token (from the grammar's chain when there is one and `constrained`); both
+        chains learn it."""
+        use = self._constrained if constrained and self._constrained else self._chain
+        token = llama_cpp.llama_sampler_sample(use, self._engine._ctx, -1)
+        if use is not self._chain:
+            llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
+
+    def accept(self, token: int) -> None:
+        """A token written for the model (a closed think block): only the unconstrained chain
+        learns it, since grammars start after thinking."""
+        llama_cpp.llama_sampler_accept(self._chain, token)
 
     def close(self) -> None:
-        if self._chain:
-            llama_cpp.llama_sampler_free(self._chain)
-            self._chain = None
+        for name in ("_chain", "_constrained"):
+            if getattr(self, name, None):
+                llama_cpp.llama_sampler_free(getattr(self, name))
+                setattr(self, name, None)
+
+
+def _penalized(params: SamplingParams) -> bool:
+    return (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
+
+
+def _grammar_sampler(vocab, grammar: str):
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise PromptError("llama.cpp's grammar parser refused the grammar built for this request")
+    return sampler
 
 
 class StopFilter:
@@ -471,36 +627,6 @@ class StopFilter:
         out, _ = self.feed(text)
         out, self.pending = out + self.pending, ""
         return out
-
-
-def render_chat_template(template: str, messages: Sequence[dict], **variables) -> str:
-    """Apply a Hugging Face style jinja chat template in a sandbox, with the generation prompt."""
-    compiled = _compile_chat_template(template)
-    try:
-        return compiled.render(messages=list(messages), add_generation_prompt=True, **variables)
-    except Exception as e:  # the template is the model's code: any failure means it refused these messages
-        raise PromptError(f"the model's chat template cannot render these messages: {e}") from None
-
-
-@functools.lru_cache(maxsize=4)
-def _compile_chat_template(template: str):
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template)
-    except TemplateError as e:
-        raise PromptError(f"the model's chat template does not parse: {e}") from None
 
 
 @contextmanager

@@ -18,11 +18,9 @@ import signal
 import socket
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -33,9 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import log
-from .engine import Engine, GenerationStats, PromptError, SamplingParams
+from .api import anthropic as messages_api
+from .api import openai as oai
+from .engine import Engine, GenerationStats, PromptError, SamplingParams, TokenLogprob
 from .errors import UserError
-from .stats import Snapshot
+from .metrics import prometheus_text
+from .thinking import Thinking
 
 RETRY_AFTER_SECONDS = 1
 MAX_STOP_STRINGS = 4
@@ -54,8 +55,17 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict:
+        """The Anthropic Messages API's form of the error."""
+        kinds = {401: "authentication_error", 404: "not_found_error", 503: "overloaded_error"}
+        kind = kinds.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, request: Request | None = None) -> JSONResponse:
+        """The error response; in the Anthropic form for requests to /v1/messages."""
+        anthropic = request is not None and request.url.path.startswith("/v1/messages")
+        return JSONResponse(self.anthropic_body() if anthropic else self.body(), status_code=self.status,
+                            headers=self.headers)
 
 
 def unsupported(param: str, why: str) -> ApiError:
@@ -105,7 +115,6 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
-    logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
 
     def sampling(self) -> SamplingParams:
@@ -124,8 +133,6 @@ class _Body(BaseModel):
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise unsupported("n", "only n=1 is supported (one choice per request)")
-        if self.logprobs:
-            raise unsupported("logprobs", "log probabilities are not supported")
         if self.logit_bias:
             raise unsupported("logit_bias", "logit_bias is not supported")
 
@@ -134,39 +141,18 @@ class _Body(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def for_template(self) -> dict:
-        """The message as chat templates expect it: a role and one string of content."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
-
-
-class ChatCompletionRequest(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
+class ChatCompletionRequest(_Body, oai.ChatOptions):
+    messages: list[oai.ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=oai.MAX_TOP_LOGPROBS)
 
-    def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
-        if self.tools or self.tool_choice not in (None, "none", "auto"):
-            raise unsupported("tools", "tool calls are not supported")
-        if self.top_logprobs:
-            raise unsupported("top_logprobs", "log probabilities are not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", "only the 'text' response format is supported")
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's log probability comes with; None: no log probabilities."""
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -176,9 +162,13 @@ class ChatCompletionRequest(_Body):
 class CompletionRequest(_Body):
     prompt: str | list[str] | list[int]
     max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -202,9 +192,15 @@ class Job:
     sampling: SamplingParams
     stop: list[str]
     loop: asyncio.AbstractEventLoop
-    output: asyncio.Queue = field(default_factory=asyncio.Queue)  # str pieces, then stats or an exception
+    grammar: str | None = None
+    thinking: Thinking | None = None
+    logprobs: int | None = None  # top alternatives per token; None: no log probabilities
+    checkpoint_at: tuple[int, ...] = ()  # prompt positions where a hybrid model keeps its state
+    # str pieces (each after its tokens' TokenLogprobs, when asked for), then stats or an exception
+    output: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     stats: GenerationStats | None = None
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the pieces read so far
 
     def send(self, item) -> None:
         """Hand `item` to the request's coroutine (called from the worker thread)."""
@@ -221,6 +217,7 @@ class Job:
                 items = [await self.output.get()]
                 while not self.output.empty():
                     items.append(self.output.get_nowait())
+                self.token_logprobs.extend(item for item in items if isinstance(item, TokenLogprob))
                 if text := "".join(item for item in items if isinstance(item, str)):
                     yield text
                 end = items[-1]  # the worker's last item is the stats or an exception
@@ -306,9 +303,12 @@ class Worker:
             return
         try:
             for event in self.engine.generate(
-                job.prompt, max_tokens=job.max_tokens, sampling=job.sampling, stop=job.stop, cancel=job.cancel
+                job.prompt, max_tokens=job.max_tokens, sampling=job.sampling, stop=job.stop, cancel=job.cancel,
+                checkpoint_at=job.checkpoint_at, grammar=job.grammar, thinking=job.thinking, logprobs=job.logprobs,
             ):
                 stats = event.stats
+                if event.logprob is not None and event.token is not None:
+                    job.send(event.logprob)
                 if event.text:
                     job.send(event.text)
         except Exception as e:  # a failure inside llama.cpp: the request gets a 500, the server lives on
@@ -332,6 +332,7 @@ class ServeOptions:
     model_id: str  # the name /v1/models lists and responses carry
     max_queue: int  # requests that may wait for the engine; more get 503
     api_key: str | None = None  # required as a Bearer token on everything but /health
+    thinking_budget: int | None = None  # for chat requests that set none
 
 
 def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
@@ -350,12 +351,12 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     app.state.worker = worker
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError):
-        return exc.response()
+    async def _api_error(request: Request, exc: ApiError):
+        return exc.response(request)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError):
-        return _validation_error(exc).response()
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _validation_error(exc).response(request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
@@ -371,8 +372,10 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         if options.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), options.api_key.encode()):
-            raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+        if scheme.lower() != "bearer":  # Anthropic clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), options.api_key.encode()):
+            raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     api = APIRouter(dependencies=[Depends(check_api_key)])
@@ -390,15 +393,35 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     async def metrics():
         memory = await run_in_threadpool(engine.accelerator_memory)
         cache = engine.expert_cache.snapshot() if engine.expert_cache is not None else None
-        return PlainTextResponse(prometheus_text(engine.live.snapshot(), memory, cache), media_type="text/plain; version=0.0.4")
+        checkpoints = engine.checkpoints.snapshot() if engine.checkpoints is not None else None
+        return PlainTextResponse(prometheus_text(engine.live.snapshot(), memory, cache, checkpoints),
+                                 media_type="text/plain; version=0.0.4")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.refuse_unsupported()
-        messages = [m.for_template() for m in body.messages]
-        prompt = await _tokenized(engine, lambda: engine.chat_prompt(messages), "messages")
-        job = _submit(worker, engine, body, prompt, body.token_limit)
-        return await _respond(Reply("chat", options.model_id), job, body, request)
+        plan = _checked(lambda: body.plan(body.messages, engine.chat_template))
+        job, parser = await _chat_job(worker, engine, body, plan, body.token_limit, options)
+        return await _respond(oai.Reply("chat", options.model_id, parser), job, body, request)
+
+    @api.post("/v1/messages")
+    async def anthropic_messages(body: messages_api.MessagesRequest, request: Request):
+        chat_messages, chat_options = _checked(body.chat)
+        plan = _checked(lambda: chat_options.plan(chat_messages, engine.chat_template))
+        job, parser = await _chat_job(worker, engine, body, plan, body.max_tokens, options)
+        reply = messages_api.MessageReply(options.model_id)
+        if body.stream:
+            return _sse(_guarded(reply.stream(parser, job, len(job.prompt)), ApiError.anthropic_body), named=True)
+        parser.feed(await _unless_disconnected(request, job))
+        parser.finish()
+        return reply.whole(*parser.message(), job.stats)
+
+    @api.post("/v1/messages/count_tokens")
+    async def anthropic_count_tokens(body: messages_api.CountTokensRequest):
+        chat_messages, chat_options = _checked(body.chat)
+        plan = _checked(lambda: chat_options.plan(chat_messages, engine.chat_template))
+        text = await _rendered(engine, plan)
+        return {"input_tokens": len(await _tokenized(engine, lambda: engine.chat_tokens(text), "messages"))}
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -409,7 +432,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
             text = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)  # at most one
             prompt = await _tokenized(engine, lambda: engine.tokenize(text), "prompt")
         job = _submit(worker, engine, body, prompt, body.max_tokens)
-        return await _respond(Reply("completion", options.model_id), job, body, request)
+        return await _respond(oai.Reply("completion", options.model_id), job, body, request)
 
     app.include_router(api)
     return app
@@ -445,22 +468,66 @@ def _fitting(engine: Engine, tokens: list[int], param: str) -> list[int]:
     return tokens
 
 
-def _submit(worker: Worker, engine: Engine, body: _Body, prompt: list[int], max_tokens: int | None) -> Job:
+def _checked(make: Callable):
+    """`make()`, with a request the model cannot serve as asked answered by a 400."""
+    try:
+        return make()
+    except oai.RequestError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+
+
+async def _chat_job(worker: Worker, engine: Engine, body, plan: oai.ChatPlan, max_tokens: int | None,
+                    options: ServeOptions):
+    """Render, tokenize and queue a chat request; returns its job and the parser for its reply."""
+    if plan.thinking_budget is None:
+        plan.thinking_budget = options.thinking_budget
+    text = await _rendered(engine, plan)
+    prompt = await _tokenized(engine, lambda: engine.chat_tokens(text), "messages")
+    turn_start = await run_in_threadpool(lambda: engine.turn_start(plan.messages, prompt, **plan.variables))
+    return _submit(worker, engine, body, prompt, max_tokens, plan, text, turn_start), plan.parser(text)
+
+
+async def _rendered(engine: Engine, plan: oai.ChatPlan) -> str:
+    """The chat prompt's text; a template that refuses the messages, or a grammar llama.cpp does not
+    parse, is the client's error (400)."""
+
+    def render() -> str:
+        if plan.grammar is not None:
+            try:
+                engine.check_grammar(plan.grammar)
+            except PromptError as e:
+                raise oai.RequestError(plan.grammar_param, str(e)) from None
+        return engine.chat_text(plan.messages, **plan.variables)
+
+    try:
+        return await run_in_threadpool(render)
+    except oai.RequestError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    except PromptError as e:
+        raise ApiError(400, str(e), param="messages") from None
+
+
+def _submit(worker: Worker, engine: Engine, body: _Body, prompt: list[int], max_tokens: int | None,
+            plan: oai.ChatPlan | None = None, prompt_text: str = "", checkpoint_at: tuple[int, ...] = ()) -> Job:
     job = Job(
         prompt=prompt,
         max_tokens=max_tokens or engine.n_ctx,  # the engine also stops where the context ends
         sampling=body.sampling(),
         stop=body.stop_strings(),
         loop=asyncio.get_running_loop(),
+        grammar=plan.grammar if plan else None,
+        thinking=plan.thinking(prompt_text) if plan else None,
+        logprobs=body.logprob_count(),
+        checkpoint_at=checkpoint_at,
     )
     worker.submit(job)
     return job
 
 
-async def _respond(reply: Reply, job: Job, body: _Body, request: Request):
+async def _respond(reply: oai.Reply, job: Job, body: _Body, request: Request):
     if body.stream:
-        return _sse(reply.chunks(job, body.include_usage))
-    return reply.whole(await _unless_disconnected(request, job), job.stats)
+        return _sse(_guarded(reply.chunks(job, body.include_usage), ApiError.body))
+    return reply.whole(await _unless_disconnected(request, job), job)
 
 
 async def _unless_disconnected(request: Request, job: Job) -> str:
@@ -482,156 +549,33 @@ async def _unless_disconnected(request: Request, job: Job) -> str:
         watcher.cancel()
 
 
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+def _sse(events: AsyncIterator[dict], *, named: bool = False) -> StreamingResponse:
+    """Server-sent events: OpenAI's (data lines, then [DONE]) or, `named`, Anthropic's (each with
+    an event line naming its type)."""
+
     async def lines() -> AsyncIterator[str]:
         async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
-            if "error" in event:  # the stream ends without [DONE]
+            name = f"event: {event['type']}\n" if named else ""
+            yield f"{name}data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
+            if "error" in event:  # the stream ends here, without [DONE]
                 return
-        yield "data: [DONE]\n\n"
+        if not named:
+            yield "data: [DONE]\n\n"
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
 
 
-class Reply:
-    """The OpenAI response objects of one request: kind "chat" (chat.completion) or "completion"."""
-
-    def __init__(self, kind: Literal["chat", "completion"], model_id: str):
-        self.kind, self.model_id = kind, model_id
-        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def _envelope(self, choices: list[dict], *, chunk: bool, **extra) -> dict:
-        obj = {"chat": "chat.completion", "completion": "text_completion"}[self.kind]
-        if chunk and self.kind == "chat":
-            obj = "chat.completion.chunk"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id, "choices": choices, **extra}
-
-    def _choice(self, text: str, finish_reason: str | None, *, chunk: bool) -> dict:
-        choice: dict = {"index": 0}
-        if self.kind == "completion":
-            choice["text"] = text
-        elif chunk:
-            choice["delta"] = {"content": text} if text else {}
-        else:
-            choice["message"] = {"role": "assistant", "content": text}
-        return {**choice, "logprobs": None, "finish_reason": finish_reason}
-
-    @staticmethod
-    def usage(stats: GenerationStats) -> dict:
-        return {
-            "prompt_tokens": stats.prompt_tokens,
-            "completion_tokens": stats.completion_tokens,
-            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-        }
-
-    def whole(self, text: str, stats: GenerationStats) -> dict:
-        """The non-streaming response."""
-        return self._envelope([self._choice(text, stats.finish_reason, chunk=False)], chunk=False, usage=self.usage(stats))
-
-    async def chunks(self, job: Job, include_usage: bool) -> AsyncIterator[dict]:
-        """The streaming response's events. A failure after the response started becomes an error
-        event (the OpenAI client raises it)."""
-        usage_field = {"usage": None} if include_usage else {}
-
-        def chunk(text: str, finish_reason: str | None = None) -> dict:
-            return self._envelope([self._choice(text, finish_reason, chunk=True)], chunk=True, **usage_field)
-
-        if self.kind == "chat":
-            first = chunk("")
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            yield first
-        try:
-            async for piece in job.pieces():
-                yield chunk(piece)
-        except ShuttingDown as e:
-            yield ApiError(503, str(e), type="server_error").body()
-            return
-        except Exception as e:
-            yield ApiError(500, f"generation failed: {e}", type="server_error").body()
-            return
-        yield chunk("", job.stats.finish_reason)
-        if include_usage:
-            yield self._envelope([], chunk=True, usage=self.usage(job.stats))
-
-
-# --- /metrics ----------------------------------------------------------------------------------------
-def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]], cache: dict | None = None) -> str:
-    """The live figures in Prometheus' text exposition format; `cache` is the expert cache's
-    snapshot (ExpertCache.snapshot()), when the engine has one."""
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP rotary_gguf_{name} {help_text}")
-        lines.append(f"# TYPE rotary_gguf_{name} {kind}")
-        lines.extend(f"rotary_gguf_{name}{suffix} {_sample_value(value)}" for suffix, value in samples)
-
-    def labelled(label: str, values: dict) -> list[tuple[str, float]]:
-        return [(f'{{{label}="{key}"}}', value) for key, value in sorted(values.items())]
-
-    metric("requests_total", "counter", "Generations finished, by finish reason.", labelled("finish_reason", s.requests))
-    metric("requests_rejected_total", "counter", "Requests refused because the queue was full.", [("", s.rejected)])
-    metric("prompt_tokens_total", "counter", "Prompt tokens of finished generations.", [("", s.prompt_tokens)])
-    metric("prompt_tokens_cached_total", "counter", "Prompt tokens reused from the context cache.",
-           [("", s.cached_prompt_tokens)])
-    metric("completion_tokens_total", "counter", "Generated tokens.", [("", s.completion_tokens)])
-    metric("decode_seconds_total", "counter", "Seconds spent generating after the first token.", [("", s.decode_seconds)])
-    metric("decode_tokens_per_second", "gauge", "Decode speed of the last generation.", [("", s.last_decode_tps)])
-    metric("decode_tokens_per_second_avg", "gauge", "Decode speed over all generations.", [("", s.avg_decode_tps)])
-    metric("prompt_tokens_per_second", "gauge", "Prompt speed of the last generation.", [("", s.last_prompt_tps)])
-    metric("time_to_first_token_seconds", "summary", "Time from a generation's start to its first token.",
-           [("_sum", s.ttft_seconds_sum), ("_count", s.ttft_count)])
-    metric("time_to_first_token_seconds_last", "gauge", "Time to first token of the last generation.",
-           [("", s.last_ttft_seconds)])
-    metric("queue_length", "gauge", "Requests waiting for the engine.", [("", s.queue_length)])
-    metric("requests_in_flight", "gauge", "Generations running now.", [("", s.in_flight)])
-    metric("accelerator_memory_used_bytes", "gauge", "Memory in use on each accelerator, as the device reports it.",
-           labelled("device", {name: used for name, (used, _) in accelerator_memory.items()}))
-    metric("accelerator_memory_total_bytes", "gauge", "Memory of each accelerator.",
-           labelled("device", {name: total for name, (_, total) in accelerator_memory.items()}))
-    if cache is not None:
-        metric("expert_cache_enabled", "gauge", "1 while the expert cache serves decode calls, 0 once it turned itself off.",
-               [("", int(cache["enabled"]))])
-        metric("expert_cache_slots", "gauge", "Accelerator slots for experts, per cached block.", [("", cache["slots"])])
-        metric("expert_cache_hits_total", "counter", "Expert selections served from a slot.", [("", cache["hits"])])
-        metric("expert_cache_misses_total", "counter", "Expert selections uploaded into a slot first.",
-               [("", cache["misses"])])
-        metric("expert_cache_hit_rate", "gauge", "Share of expert selections served from a slot.", [("", cache["hit_rate"])])
-        metric("expert_cache_hit_rate_recent", "gauge", "Share of expert selections served from a slot lately (about 10 s).",
-               [("", cache["recent_hit_rate"])])
-        metric("expert_cache_layer_hit_rate", "gauge", "Share of expert selections served from a slot, per block.",
-               labelled("layer", cache["layer_hit_rate"]))
-        metric("expert_cache_fallback_calls_total", "counter",
-               "Decode calls that ran llama.cpp's own path: batches that could need more experts than the slots hold.",
-               [("", cache["fallback_calls"])])
-        metric("expert_cache_uploaded_bytes_total", "counter", "Expert bytes uploaded into slots.",
-               [("", cache["uploaded_bytes"])])
-        metric("expert_cache_upload_bytes_per_second", "gauge", "Expert upload speed lately (about 10 s).",
-               [("", cache["uploaded_bytes_per_s"])])
-        metric("expert_cache_resident_experts", "gauge", "Experts holding a slot, per block.",
-               labelled("layer", {layer: len(experts) for layer, experts in cache["resident"].items()}))
-        if cache.get("split"):
-            metric("expert_accelerator_share", "gauge",
-                   "Split compute: share of expert computations done on the accelerator (the rest on the CPU).",
-                   [("", cache["hit_rate"])])
-            metric("expert_accelerator_share_layer", "gauge", "Split compute: accelerator share per block.",
-                   labelled("layer", cache["layer_hit_rate"]))
-            metric("expert_cpu_seconds_total", "counter", "Split compute: CPU worker time on missed experts.",
-                   [("", cache["cpu_seconds"])])
-            metric("expert_cpu_seconds_per_token", "gauge", "Split compute: CPU worker time per token it served.",
-                   [("", cache["cpu_seconds_per_token"])])
-            metric("expert_cpu_wait_seconds_per_token", "gauge",
-                   "Split compute: time per token the graph waited for the CPU worker.",
-                   [("", cache["cpu_wait_seconds_per_token"])])
-            metric("expert_cache_upload_bytes_per_token", "gauge", "Split compute: bytes admitted into slots per token.",
-                   [("", cache["uploaded_bytes_per_token"])])
-    return "\n".join(lines) + "\n"
-
-
-def _sample_value(value: float) -> str:
-    """A sample value in full: integers exact (counters soon pass 6 digits), floats to the last digit."""
-    return str(int(value)) if isinstance(value, int) else repr(float(value))
+async def _guarded(events: AsyncIterator[dict], error_body: Callable[[ApiError], dict]) -> AsyncIterator[dict]:
+    """A response's stream events; a failure after the response started ends it with an error
+    event in the API's form (clients raise it)."""
+    try:
+        async for event in events:
+            yield event
+    except ShuttingDown as e:
+        yield error_body(ApiError(503, str(e), type="server_error"))
+    except Exception as e:
+        yield error_body(ApiError(500, f"generation failed: {e}", type="server_error"))
 
 
 # --- running -----------------------------------------------------------------------------------------

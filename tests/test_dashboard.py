@@ -74,6 +74,8 @@ def test_fits_80x24_and_shows_the_figures(skewed):
     assert f"avg {s.avg_decode_tps:.1f}" in text
     assert f"{s.prompt_tokens + s.completion_tokens:,}" in text
     assert f"{s.prompt_tokens:,} in · {s.completion_tokens:,} out" in text
+    assert s.cached_prompt_tokens > 0  # the second generation reused the first one's prompt
+    assert f"2 done · {s.cached_prompt_tokens:,} prompt tokens cached" in text
     assert re.search(r"decode .*t/s .*[▁▂▃▄▅▆▇█]", text), "no decode sparkline"
     assert "0 in flight · 0 queued" in text and "2 done" in text
     assert re.search(r"[1-9][\d.]* req/min", text)

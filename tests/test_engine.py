@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
+from rotary_gguf.chat_template import render_chat_template
 from rotary_gguf.engine import (
     Engine,
     PromptError,
     SamplingParams,
     StopFilter,
-    render_chat_template,
 )
 
 PROMPT = "Once upon a time"

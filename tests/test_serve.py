@@ -23,7 +23,8 @@ from rotary_gguf.engine import Engine
 from rotary_gguf.expert_cache import ExpertCache
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.plan import Placement
-from rotary_gguf.serve import ServeOptions, create_app, prometheus_text
+from rotary_gguf.metrics import prometheus_text
+from rotary_gguf.serve import ServeOptions, create_app
 
 API_KEY = "sk-test-key"
 CTX = 256
@@ -220,7 +221,10 @@ def test_api_key(server):
         ("/v1/chat/completions", {"messages": MESSAGES, "n": 2}, "n=1", "n"),
         ("/v1/chat/completions", {"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop", "stop"),
         ("/v1/chat/completions", {"messages": MESSAGES, "stop": [1]}, "stop", "stop.0"),
-        ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tool", "tools"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "required", "tools.0.function"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
+         "does not take tools", "tools"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "needs logprobs", "top_logprobs"),
         ("/v1/completions", {"prompt": "x " * 400}, "context", "prompt"),
         ("/v1/completions", {"prompt": [5, 10**6]}, "vocabulary", "prompt"),
         ("/v1/completions", {"prompt": ["a", "b"]}, "one prompt", "prompt"),

@@ -139,7 +139,7 @@ def test_the_dashboard_and_metrics_show_the_split(test_model, rpc_endpoint):
     from test_serve import parse_prometheus
 
     from rotary_gguf.dashboard import Dashboard
-    from rotary_gguf.serve import prometheus_text
+    from rotary_gguf.metrics import prometheus_text
     from rotary_gguf.telemetry import RoutingTelemetry
 
     path = test_model(arch="qwen35moe", quant="q8_0", fused_gate_up=True, router_skew=1.5)

@@ -80,6 +80,8 @@ __all__ = [
     "model_dims",
     "build_tokenizer",
     "CHAT_TEMPLATE",
+    "CHAT_TEMPLATES",
+    "chat_template_text",
     "main",
 ]
 
@@ -133,6 +135,20 @@ CHAT_TEMPLATE = (
     "{{- '<|im_start|>assistant\\n' -}}"
     "{%- endif -%}"
 )
+
+# Chat templates a test model can carry (``chat_template=``): "chatml" is the plain one above;
+# "qwen3.5" (tool calls as <tool_call><function=..><parameter=..>, thinking opened by the
+# generation prompt, enable_thinking) and "qwen3" (JSON tool calls in <tool_call>, thinking the
+# model opens itself) are the model family's own templates, kept as data next to this file.
+_TEMPLATE_DIR = pathlib.Path(__file__).with_name("chat_templates")
+CHAT_TEMPLATES = ("chatml", "qwen3.5", "qwen3")
+
+
+def chat_template_text(name: str) -> str:
+    """The text of the chat template called ``name`` (one of ``CHAT_TEMPLATES``)."""
+    if name not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; expected one of {CHAT_TEMPLATES}")
+    return CHAT_TEMPLATE if name == "chatml" else (_TEMPLATE_DIR / f"{name}.jinja").read_text()
 
 # A few dozen byte-level BPE merges of common English pairs, in GPT-2's
 # byte-to-unicode spelling ("Ġ" is a space, "Ċ" a newline). Merge order is rank.
@@ -485,7 +501,8 @@ def _keep_f32(name: str, arr: np.ndarray) -> bool:
 # writing
 
 
-def _add_metadata(w: gguf.GGUFWriter, d: Dict[str, object], tok: Dict[str, object], file_type: int) -> None:
+def _add_metadata(w: gguf.GGUFWriter, d: Dict[str, object], tok: Dict[str, object], file_type: int,
+                  chat_template: str = "chatml") -> None:
     """The hyper-parameters and the tokenizer."""
     arch = str(d["arch"])
     w.add_name(f"rotary-gguf synthetic {arch}")
@@ -531,18 +548,19 @@ def _add_metadata(w: gguf.GGUFWriter, d: Dict[str, object], tok: Dict[str, objec
     w.add_eot_token_id(int(tok["eos_id"]))
     w.add_pad_token_id(int(tok["pad_id"]))
     w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(chat_template_text(chat_template))
 
 
 def _write_gguf(path: pathlib.Path, d: Dict[str, object], tok: Dict[str, object],
                 seed: int, router_skew: float, fused_gate_up: bool, f16: bool, *,
-                file_type: int | None = None,
+                file_type: int | None = None, chat_template: str = "chatml",
                 routed_experts: Callable[[str], Iterator[Tuple[str, object]]] | None = None) -> None:
     """Every tensor of ``_tensors`` into a GGUF at ``path``: f32, or f16 where ``_keep_f32``
     allows with ``f16``; routed experts from ``routed_experts`` (raw Q4_K) are generated only as
     they are written, one at a time. ``file_type`` defaults to what ``f16`` says."""
     w = gguf.GGUFWriter(path, str(d["arch"]))
-    _add_metadata(w, d, tok, file_type if file_type is not None else _FTYPE_MOSTLY_F16 if f16 else _FTYPE_ALL_F32)
+    _add_metadata(w, d, tok, file_type if file_type is not None else _FTYPE_MOSTLY_F16 if f16 else _FTYPE_ALL_F32,
+                  chat_template)
 
     tensors = []
     for name, arr in _tensors(d, len(tok["tokens"]), tok["control_ids"], seed, router_skew, fused_gate_up,
@@ -615,6 +633,7 @@ def make_model(
     router_skew: float = 0.0,
     seed: int = 0,
     fused_gate_up: bool = False,
+    chat_template: str = "chatml",
 ) -> pathlib.Path:
     """Write a synthetic GGUF model to ``output`` (atomically) and return its path.
 
@@ -623,7 +642,8 @@ def make_model(
     ``ff`` is the dense FFN size. ``fused_gate_up`` writes
     ``ffn_gate_up_exps`` (gate rows then up rows per expert) instead of
     ``ffn_gate_exps`` + ``ffn_up_exps``; llama.cpp only reads the fused tensor
-    for ``qwen35moe``."""
+    for ``qwen35moe``. ``chat_template`` names one of ``CHAT_TEMPLATES``."""
+    chat_template_text(chat_template)  # an unknown name fails before anything is written
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; expected one of {QUANTS}")
     kquant = quant == "q4_k_m"
@@ -651,10 +671,11 @@ def make_model(
     tmp_f32 = None
     try:
         if quant in ("f32", "f16"):
-            _write_gguf(tmp_final, d, tok, seed, router_skew, fused_gate_up, f16=(quant == "f16"))
+            _write_gguf(tmp_final, d, tok, seed, router_skew, fused_gate_up, f16=(quant == "f16"),
+                        chat_template=chat_template)
         else:
             tmp_f32 = _tmp_path(folder, out.name, ".f32.tmp")
-            _write_gguf(tmp_f32, d, tok, seed, router_skew, fused_gate_up, f16=False)
+            _write_gguf(tmp_f32, d, tok, seed, router_skew, fused_gate_up, f16=False, chat_template=chat_template)
             ftype = _FTYPE_MOSTLY_Q8_0 if quant == "q8_0" else _FTYPE_MOSTLY_Q4_K_M
             _quantize(tmp_f32, tmp_final, ftype)
         os.replace(tmp_final, out)
@@ -803,6 +824,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
     ap.add_argument("--fused-gate-up", action="store_true",
                     help="write ffn_gate_up_exps instead of ffn_gate_exps + ffn_up_exps (qwen35moe)")
+    ap.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="chatml",
+                    help="chatml (plain), qwen3.5 (tools as <function=..>, thinking on by default) or qwen3 "
+                         "(JSON tool calls)")
     ap.add_argument("--bench-dims", action="store_true",
                     help="make_bench_model: a qwen35moe with Qwen3.5/3.6-35B-A3B's expert widths, its experts "
                          "written straight as random Q4_K blocks (--arch, --quant and --fused-gate-up do not apply)")
@@ -840,6 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 router_skew=_given(args.router_skew, 0.0),
                 seed=args.seed,
                 fused_gate_up=args.fused_gate_up,
+                chat_template=args.chat_template,
             )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
