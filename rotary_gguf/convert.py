@@ -277,14 +277,9 @@ def plan_conversion(inv: Inventory, profile: Profile | None = None) -> Conversio
 
 
 def _stored_order(inv: Inventory, layer: int) -> list[int]:
-    """position -> original id of a block as the file stores it (identity unless we reordered it)."""
-    order = inv.expert_order(layer)
-    if order is None:
-        return list(range(inv.n_expert))
-    if sorted(order) != list(range(inv.n_expert)):
-        key = names.ROTARY_PERMUTATION_KEY.format(layer=layer)
-        raise UserError(f"{inv.path.name}: {key} is not a permutation of the {inv.n_expert} experts")
-    return order
+    """position -> original id of a block as the file stores it (identity unless we reordered it;
+    the reader has checked that a stored order is a permutation)."""
+    return inv.expert_order(layer) or list(range(inv.n_expert))
 
 
 def _fusable_layers(inv: Inventory, spec: names.ArchSpec, layers: list[int]) -> tuple[set[int], list[str]]:
