@@ -38,6 +38,7 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _UINT32, _STRING, _ARRAY = 4, 8, 9
 # Arrays longer than this are not materialised (tokenizer vocab, merges): only their length is kept.
 _MAX_KEPT_ARRAY = 4096
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -284,25 +285,33 @@ class _Cursor:
             values = list(struct.unpack_from(f"<{count}{_SCALAR[item_type][1]}", self.buf, self.pos))
             self.pos += item_bytes * count
             return values
-        if unique:
-            self.check_unique_strings(count)
         if count > _MAX_KEPT_ARRAY:
-            for _ in range(count):
-                self.skip_string()
+            self.skip_strings(count, unique)
             return ArrayInfo(item_type, count)
+        if unique:
+            self.skip_strings(count, unique, rewind=True)
         return [self.string() for _ in range(count)]
 
-    def check_unique_strings(self, count: int) -> None:
-        """Fail if the `count` strings from here repeat one; leaves the position where it was."""
-        start, seen = self.pos, set()
+    def skip_strings(self, count: int, unique: bool, rewind: bool = False) -> None:
+        """Step over `count` strings (a tight loop: vocabularies hold 250k); with `unique`, fail on
+        a repeated one, counting an empty string as llama.cpp does ("[EMPTY_<i>]")."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        seen: set[bytes] = set()
         for i in range(count):
-            at = self.pos + 8
-            self.skip_string()
-            text = self.buf[at : self.pos] or f"[EMPTY_{i}]".encode()
-            if text in seen:
-                self.fail(f"item {i} ({text[:40].decode(errors='replace')!r}) appears twice")
-            seen.add(text)
-        self.pos = start
+            if pos + 8 > size:
+                self.fail(f"item {i} is truncated (ends past the end of the file)")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > size - pos:
+                self.fail(f"item {i}: a string of {n} bytes runs past the end of the file")
+            if unique:
+                text = buf[pos : pos + n] or f"[EMPTY_{i}]".encode()
+                if text in seen:
+                    self.fail(f"item {i} ({text[:40].decode(errors='replace')!r}) appears twice")
+                seen.add(text)
+            pos += n
+        if not rewind:
+            self.pos = pos
 
 
 def _parse(path: Path, mm: mmap.mmap, size: int) -> Inventory:
