@@ -39,6 +39,7 @@ from .stats import Snapshot
 
 RETRY_AFTER_SECONDS = 1
 MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 1000  # characters per stop string
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -119,6 +120,8 @@ class _Body(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         if len(stops) > MAX_STOP_STRINGS:
             raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ApiError(400, f"stop: a stop string has at most {MAX_STOP_LENGTH} characters", param="stop")
         return stops
 
     def refuse_unsupported(self) -> None:

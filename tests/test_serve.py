@@ -220,6 +220,7 @@ def test_api_key(server):
         ("/v1/chat/completions", {"messages": MESSAGES, "n": 2}, "n=1", "n"),
         ("/v1/chat/completions", {"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop", "stop"),
         ("/v1/chat/completions", {"messages": MESSAGES, "stop": [1]}, "stop", "stop.0"),
+        ("/v1/completions", {"prompt": "x", "stop": ["x" * 1001]}, "at most 1000 characters", "stop"),
         ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tool", "tools"),
         ("/v1/completions", {"prompt": "x " * 400}, "context", "prompt"),
         ("/v1/completions", {"prompt": [5, 10**6]}, "vocabulary", "prompt"),
