@@ -255,12 +255,6 @@ class _Cursor:
         self.pos += n
         return s
 
-    def skip_string(self) -> None:
-        n = self.take("<Q")
-        if n > self.left:
-            self.fail(f"a string of {n} bytes runs past the end of the file")
-        self.pos += n
-
     def value(self, vtype: int, unique: bool = False):
         """One value of GGUF type `vtype`; with `unique`, an array of strings must not repeat one
         (llama.cpp aborts on a vocabulary with a token text twice; empty ones it renames)."""

@@ -45,7 +45,13 @@ HPARAM_RANGES: dict[str, tuple[int, int | None, bool]] = {
     "ssm.group_count": (1, _HEADS, False),
     "ssm.state_size": (1, 2**14, False),
     "ssm.time_step_rank": (1, _HEADS, False),
+    "expert_group_count": (0, None, False),  # fewer than expert_count
+    "expert_group_used_count": (0, None, False),  # fewer than expert_group_count
+    "rope.dimension_count": (1, 2**16, False),
 }
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # llama.cpp aborts on any other
+F32 = 0
+NOT_WEIGHT_TYPES = {9, 15, 24, 25, 26, 27, 28}  # Q8_1, Q8_K (dot-product only), I8, I16, I32, I64, F64
 STRING_KEYS = ("general.architecture", "tokenizer.chat_template")
 
 
@@ -55,7 +61,9 @@ def check_inventory(inv: Inventory) -> None:
         if key in inv.metadata and not isinstance(inv.metadata[key], str):
             raise CorruptGGUF(f"{key} must be a string")
     _check_hparams(inv)
+    _check_what_llama_cpp_asserts(inv)
     _check_tensors_agree(inv)
+    _check_tensor_types(inv)
     _check_expert_orders(inv)
 
 
@@ -69,6 +77,11 @@ def _check_hparams(inv: Inventory) -> None:
             low, high = (1 if n_expert else 0), n_expert
         elif name == "nextn_predict_layers":
             high = n_layer - 1
+        elif name == "expert_group_count":
+            high = max(n_expert - 1, 0)
+        elif name == "expert_group_used_count":
+            groups = inv.hparam("expert_group_count")
+            low, high = (1, groups - 1) if groups > 1 else (0, 0)
         values = _integers(key, inv.metadata[key], per_block, n_layer)
         if len(values) > 1 or isinstance(inv.metadata[key], list):
             low = 0
@@ -79,6 +92,43 @@ def _check_hparams(inv: Inventory) -> None:
             n_layer = values[0]
         elif name == "expert_count":
             n_expert = values[0]
+
+
+def _check_what_llama_cpp_asserts(inv: Inventory) -> None:
+    """Key combinations that make llama.cpp abort the process (GGML_ASSERT while loading, or
+    while building the first graph) rather than refuse the file."""
+    key = lambda name: names.hparam(inv.arch, name)  # noqa: E731
+    if inv.n_expert and key("expert_used_count") not in inv.metadata:
+        raise CorruptGGUF(f"{key('expert_count')} is {inv.n_expert}, but {key('expert_used_count')} is missing")
+    groups = inv.hparam("expert_group_count")
+    if groups > 1 and inv.n_expert % groups:
+        raise CorruptGGUF(f"{key('expert_group_count')} = {groups} does not divide the {inv.n_expert} experts")
+    if groups > 1 and key("expert_group_used_count") not in inv.metadata:
+        raise CorruptGGUF(f"{key('expert_group_count')} is {groups}, but {key('expert_group_used_count')} is missing")
+    scaling = inv.metadata.get(key("rope.scaling.type"), "linear")
+    if scaling not in ROPE_SCALING_TYPES:
+        raise CorruptGGUF(f"{key('rope.scaling.type')} must be one of {', '.join(ROPE_SCALING_TYPES)}, not {scaling!r}")
+    if inv.arch not in names.SUPPORTED:
+        return
+    # qwen3moe and qwen35moe: one head size for keys and values; qwen3moe rotates all of it
+    head_k = inv.hparam("attention.key_length") or inv.n_embd // max(inv.hparam("attention.head_count"), 1)
+    head_v = inv.hparam("attention.value_length") or head_k
+    if head_k != head_v:
+        raise CorruptGGUF(f"{key('attention.key_length')} ({head_k}) and {key('attention.value_length')} ({head_v}) differ")
+    n_rot = inv.hparam("rope.dimension_count", head_k)
+    if inv.arch == "qwen3moe" and n_rot != head_k:
+        raise CorruptGGUF(f"{key('rope.dimension_count')} = {n_rot} is not the head size {head_k}")
+    if n_rot > head_k:
+        raise CorruptGGUF(f"{key('rope.dimension_count')} = {n_rot} is more than the head size {head_k}")
+    sections = inv.metadata.get(key("rope.dimension_sections"))
+    if sections is not None:
+        if not (isinstance(sections, list) and len(sections) <= 4 and all(_is_int(v) and v >= 0 for v in sections)):
+            raise CorruptGGUF(f"{key('rope.dimension_sections')} must be up to 4 non-negative integers")
+        if sum(sections) > n_rot:
+            raise CorruptGGUF(f"{key('rope.dimension_sections')} {sections} add up to more than the {n_rot} rotated dimensions")
+    v_heads, k_heads = inv.hparam("ssm.time_step_rank"), inv.hparam("ssm.group_count")
+    if v_heads and k_heads and v_heads % k_heads:
+        raise CorruptGGUF(f"{key('ssm.time_step_rank')} ({v_heads}) is not a multiple of {key('ssm.group_count')} ({k_heads})")
 
 
 def _integers(key: str, value: object, per_block: bool, n_layer: int) -> list[int]:
@@ -126,6 +176,16 @@ def _check_tensors_agree(inv: Inventory) -> None:
     embd = inv.by_name.get("token_embd.weight")
     if embd is not None and inv.n_embd and embd.shape[:1] != (inv.n_embd,):
         raise CorruptGGUF(f"tensor 'token_embd.weight' has shape {list(embd.shape)}; embedding_length is {inv.n_embd}")
+
+
+def _check_tensor_types(inv: Inventory) -> None:
+    """Weights in types llama.cpp computes with: never integers or F64 (its kernels assert on
+    them), and F32 for every 1-dimensional tensor (norms, SSM parameters), as its converters write."""
+    for t in inv.tensors:
+        if t.ggml_type in NOT_WEIGHT_TYPES:
+            raise CorruptGGUF(f"tensor {t.name!r} is {t.type_name}, which is not a weight type")
+        if len(t.shape) == 1 and t.ggml_type != F32:
+            raise CorruptGGUF(f"tensor {t.name!r} is 1-dimensional but {t.type_name}, not F32")
 
 
 def _expert_rows(inv: Inventory, kind: str) -> tuple[int, int] | None:

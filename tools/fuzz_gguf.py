@@ -459,13 +459,18 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per file before it counts as a hang")
     parser.add_argument("--load", action="store_true", help="also load every accepted file with llama.cpp")
     parser.add_argument("--examples", action="store_true", help="print the message of every non-rejection")
+    parser.add_argument("--kinds", default=",".join(RANDOM + TARGETED), help="corruptions to make, comma-separated (default: all)")
     parser.add_argument("--keep", type=Path, help="save every file that was not rejected into this folder")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker()
         return
-    report = run(args.files, args.seed, load_accepted=args.load, timeout=args.timeout, progress=True, keep=args.keep)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = set(kinds) - set(RANDOM + TARGETED)
+    if unknown:
+        parser.error(f"unknown corruption kinds: {', '.join(sorted(unknown))}")
+    report = run(args.files, args.seed, load_accepted=args.load, timeout=args.timeout, progress=True, keep=args.keep, kinds=kinds)
     print(report.table())
     print(f"{report.seconds:.1f} s, {1000 * report.seconds / max(args.files, 1):.1f} ms per file")
     if args.examples:
