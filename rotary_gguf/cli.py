@@ -338,6 +338,10 @@ def serve(
     checkpoint_memory: Annotated[
         str, typer.Option(help="Host memory for a hybrid model's prompt checkpoints (recurrent state at turn starts).")
     ] = "512MiB",
+    read_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, max=3600, help="Seconds a client has to send a request's headers, and again its body; slower connections are closed."),
+    ] = 10.0,
 ) -> None:
     """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /metrics)
     and the Anthropic Messages API (/v1/messages)."""
@@ -365,7 +369,7 @@ def serve(
                      expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads),
                      checkpoint_bytes=checkpoint_bytes) as engine:
         options = serving.ServeOptions(model_id=path.name.removesuffix(".gguf"), max_queue=max_queue, api_key=api_key,
-                                       thinking_budget=thinking_budget)
+                                       thinking_budget=thinking_budget, read_timeout=read_timeout)
         if not dashboard:
             serving.run(engine, options, sock)
             return
@@ -816,15 +820,24 @@ def _print_bench(results, runs: int) -> None:
 
 
 def main() -> None:
-    """Console-script entry point: user errors become one red line and exit code 2."""
+    """Console-script entry point: user errors and bad command lines become one red line and exit
+    code 2."""
+    if len(sys.argv) == 1:
+        sys.argv.append("--help")  # a bare `rotary-gguf` shows the help
     try:
-        app()
+        code = app(standalone_mode=False)
     except UserError as e:
         log.error(str(e))
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         log.error("interrupted")
         sys.exit(130)
+    except typer.TyperException as e:  # a bad command line: typer's usage box, as one line
+        ctx = getattr(e, "ctx", None)
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        log.error(" ".join(e.format_message().split()) + where)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ DISK_MARGIN = 16 * 2**20  # free space wanted beyond the output's size (file-sys
 _UINT32, _INT32, _STRING, _ARRAY = 4, 5, 8, 9  # GGUF value types
 # copy_file_range errors that mean "not here" (other file systems, old kernels, seccomp filters)
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+# open(O_TMPFILE) errors that mean "no unnamed files here" (file system, kernel, no /proc to link)
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.ENOSYS}
 
 
 # --- expert order --------------------------------------------------------------------------------
@@ -277,14 +279,9 @@ def plan_conversion(inv: Inventory, profile: Profile | None = None) -> Conversio
 
 
 def _stored_order(inv: Inventory, layer: int) -> list[int]:
-    """position -> original id of a block as the file stores it (identity unless we reordered it)."""
-    order = inv.expert_order(layer)
-    if order is None:
-        return list(range(inv.n_expert))
-    if sorted(order) != list(range(inv.n_expert)):
-        key = names.ROTARY_PERMUTATION_KEY.format(layer=layer)
-        raise UserError(f"{inv.path.name}: {key} is not a permutation of the {inv.n_expert} experts")
-    return order
+    """position -> original id of a block as the file stores it (identity unless we reordered it;
+    the reader has checked that a stored order is a permutation)."""
+    return inv.expert_order(layer) or list(range(inv.n_expert))
 
 
 def _fusable_layers(inv: Inventory, spec: names.ArchSpec, layers: list[int]) -> tuple[set[int], list[str]]:
@@ -377,9 +374,11 @@ class _Step(enum.Enum):
 
 
 class GGUFFileWriter:
-    """Writes OUT through a temp file in OUT's folder, in fixed steps that check each other:
-    open -> header -> tensor data (in header order) -> fsync -> rename. `discard` removes the temp
-    file at any step."""
+    """Writes OUT in fixed steps that check each other: open -> header -> tensor data (in header
+    order) -> fsync -> link into place. The file has no name until it is complete (O_TMPFILE,
+    linked to OUT at the end), so even SIGKILL leaves nothing behind; where the file system cannot
+    make unnamed files it is a temp file next to OUT, which `discard` removes at any step and
+    `remove_stale_temps` removes after a hard kill."""
 
     def __init__(self, out: Path, header: bytes, offsets: list[int], total_bytes: int, alignment: int):
         self.out = out
@@ -387,6 +386,7 @@ class GGUFFileWriter:
         self._header, self._offsets, self._total, self._alignment = header, offsets, total_bytes, alignment
         self._step = _Step.NEW
         self._fd: int | None = None
+        self._named = False  # whether the file being written has a name (the temp name) yet
         self._written = 0  # bytes of the file written so far
         self._written_back = 0  # bytes whose writeback was started
         self._tensors = 0
@@ -396,10 +396,22 @@ class GGUFFileWriter:
         if self._step is not step:
             raise RuntimeError(f"GGUF writer: expected step {step.value!r}, at {self._step.value!r}")
 
+    @property
+    def done(self) -> bool:
+        return self._step is _Step.DONE
+
     def open(self) -> None:
         self._expect(_Step.NEW)
-        self.temp.unlink(missing_ok=True)  # left by an earlier process that had our pid
-        self._fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            if not (hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")):
+                raise OSError(errno.ENOSYS, "no unnamed files here")
+            self._fd = os.open(self.out.parent, os.O_TMPFILE | os.O_WRONLY, 0o666)
+        except OSError as e:  # not on this system or file system: a named temp file
+            if e.errno not in _NO_TMPFILE:
+                raise
+            self.temp.unlink(missing_ok=True)  # left by an earlier process that had our pid
+            self._fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            self._named = True
         self._step = _Step.OPEN
 
     def write_header(self) -> None:
@@ -421,31 +433,61 @@ class GGUFFileWriter:
             self._step = _Step.DATA
 
     def sync(self) -> None:
-        """Check the size, flush to disk and close the temp file."""
+        """Check the size and flush to disk."""
         self._expect(_Step.DATA)
         size = os.fstat(self._fd).st_size
         if size != self._total or self._written != self._total:
             raise RuntimeError(f"GGUF writer: wrote {size} bytes, planned {self._total}")
         os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
         self._step = _Step.SYNCED
 
-    def commit(self) -> None:
-        """Rename the temp file to OUT and make the rename durable."""
+    def named(self) -> Path:
+        """A path of the synced file, for checks that open it by name: the temp name (given to an
+        unnamed file now; until the rename, a hard kill leaves it for `remove_stale_temps`)."""
         self._expect(_Step.SYNCED)
-        os.replace(self.temp, self.out)
+        if not self._named:
+            self._link(self.temp)
+        return self.temp
+
+    def commit(self) -> None:
+        """Put the file in place as OUT (replacing an old OUT atomically) and make it durable."""
+        self._expect(_Step.SYNCED)
+        if not self._named:
+            try:
+                self._link(self.out)  # a new OUT: the complete file gets its name in one step
+            except FileExistsError:
+                self._link(self.temp)  # an old OUT: renamed over below
+        if self._named:
+            os.replace(self.temp, self.out)
         self._step = _Step.DONE
+        self._close()
         _fsync_dir(self.out.parent)
 
     def discard(self) -> None:
-        """Remove the temp file (any step before the rename)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Drop the file (any step before it is in place); never raises."""
+        self._close()
         if self._step is not _Step.DONE:
-            self.temp.unlink(missing_ok=True)
+            if self._named:
+                with contextlib.suppress(OSError):
+                    self.temp.unlink(missing_ok=True)
             self._step = _Step.DISCARDED
+
+    def _link(self, path: Path) -> None:
+        """Give the unnamed file the name `path` (linkat through /proc, which needs no privilege)."""
+        if path == self.temp:
+            path.unlink(missing_ok=True)  # left by an earlier process that had our pid
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # with a folder fd os.link calls linkat(AT_SYMLINK_FOLLOW), which /proc's fd links need
+            os.link(f"/proc/self/fd/{self._fd}", path.name, dst_dir_fd=folder, follow_symlinks=True)
+        finally:
+            os.close(folder)
+        self._named = path == self.temp
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -491,15 +533,20 @@ def temp_path(out: Path) -> Path:
     return out.with_name(f".{out.name}{TEMP_MARK}{os.getpid()}")
 
 
-def remove_stale_temps(out: Path) -> list[Path]:
-    """Remove temp files of earlier conversions to `out` whose process is gone (a hard kill)."""
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp files that conversions into `folder` left behind when they were killed (their
+    process is gone). Best effort: a folder we cannot list or a file we cannot remove is left."""
     removed = []
-    prefix = f".{out.name}{TEMP_MARK}"
-    for p in out.parent.iterdir():
-        pid = p.name[len(prefix) :]
-        if p.name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        name, _, pid = p.name.rpartition(TEMP_MARK)
+        if name.startswith(".") and pid.isdigit() and not _process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
     return removed
 
 
@@ -528,19 +575,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class Interrupted(UserError):
+    """A signal ended the conversion before the output was in place."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """While writing, SIGTERM and SIGHUP raise SystemExit(128 + signal) the way SIGINT raises
-    KeyboardInterrupt, so the temp file is removed on the way out."""
+    """While writing, SIGINT, SIGTERM and SIGHUP raise Interrupted, so the output is dropped on the
+    way out and the command ends with one line."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame):
-        raise SystemExit(128 + signum)
+        raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -582,17 +636,14 @@ def convert(
     """Repack `source` into `output`. With `verify`, the new file is checked against the input
     with llama.cpp before it is renamed into place."""
     source, output = Path(source), Path(output)
+    stale = remove_stale_temps(output.parent)
+    for p in stale:
+        logger.info("removed %s, left by an interrupted conversion", p.name)
     inv = read_inventory(source)
     plan = plan_conversion(inv, load_profile(profile, inv) if profile is not None else None)
     _check_output(source, output, force)
-    stale = remove_stale_temps(output)
-    for p in stale:
-        logger.info("removed %s, left by an interrupted conversion", p.name)
     header = plan.header()
     total = plan.file_bytes(len(header))
-    free = shutil.disk_usage(output.parent).free
-    if free < total + DISK_MARGIN:
-        raise UserError(f"not enough free space in {output.parent}: the output needs {human_bytes(total)}, {human_bytes(free)} free")
 
     writer = GGUFFileWriter(output, header, plan.data_offsets(), total, plan.alignment)
     t0 = time.perf_counter()
@@ -600,6 +651,7 @@ def convert(
     with open(source, "rb", buffering=0) as src, _signals_raise():
         try:
             writer.open()
+            _check_free_space(output, total)
             writer.write_header()
             with _progress(show_progress) as progress:
                 task = progress.add_task(f"writing {output.name}", total=sum(t.nbytes for t in plan.tensors))
@@ -610,19 +662,43 @@ def convert(
             if verify:
                 from .verify import OutputsDiffer, verify_models
 
-                verification = verify_models(source, writer.temp)
+                verification = verify_models(source, writer.named())
                 if not verification.passed:
                     raise OutputsDiffer(f"{output.name} was not written: {verification.summary()}")
-            writer.commit()
+            with _signals_blocked():  # in place and durable, or not there at all
+                writer.commit()
         except OSError as e:
             with _signals_blocked():
                 writer.discard()
-            raise UserError(f"could not write {output}: {e.strerror or e}") from None
+            raise UserError(f"could not write {output}: {_os_error(e)}") from None
+        except Interrupted as e:
+            with _signals_blocked():
+                writer.discard()
+            e.args = (f"{e.args[0]}: {output} " + ("was complete before it" if writer.done else "was not written"),)
+            raise
         except BaseException:
             with _signals_blocked():
                 writer.discard()
             raise
     return ConvertResult(plan, output, total, seconds, stale, verification)
+
+
+def _check_free_space(output: Path, total: int) -> None:
+    free = shutil.disk_usage(output.parent).free
+    if free < total + DISK_MARGIN:
+        raise UserError(f"not enough free space in {output.parent}: the output needs {human_bytes(total)}, {human_bytes(free)} free")
+
+
+def _os_error(e: OSError) -> str:
+    """An OS error in words, with what to do for the usual ones."""
+    hints = {
+        errno.EROFS: "the destination is on a read-only file system",
+        errno.EACCES: "no permission to write there",
+        errno.EPERM: "no permission to write there",
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+    }
+    return hints.get(e.errno) or e.strerror or str(e)
 
 
 def _check_output(source: Path, output: Path, force: bool) -> None:

@@ -602,23 +602,34 @@ def _grammar_sampler(vocab, grammar: str):
 
 
 class StopFilter:
-    """Holds back text that could be the start of a stop string; cuts output at the first stop."""
+    """Holds back text that could be the start of a stop string; cuts output at the first stop.
+
+    Linear in the text and the stop strings' length: per stop string it keeps how much of it the
+    text ends with (a Knuth-Morris-Pratt state), which each new character advances in amortised
+    constant time, so a long stop string costs its length once, not once per token."""
 
     def __init__(self, stop: Sequence[str]):
         self.stop = [s for s in stop if s]
+        self._fallback = [_prefix_function(s) for s in self.stop]
+        self._matched = [0] * len(self.stop)  # per stop string: how much of it the text ends with
         self.pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit now, whether a stop string was hit)."""
+        start = len(self.pending)
         self.pending += text
-        if not self.stop:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        keep = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        for at, char in enumerate(text, start + 1):
+            for i, stop in enumerate(self.stop):
+                k, fallback = self._matched[i], self._fallback[i]
+                while k and stop[k] != char:
+                    k = fallback[k - 1]
+                k += stop[k] == char
+                if k == len(stop):
+                    out, self.pending = self.pending[: at - k], ""
+                    self._matched = [0] * len(self.stop)
+                    return out, True
+                self._matched[i] = k
+        keep = max(self._matched, default=0)
         out = self.pending[: len(self.pending) - keep]
         self.pending = self.pending[len(out) :]
         return out, False
@@ -627,6 +638,18 @@ class StopFilter:
         out, _ = self.feed(text)
         out, self.pending = out + self.pending, ""
         return out
+
+
+def _prefix_function(s: str) -> list[int]:
+    """For each prefix s[:i+1], the length of its longest proper prefix that is also its suffix."""
+    fallback = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fallback[k - 1]
+        k += s[i] == s[k]
+        fallback[i] = k
+    return fallback
 
 
 @contextmanager

@@ -9,6 +9,7 @@ tokens. Figures come from the engine's `LiveStats` (see /metrics), never measure
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -23,12 +24,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import log
 from .api import anthropic as messages_api
@@ -39,7 +41,13 @@ from .metrics import prometheus_text
 from .thinking import Thinking
 
 RETRY_AFTER_SECONDS = 1
+# A connection must deliver a request's headers this soon after it opens (or after the request
+# starts), and then its body as soon again; idle keep-alive connections close after
+# IDLE_TIMEOUT_SECONDS. Half-open connections (a slow or stalled client) cannot pile up.
+READ_TIMEOUT_SECONDS = 10.0
+IDLE_TIMEOUT_SECONDS = 5
 MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 1000  # characters per stop string
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -128,6 +136,8 @@ class _Body(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         if len(stops) > MAX_STOP_STRINGS:
             raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ApiError(400, f"stop: a stop string has at most {MAX_STOP_LENGTH} characters", param="stop")
         return stops
 
     def refuse_unsupported(self) -> None:
@@ -333,6 +343,7 @@ class ServeOptions:
     max_queue: int  # requests that may wait for the engine; more get 503
     api_key: str | None = None  # required as a Bearer token on everything but /health
     thinking_budget: int | None = None  # for chat requests that set none
+    read_timeout: float = READ_TIMEOUT_SECONDS  # see _TimedHttpProtocol
 
 
 def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
@@ -368,17 +379,9 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         log.logger.error("internal error: %r", exc)
         return ApiError(500, "internal server error", type="server_error").response()
 
-    def check_api_key(request: Request) -> None:
-        if options.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":  # Anthropic clients send the key as x-api-key
-            token = request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(token.strip().encode(), options.api_key.encode()):
-            raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    api = APIRouter(dependencies=[Depends(check_api_key)])
+    if options.api_key is not None:
+        app.add_middleware(_RequireApiKey, api_key=options.api_key)
+    api = APIRouter()
     created = int(time.time())
 
     @app.get("/health")
@@ -436,6 +439,30 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     app.include_router(api)
     return app
+
+
+class _RequireApiKey:
+    """ASGI middleware: every HTTP request but /health must carry the API key, checked before the
+    request is routed or its body read (a bad body without the key is 401, not 400), and covering
+    /docs and /openapi.json too."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health" and not self._authorized(scope):
+            error = ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            await error.response(Request(scope))(scope, receive, send)  # Anthropic's form on /v1/messages
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer":  # Anthropic clients send the key as x-api-key
+            token = headers.get(b"x-api-key", b"")
+        return hmac.compare_digest(token.strip(), self.key)
 
 
 def _model_card(model_id: str, created: int) -> dict:
@@ -593,6 +620,48 @@ class _Server(uvicorn.Server):
         asyncio.get_running_loop().call_soon_threadsafe(self._worker.cancel_all)
 
 
+class _TimedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with deadlines for reading a request: its headers within
+    `read_timeout` of the connection (or of the request's first byte), its body within as long
+    again. A client that misses one is disconnected; uvicorn alone would keep a connection with
+    half-sent headers open forever."""
+
+    def __init__(self, *args, read_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._read_timeout = read_timeout
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def _arm(self, seconds: float | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(seconds, self._too_slow) if seconds is not None else None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm(self._read_timeout)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm(self._read_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._arm(self._read_timeout)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._arm(None)
+        super().on_message_complete()
+
+    def connection_lost(self, exc) -> None:
+        self._arm(None)
+        super().connection_lost(exc)
+
+
 def run(engine: Engine, options: ServeOptions, sock: socket.socket) -> None:
     """Serve `engine` on `sock` (from `listen`) until SIGINT/SIGTERM, then shut down cleanly; the
     caller closes the engine."""
@@ -601,7 +670,9 @@ def run(engine: Engine, options: ServeOptions, sock: socket.socket) -> None:
     uvicorn_logger.handlers[:] = log.logger.handlers
     uvicorn_logger.propagate = False
     uvicorn_logger.setLevel(logging.WARNING)
-    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    protocol = functools.partial(_TimedHttpProtocol, read_timeout=options.read_timeout)
+    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=10,
+                            http=protocol, timeout_keep_alive=IDLE_TIMEOUT_SECONDS)
     server = _Server(config, app.state.worker)
     # uvicorn re-raises the signal it shut down on once it is done; these handlers make that a no-op,
     # so a requested shutdown ends with exit status 0.

@@ -10,6 +10,7 @@ runs are checked for exact weights and logits within verify's tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -358,18 +359,28 @@ def temps(folder: Path) -> list[Path]:
     return list(folder.glob(".*.rotary-tmp-*"))
 
 
+def writing_into(proc: subprocess.Popen, folder: Path) -> bool:
+    """Whether `proc` has a file open in `folder`: its output, unnamed or a temp file."""
+    fds = Path(f"/proc/{proc.pid}/fd")
+    targets = []
+    for fd in (fds.iterdir() if fds.is_dir() else ()):
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(fd))
+    return any(t.startswith(f"{folder}/") for t in targets)
+
+
 def start_and_interrupt(src: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
-    """Start a conversion, send `sig` as soon as its temp file exists, wait for the end."""
+    """Start a conversion, send `sig` as soon as it writes its output, wait for the end."""
     proc = subprocess.Popen([CLI, "convert", str(src), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not temps(out.parent) and proc.poll() is None and time.monotonic() < deadline:
+    while not writing_into(proc, out.parent) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.0005)
-    seen = bool(temps(out.parent))
+    seen = writing_into(proc, out.parent)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip("the conversion finished before the signal arrived")
-    assert seen, f"no temp file appeared: {stderr}"
+    assert seen, f"the conversion never wrote: {stderr}"
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
@@ -378,19 +389,54 @@ def test_interrupted_conversion_leaves_nothing(big_model, tmp_path, sig, code):
     out = tmp_path / "out.gguf"
     r = start_and_interrupt(big_model, out, sig)
     assert r.returncode == code, r.stderr
-    assert "Traceback" not in r.stderr
-    assert not out.exists() and not temps(tmp_path)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: interrupted by {signal.Signals(sig).name}: {out} was not written"], r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_stale_temp_from_a_hard_kill_is_removed(big_model, tmp_path):
+def test_hard_kill_leaves_nothing(big_model, tmp_path):
+    """The output has no name until it is complete, so SIGKILL in the middle leaves no trace."""
     out = tmp_path / "out.gguf"
     r = start_and_interrupt(big_model, out, signal.SIGKILL)
     assert r.returncode == -signal.SIGKILL
-    assert len(temps(tmp_path)) == 1 and not out.exists()
+    assert list(tmp_path.iterdir()) == []
     r = run_cli("convert", big_model, out)
     assert r.returncode == 0, r.stderr
+    assert read_inventory(out).layout == "rotary-v1" and list(tmp_path.iterdir()) == [out]
+
+
+def test_stale_temps_of_dead_processes_are_removed_at_the_start(test_model, tmp_path):
+    """Where the file system cannot make unnamed files the output is a named temp until complete;
+    the next conversion into the folder removes those of dead processes, even one that fails."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".other.gguf.rotary-tmp-{dead.pid}"
+    live = tmp_path / f".other.gguf.rotary-tmp-{os.getpid()}"  # this test process: alive
+    stale.write_bytes(b"half a model")
+    live.write_bytes(b"being written")
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"old")
+    r = run_cli("convert", test_model(), out)  # refused: out exists and no --force
+    assert r.returncode == 2 and "exists; pass --force" in r.stderr
     assert "interrupted conversion" in r.stderr
-    assert not temps(tmp_path) and read_inventory(out).layout == "rotary-v1"
+    assert not stale.exists() and live.exists() and out.read_bytes() == b"old"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only file system (a tmpfs mounted read-only; needs root)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only file system here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_destination_is_one_line(test_model, read_only_folder):
+    r = run_cli("convert", test_model(), read_only_folder / "out.gguf")
+    assert_one_line_error(r, "could not write", "read-only file system")
+    assert list(read_only_folder.iterdir()) == []
 
 
 def test_write_error_leaves_nothing(test_model, tmp_path):

@@ -3,7 +3,9 @@ stop strings, UTF-8 across tokens, context limits, cancellation, prefix reuse an
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 
 import pytest
 
@@ -114,6 +116,43 @@ def test_stop_filter_holds_back_a_possible_stop():
     g = StopFilter(["END"])
     assert g.feed("aEN") == ("a", False)
     assert g.flush() == "EN"
+
+
+def first_stop(stops: list[str], text: str) -> tuple[str, bool]:
+    """Reference: the text up to the stop string that ends first, by brute force."""
+    for end in range(1, len(text) + 1):
+        for s in stops:
+            if text[:end].endswith(s):
+                return text[: end - len(s)], True
+    return text, False
+
+
+def test_stop_filter_agrees_with_brute_force_however_the_text_is_split():
+    rng = random.Random(19)
+    for _ in range(2000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 20)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 4))))
+        f, out, hit = StopFilter(stops), "", False
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            emitted, hit = f.feed(text[a:b])
+            out += emitted
+            if hit:
+                break
+        if not hit:
+            out += f.flush()
+        assert (out, hit) == first_stop(stops, text), (stops, text, cuts)
+
+
+def test_a_long_stop_string_costs_its_length_once():
+    """Matching is linear: a 1 MB stop string over 5,000 tokens that keep almost matching it."""
+    stop = "ab" * 2**19 + "!"
+    f = StopFilter([stop])
+    t0 = time.perf_counter()
+    for _ in range(5000):
+        assert f.feed("ab") == ("", False)  # held back: it could still become the stop string
+    assert f.feed("c") == ("ab" * 5000 + "c", False)
+    assert time.perf_counter() - t0 < 2  # the quadratic matcher took minutes
 
 
 def test_context_limits(engine):

@@ -85,7 +85,7 @@ def test_bad_files_give_one_clear_line(tmp_path, test_model):
     assert_one_line_error(run_cli("inspect", noise), "not a GGUF file")
 
     good = test_model(arch="qwen3moe").read_bytes()
-    for cut, words in [(len(good) // 2, "truncated"), (200, "truncated or corrupt"), (30, "truncated or corrupt")]:
+    for cut, words in [(len(good) // 2, "truncated"), (200, "cannot fit in 200 bytes"), (30, "cannot fit in 30 bytes"), (12, "corrupt GGUF: header: truncated")]:
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(good[:cut])
         assert_one_line_error(run_cli("inspect", bad), words)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -208,6 +209,60 @@ def test_api_key(server):
     assert server.post("/v1/chat/completions", json=body).status_code == 200
 
 
+def test_the_key_is_checked_before_anything_else(server):
+    """Without the key, a broken body is 401 (not a validation error that describes the API), and
+    the API's description itself (/docs, /openapi.json) is closed too."""
+    for body in (b"{not json", b'{"messages": 5}'):
+        r = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 401, r.text
+    for path in ("/docs", "/openapi.json", "/redoc", "/no-such-page"):
+        assert httpx.get(server.url + path).status_code == 401, path
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(f"{server.url}/openapi.json", headers=key).json()["info"]["title"] == "rotary-gguf"
+    assert httpx.get(f"{server.url}/docs", headers=key).status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def open_and_stall(url: str, sent: bytes, clients: int) -> list[socket.socket]:
+    host, port = url.removeprefix("http://").split(":")
+    socks = []
+    for _ in range(clients):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(sent)
+        s.settimeout(10)
+        socks.append(s)
+    return socks
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le",
+     b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\""],
+    ids=["nothing", "half-the-headers", "half-the-body"],
+)
+def test_stalled_connections_are_closed(tmp_path, model, sent):
+    """50 clients that open a connection and stop sending: the server hangs up on each after
+    --read-timeout, and still answers others meanwhile."""
+    s = Server(tmp_path, model, "--ctx", str(CTX), "--read-timeout", "1")
+    try:
+        t0 = time.monotonic()
+        socks = open_and_stall(s.url, sent, 50)
+        assert httpx.get(f"{s.url}/health", timeout=5).status_code == 200
+        for sock in socks:
+            assert sock.recv(1024) == b""  # closed by the server, no answer
+            sock.close()
+        assert 0.9 < time.monotonic() - t0 < 5
+    finally:
+        s.stop()
+
+
+def test_usage_errors_are_one_line(model):
+    assert_one_line_error(run_cli("plan", model, "--ctx", "0"), "--ctx", "plan --help")
+    assert_one_line_error(run_cli("serve", model, "--port", "80000"), "--port", "65535")
+    assert_one_line_error(run_cli("inspect", "--no-such-option"), "--no-such-option")
+    assert_one_line_error(run_cli("no-such-command"), "no-such-command")
+
+
 @pytest.mark.parametrize(
     "path, body, fragment, param",
     [
@@ -221,6 +276,7 @@ def test_api_key(server):
         ("/v1/chat/completions", {"messages": MESSAGES, "n": 2}, "n=1", "n"),
         ("/v1/chat/completions", {"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop", "stop"),
         ("/v1/chat/completions", {"messages": MESSAGES, "stop": [1]}, "stop", "stop.0"),
+        ("/v1/completions", {"prompt": "x", "stop": ["x" * 1001]}, "at most 1000 characters", "stop"),
         ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "required", "tools.0.function"),
         ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
          "does not take tools", "tools"),
@@ -279,7 +335,9 @@ def test_prompt_longer_than_context_through_the_client(server):
 
 
 def test_unknown_route_and_method(server):
-    assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["message"] == "Not Found"
+    assert httpx.get(f"{server.url}/v1/nothing").status_code == 401  # with a key set, nothing is told without it
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(f"{server.url}/v1/nothing", headers=key).json()["error"]["message"] == "Not Found"
     assert httpx.delete(f"{server.url}/health").status_code == 405
 
 
