@@ -16,7 +16,7 @@ from . import arch as names
 from .dashboard import MemoryProbe
 from .engine import Engine
 from .errors import UserError
-from .expert_cache import ExpertCache
+from .experts.cache import ExpertCache
 from .inventory import read_inventory
 from .plan import HOST_BUFFER_TYPE, Placement, Plan, make_plan
 

@@ -348,7 +348,7 @@ def serve(
     from . import serve as serving
     from .demo import resolve_model
     from .engine import Engine
-    from .expert_cache import ExpertCache
+    from .experts.cache import ExpertCache
     from .inventory import read_inventory
     from .plan import DEFAULT_BATCH
 
@@ -482,7 +482,7 @@ def _check_plan(model: Path, the_plan) -> list[tuple[str, str, int, int]]:
     """Load `model` with the plan (and its expert cache); (device, purpose, predicted, actual) for
     each buffer kind."""
     from .engine import Engine
-    from .expert_cache import ExpertCache
+    from .experts.cache import ExpertCache
     from .inventory import read_inventory
 
     if not the_plan.accelerator.present:
@@ -708,7 +708,7 @@ def chat(
     from .dashboard import Dashboard
     from .demo import resolve_model
     from .engine import Engine, SamplingParams
-    from .expert_cache import ExpertCache
+    from .experts.cache import ExpertCache
     from .inventory import read_inventory
     from .plan import DEFAULT_BATCH
 

@@ -164,7 +164,7 @@ class Engine:
         """Load `path` with `placement` (default: everything on the CPU) and create a context.
         `telemetry` (e.g. a `telemetry.RoutingTelemetry`) is installed as llama.cpp's eval callback:
         anything with `callback` (an EvalCallback) and `user_data`. `expert_cache` (an
-        `expert_cache.ExpertCache`) takes the eval callback's place and is attached after loading;
+        `experts.cache.ExpertCache`) takes the eval callback's place and is attached after loading;
         with both, the cache's callback also counts the routing for the telemetry. A hybrid model
         keeps prompt checkpoints within `checkpoint_bytes` of host memory."""
         callback = expert_cache if expert_cache is not None else telemetry

@@ -614,7 +614,7 @@ def tensor_bytes(tensor: int) -> bytes:
 
 
 
-# --- the expert cache (expert_cache.py): slot buffers on the accelerator, uploads, tensor rebinding
+# --- the expert cache (experts/cache.py): slot buffers on the accelerator, uploads, tensor rebinding
 _buffer_is_host = _bind("ggml_backend_buffer_is_host", ctypes.c_bool, c_void_p)
 
 

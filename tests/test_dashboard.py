@@ -16,13 +16,13 @@ from rich.console import Console
 from conftest import CLI, free_port
 from make_test_model import hot_experts
 from test_chat import Terminal
-from rotary_gguf import expert_cache as ec
+from rotary_gguf.experts import cache as ec
 from rotary_gguf import native
 from rotary_gguf.arch import expert_pattern
 from rotary_gguf.convert import convert
 from rotary_gguf.dashboard import Dashboard, heat_rows, hottest, rate_bars, resident_cells, sparkline
 from rotary_gguf.engine import Engine
-from rotary_gguf.expert_cache import ExpertCache
+from rotary_gguf.experts.cache import ExpertCache
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.plan import ModelFigures, Placement, make_plan
 from rotary_gguf.telemetry import RoutingTelemetry, record_profile, write_profile

@@ -8,9 +8,10 @@ import pytest
 
 from rotary_gguf import native
 from rotary_gguf.arch import expert_pattern
-from rotary_gguf import expert_cache as ec
+from rotary_gguf.experts import cache as ec
 from rotary_gguf.engine import Engine
-from rotary_gguf.expert_cache import CacheStats, ExpertCache, Trace, make_policy, play_step, replay, total
+from rotary_gguf.experts.cache import ExpertCache
+from rotary_gguf.experts.policies import POLICIES, CacheStats, Trace, make_policy, play_step, replay, total
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.plan import Placement
 
@@ -60,7 +61,7 @@ def test_belady_bounds_the_live_policies_on_a_skewed_trace():
     prior = trace.counts()
     for slots in (4, 8, 16):
         best = total(replay(trace, "belady", slots)).hit_rate
-        for policy in ec.POLICIES:
+        for policy in POLICIES:
             assert total(replay(trace, policy, slots, prior=prior)).hit_rate <= best + 1e-12, (policy, slots)
     assert total(replay(trace, "lru", 32)).misses == len(set().union(*trace.layer_steps(0)))  # only cold misses
 

@@ -21,7 +21,7 @@ from conftest import CLI, assert_one_line_error, free_port, run_cli
 from rotary_gguf import native
 from rotary_gguf.arch import expert_pattern
 from rotary_gguf.engine import Engine
-from rotary_gguf.expert_cache import ExpertCache
+from rotary_gguf.experts.cache import ExpertCache
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.plan import Placement
 from rotary_gguf.metrics import prometheus_text

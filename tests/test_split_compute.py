@@ -11,7 +11,7 @@ from test_expert_cache import FOLLOW_UP, PROMPT, host_experts, session
 
 from rotary_gguf import native
 from rotary_gguf.engine import Engine
-from rotary_gguf.expert_cache import SPLIT_MAX_TOKENS, ExpertCache
+from rotary_gguf.experts.cache import SPLIT_MAX_TOKENS, ExpertCache
 from rotary_gguf.inventory import read_inventory
 
 CASES = {

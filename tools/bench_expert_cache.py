@@ -25,7 +25,7 @@ from make_test_model import make_model  # noqa: E402
 from rotary_gguf import native  # noqa: E402
 from rotary_gguf.arch import expert_pattern  # noqa: E402
 from rotary_gguf.engine import Engine  # noqa: E402
-from rotary_gguf.expert_cache import TOPK_PREFIX, ExpertCache  # noqa: E402
+from rotary_gguf.experts.cache import TOPK_PREFIX, ExpertCache  # noqa: E402
 from rotary_gguf.plan import Placement  # noqa: E402
 
 TOKEN_BUDGET_S = 0.025

@@ -90,7 +90,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     from rotary_gguf.cli import plan_for
     from rotary_gguf.dashboard import MemoryProbe
     from rotary_gguf.engine import Engine
-    from rotary_gguf.expert_cache import ExpertCache
+    from rotary_gguf.experts.cache import ExpertCache
     from rotary_gguf.inventory import read_inventory
 
     log.setup()

@@ -45,7 +45,7 @@ from make_test_model import make_model  # noqa: E402
 from rotary_gguf.cli import plan_or_cpu  # noqa: E402
 from rotary_gguf.plan import DEFAULT_BATCH  # noqa: E402
 from rotary_gguf.engine import Engine  # noqa: E402
-from rotary_gguf.expert_cache import ExpertCache  # noqa: E402
+from rotary_gguf.experts.cache import ExpertCache  # noqa: E402
 from rotary_gguf.inventory import read_inventory  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("rotary-gguf"))

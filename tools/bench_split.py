@@ -31,7 +31,7 @@ from make_test_model import BENCH_EXPERTS, BENCH_USED, make_bench_model  # noqa:
 from rotary_gguf import native  # noqa: E402
 from rotary_gguf.arch import expert_pattern  # noqa: E402
 from rotary_gguf.engine import Engine  # noqa: E402
-from rotary_gguf.expert_cache import ExpertCache  # noqa: E402
+from rotary_gguf.experts.cache import ExpertCache  # noqa: E402
 from rotary_gguf.plan import Placement  # noqa: E402
 
 PROMPT = "The river bends twice before it reaches the sea, and"

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rotary_gguf.engine import Engine  # noqa: E402
-from rotary_gguf.expert_cache import POLICIES, TraceRecorder, Trace, replay, total  # noqa: E402
+from rotary_gguf.experts.cache import TraceRecorder  # noqa: E402
+from rotary_gguf.experts.policies import POLICIES, Trace, replay, total  # noqa: E402
 from rotary_gguf.inventory import read_inventory  # noqa: E402
 from rotary_gguf.telemetry import BUILTIN_PROMPTS  # noqa: E402
 
