@@ -115,6 +115,21 @@ def measured_cpu_bytes_per_s() -> float:
     return native.cpu_matvec_bytes_per_s(int(GGMLQuantizationType.Q4_K), 2048, os.cpu_count() or 1)
 
 
+def measured_hit_rates(path: Path):
+    """hit_rate(slots, n_expert) interpolated from tools/bench_split.py's rows (256 experts)."""
+    rows = sorted((r["slots"] / 256, r["accelerator_share"]) for r in json.loads(path.read_text()))
+    points = [(0.0, 0.0), *rows, (1.0, 1.0)]
+
+    def hit_rate(slots: int, n_expert: int) -> float:
+        f = slots / n_expert
+        for (f0, h0), (f1, h1) in zip(points, points[1:]):
+            if f <= f1:
+                return h0 + (h1 - h0) * (f - f0) / (f1 - f0) if f1 > f0 else h1
+        return 1.0
+
+    return hit_rate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vram", nargs="+", default=["6.3GB", "8GiB"], help="GPU budgets (default 6.3GB 8GiB)")
@@ -131,17 +146,7 @@ def main() -> None:
     machine = Machine(args.gpu_gbs * 1e9, args.link_gbs * 1e9, cpu)
     hit_rate, hit_source = field_hit_rate, "the planner's field curve"
     if args.hit_rates:
-        rows = sorted((r["slots"] / 256, r["accelerator_share"]) for r in json.loads(args.hit_rates.read_text()))
-        points = [(0.0, 0.0), *rows, (1.0, 1.0)]
-
-        def hit_rate(slots: int, n_expert: int) -> float:  # noqa: F811
-            f = slots / n_expert
-            for (f0, h0), (f1, h1) in zip(points, points[1:]):
-                if f <= f1:
-                    return h0 + (h1 - h0) * (f - f0) / (f1 - f0) if f1 > f0 else h1
-            return 1.0
-
-        hit_source = f"measured in {args.hit_rates.name}"
+        hit_rate, hit_source = measured_hit_rates(args.hit_rates), f"measured in {args.hit_rates.name}"
     model = qwen36_figures()
     gpu = Accelerator.planned_cuda()
     print(f"Qwen3.6-35B-A3B Q4_K_M, decode, ctx 4096: GPU {args.gpu_gbs:.0f} GB/s, link {args.link_gbs:.0f} GB/s, "
