@@ -434,8 +434,7 @@ static void remap_split(struct expert_cache *c, struct ggml_tensor *t, uint8_t *
         return;
     }
     uint8_t *p = tensor_host_bytes(probs, &c->probs, &c->probs_size);
-    uint8_t *xs = tensor_host_bytes(x, &c->x, &c->x_size);
-    if (!p || !xs) {
+    if (!p) {
         fail_safe(c, t, ids);
         return;
     }
@@ -465,8 +464,18 @@ static void remap_split(struct expert_cache *c, struct ggml_tensor *t, uint8_t *
             l->pending[e] = 1;
             job->miss_pos[n_miss] = i * n_used + k;
             experts[n_miss] = e;
-            memcpy(x_cols + (size_t)n_miss * c->n_embd, xs + (size_t)i * x->nb[1], sizeof(float) * c->n_embd);
             n_miss++;
+        }
+    }
+    if (n_miss > 0) { /* the FFN input of the tokens with a miss, one column per missed expert */
+        uint8_t *xs = tensor_host_bytes(x, &c->x, &c->x_size);
+        if (!xs) {
+            fail_safe(c, t, ids);
+            return;
+        }
+        for (int32_t j = 0; j < n_miss; j++) {
+            size_t token = (size_t)(job->miss_pos[j] / n_used);
+            memcpy(x_cols + (size_t)j * c->n_embd, xs + token * x->nb[1], sizeof(float) * c->n_embd);
         }
     }
     if (ids == c->topk) {
