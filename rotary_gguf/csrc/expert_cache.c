@@ -295,15 +295,21 @@ static void fail_safe(struct expert_cache *c, struct ggml_tensor *t, uint8_t *id
     }
 }
 
+/* The routing probabilities a topk view was sorted from (src[0] of its argsort: F32 [n_expert,
+ * n_tokens]) in *probs, and a host address holding them; NULL when they are not that. */
+static uint8_t *routing_probs(struct expert_cache *c, struct ggml_tensor *t, struct ggml_tensor **probs) {
+    *probs = t->view_src ? t->view_src->src[0] : NULL;
+    if (!*probs || (*probs)->type != GGML_TYPE_F32 || (*probs)->ne[0] != c->n_expert) {
+        return NULL;
+    }
+    return tensor_host_bytes(*probs, &c->probs, &c->probs_size);
+}
+
 /* Serve the selections of topk node `t` (its bytes at `ids`) from the slots of `layer`. */
 static void remap(struct expert_cache *c, struct ggml_tensor *t, uint8_t *ids, struct layer *l, int32_t layer) {
-    struct ggml_tensor *probs = t->view_src ? t->view_src->src[0] : NULL;
+    struct ggml_tensor *probs;
     int32_t n_used = (int32_t)t->ne[0];
-    if (n_used > c->n_used || !probs || probs->type != GGML_TYPE_F32 || probs->ne[0] != c->n_expert) {
-        fail_safe(c, t, ids);
-        return;
-    }
-    uint8_t *p = tensor_host_bytes(probs, &c->probs, &c->probs_size);
+    uint8_t *p = n_used <= c->n_used ? routing_probs(c, t, &probs) : NULL;
     if (!p) {
         fail_safe(c, t, ids);
         return;
@@ -423,18 +429,13 @@ static void write_bytes(struct ggml_tensor *t, const void *src, size_t offset, s
 
 /* Split mode at a topk node: hits to their slots, misses to the zero slot and to the CPU worker. */
 static void remap_split(struct expert_cache *c, struct ggml_tensor *t, uint8_t *ids, struct layer *l, int32_t layer) {
-    struct ggml_tensor *probs = t->view_src ? t->view_src->src[0] : NULL;
-    struct ggml_tensor *logits = probs ? probs->src[0] : NULL;
-    struct ggml_tensor *x = logits && logits->op == GGML_OP_MUL_MAT ? logits->src[1] : NULL;
+    struct ggml_tensor *probs;
     int32_t n_used = (int32_t)t->ne[0], n_tokens = (int32_t)t->ne[1];
-    if (n_used > c->n_used || n_tokens > c->max_tokens || !probs || probs->type != GGML_TYPE_F32 ||
-        probs->ne[0] != c->n_expert || !x || x->type != GGML_TYPE_F32 || x->ne[0] != c->n_embd ||
-        x->nb[0] != sizeof(float) || x->ne[1] != n_tokens || !split_ready(&l->split) || c->job.layer >= 0) {
-        fail_safe(c, t, ids);
-        return;
-    }
-    uint8_t *p = tensor_host_bytes(probs, &c->probs, &c->probs_size);
-    if (!p) {
+    uint8_t *p = n_used <= c->n_used && n_tokens <= c->max_tokens ? routing_probs(c, t, &probs) : NULL;
+    struct ggml_tensor *logits = p ? probs->src[0] : NULL;
+    struct ggml_tensor *x = logits && logits->op == GGML_OP_MUL_MAT ? logits->src[1] : NULL; /* the FFN input */
+    if (!x || x->type != GGML_TYPE_F32 || x->ne[0] != c->n_embd || x->nb[0] != sizeof(float) || x->ne[1] != n_tokens ||
+        !split_ready(&l->split) || c->job.layer >= 0) {
         fail_safe(c, t, ids);
         return;
     }
