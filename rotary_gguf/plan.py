@@ -325,10 +325,7 @@ class Plan:
         field hit rates)."""
         cache = self.expert_cache
         slots = cache.slots if cache is not None and cache.split else 0
-        hit = field_hit_rate(slots, self.model.n_expert) if slots else 0.0
-        blocks = [HostBlock(self.model.n_expert_used * self.model.expert_bytes(i) // self.model.n_expert, slots, hit)
-                  for i in self.host_layers]
-        return host_expert_seconds(blocks, cpu_expert_bytes_per_s)
+        return predicted_host_seconds(self.model, self.host_layers, slots, cpu_expert_bytes_per_s)
 
     def to_json(self) -> dict:
         """The plan as one JSON-ready object; key order and content depend only on the inputs."""
@@ -535,9 +532,7 @@ def make_plan(
     cpu_bps = cpu_expert_bytes_per_s or DEFAULT_CPU_EXPERT_BYTES_PER_S
 
     def decode_seconds(resident: set[int], slots: int) -> float:
-        hit = field_hit_rate(slots, model.n_expert) if slots else 0.0
-        blocks = [HostBlock(model.n_expert_used * slot_bytes[i], slots, hit) for i in layers if i not in resident]
-        return host_expert_seconds(blocks, cpu_bps)
+        return predicted_host_seconds(model, [i for i in layers if i not in resident], slots, cpu_bps)
 
     minimum = accelerator_use(set())
     if minimum.total > budget:
@@ -600,6 +595,15 @@ def make_plan(
         expert_cache=cache,
         expert_cache_reason="" if cache else cache_reason,
     )
+
+
+def predicted_host_seconds(model: ModelFigures, host_layers: list[int], slots: int, cpu_bytes_per_s: float) -> float:
+    """The decode-time model's seconds a token spends on the experts of `host_layers`, each with a
+    split-compute cache of `slots` (0: none) at field hit rates."""
+    hit = field_hit_rate(slots, model.n_expert) if slots else 0.0
+    blocks = [HostBlock(model.n_expert_used * sum(n // model.n_expert for n in model.expert_tensors[i]), slots, hit)
+              for i in host_layers]
+    return host_expert_seconds(blocks, cpu_bytes_per_s)
 
 
 def _cache_slots(model: ModelFigures, setting: str | int, split: bool) -> int:

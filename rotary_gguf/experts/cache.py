@@ -104,6 +104,11 @@ class ExpertCache:
 
     hot_path "native" runs that last step in C (csrc/expert_cache.c, decayed LFU only); "python"
     runs it here with any policy, and can record what it sees in `trace`.
+
+    With `split`, misses are not uploaded: they go to an extra all-zero slot while a CPU worker
+    computes them (csrc/split_compute.c) and fills their outputs in before the block's sum; missed
+    experts are admitted into slots by `before_decode`, between calls, `upload_budget` bytes at most.
+    Any slot count from 0 works; batches of up to SPLIT_MAX_TOKENS tokens are split.
     """
 
     user_data = None
@@ -136,7 +141,7 @@ class ExpertCache:
         self._samples: deque[tuple[float, int, int, int]] = deque()  # (time, hits, misses, uploaded bytes)
         self._samples_lock = threading.Lock()  # snapshot() readers on several threads
         self.trace: Trace | None = None  # set to a Trace to record the steps the cache sees (python)
-        self._mode = "look"  # look: find tensors; cached: remap; host: llama.cpp's path; off
+        self._mode = "look"  # look: find tensors; cached or split: serve; host: llama.cpp's path; off
         self.disabled_reason: str | None = None
         self._python_callback = native.EvalCallback(self._eval)
         self._native = None
