@@ -60,6 +60,15 @@ CacheOpt = Annotated[
 ]
 
 
+ProfileOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--profile",
+        help="A routing profile of this model (from `profile`): the planner takes split compute's hit rates from "
+        "it instead of published figures.",
+        show_default=False,
+    ),
+]
 MissesOpt = Annotated[
     str,
     typer.Option(
@@ -326,6 +335,7 @@ def serve(
     rpc: RpcOpt = None,
     expert_cache: CacheOpt = "auto",
     cache_misses: MissesOpt = "split",
+    routing_profile: ProfileOpt = None,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait for the engine; more get 503.")] = 64,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads (0: all cores).")] = 0,
     dashboard: Annotated[
@@ -362,7 +372,7 @@ def serve(
         log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
     sock = serving.listen(host, port)
     the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc, expert_cache=cache,
-                           cache_misses=cache_misses)
+                           cache_misses=cache_misses, routing_profile=routing_profile)
     placement = the_plan.placement if the_plan else None
     telemetry = _dashboard_telemetry(inv) if dashboard else None
     with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
@@ -397,7 +407,7 @@ def _dashboard_telemetry(inv):
 
 
 def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: str, rpc: Optional[str],
-             expert_cache: str | int = "off", cache_misses: str = "split"):
+             expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None):
     """The plan for `model` on this machine's accelerator (or the RPC device at `rpc`, or a GPU
     this machine lacks, sized by `vram`), with the expert cache `expert_cache` ("auto", "off" or
     slots per block). Decides the host-expert mode before loading anything."""
@@ -413,6 +423,12 @@ def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: 
     misses_setting(cache_misses)
     inv = read_inventory(model)
     figures = ModelFigures.from_inventory(inv)
+    hit_rates = None
+    if routing_profile is not None:
+        from .plan import HitRates
+        from .profile_io import load_profile
+
+        hit_rates = HitRates.from_profile(load_profile(routing_profile, inv))
     if mode == "rotary":
         native.set_offload_min_batch(ROTARY_OFFLOAD_MIN_BATCH)  # read once, when the GPU backend loads
     accelerator = native.find_accelerator(rpc)
@@ -442,7 +458,7 @@ def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: 
         chosen, reason = choose_mode(mode, accelerator)
     return make_plan(figures, accelerator, budget, mode=chosen, mode_reason=reason, expert_cache=expert_cache,
                      cache_misses=cache_misses, cpu_expert_bytes_per_s=link.cpu_expert_bytes_per_s if link else None,
-                     upload_bytes_per_s=link.upload_bytes_per_s if link else None, **options)
+                     upload_bytes_per_s=link.upload_bytes_per_s if link else None, hit_rates=hit_rates, **options)
 
 
 @app.command()
@@ -458,6 +474,7 @@ def plan(
     rpc: RpcOpt = None,
     expert_cache: CacheOpt = "auto",
     cache_misses: MissesOpt = "split",
+    routing_profile: ProfileOpt = None,
     check: Annotated[
         bool, typer.Option("--check", help="Also load the model with the plan and show what llama.cpp allocated.")
     ] = False,
@@ -465,7 +482,7 @@ def plan(
 ) -> None:
     """Decide where every tensor lives for a VRAM budget, and predict each device's memory."""
     the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=batch, mode=mode, rpc=rpc, expert_cache=cache_setting(expert_cache),
-                        cache_misses=cache_misses)
+                        cache_misses=cache_misses, routing_profile=routing_profile)
     rows = _check_plan(model, the_plan) if check else None
     if as_json:
         summary = the_plan.to_json()
@@ -630,7 +647,7 @@ def verify_cmd(
 
 
 def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, ctx: int, n_batch: int, rpc: Optional[str],
-                expert_cache: str | int = "off", cache_misses: str = "split"):
+                expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None):
     """The plan for MoE `model` when there is an accelerator to fill (a GPU, or the RPC device at
     `rpc`), else None: everything runs on the CPU (always so for a dense model)."""
     from . import native
@@ -643,7 +660,7 @@ def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, ctx: int, n_batc
     if vram is None and rpc is None and mode != "rotary" and not any(d.is_local_gpu for d in native.devices()):
         return None
     the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=n_batch, mode=mode, rpc=rpc, expert_cache=expert_cache,
-                        cache_misses=cache_misses)
+                        cache_misses=cache_misses, routing_profile=routing_profile)
     if not the_plan.accelerator.present:
         raise UserError(f"there is no GPU on this machine to fill with --vram {vram}; use --rpc HOST:PORT for a simulated one")
     return the_plan
@@ -701,6 +718,7 @@ def chat(
     routing: Annotated[bool, typer.Option(help="Watch expert routing for the dashboard's heat map.")] = True,
     expert_cache: CacheOpt = "auto",
     cache_misses: MissesOpt = "split",
+    routing_profile: ProfileOpt = None,
     threads: ThreadsOpt = 0,
 ) -> None:
     """Chat with a model in the terminal: streamed answers above a live dashboard of memory, speed and routing."""
@@ -716,7 +734,8 @@ def chat(
     inv = read_inventory(path)
     telemetry = _dashboard_telemetry(inv) if routing else None
     the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc,
-                           expert_cache=cache_setting(expert_cache), cache_misses=cache_misses)
+                           expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
+                           routing_profile=routing_profile)
     placement = the_plan.placement if the_plan else None
     with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
                      expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads)) as engine:
@@ -736,6 +755,7 @@ def bench(
     rpc: RpcOpt = None,
     expert_cache: CacheOpt = "auto",
     cache_misses: MissesOpt = "split",
+    routing_profile: ProfileOpt = None,
     threads: ThreadsOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -750,7 +770,8 @@ def bench(
             raise UserError(f"{flag} must be at least 1, not {value}")
     n_batch = min(DEFAULT_BATCH, ctx)
     cpu_plan = plan_or_cpu(model, vram=vram, mode="cpu", ctx=ctx, n_batch=n_batch, rpc=rpc,
-                           expert_cache=cache_setting(expert_cache), cache_misses=cache_misses)
+                           expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
+                           routing_profile=routing_profile)
     notes: list[str] = []
     if cpu_plan is None:
         cands = [benching.Candidate("cpu-only", Placement.all_cpu(), "cpu-only", "everything on the CPU")]

@@ -6,6 +6,7 @@ arithmetic: every figure it assumes is named here, and `plan` says which it used
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # The CPU reading expert weights for a matrix-vector product when nothing was measured: a laptop
@@ -31,6 +32,18 @@ def field_hit_rate(slots: int, n_expert: int) -> float:
         if f <= f1:
             return h0 + (h1 - h0) * (f - f0) / (f1 - f0)
     return 1.0
+
+
+def profile_hit_rates(counts: Sequence[int]) -> tuple[float, ...]:
+    """From one block's routing profile (selections per expert): the share of selections the S most
+    used experts take, for S = 0..n_expert. A cache whose policy keeps the frequent experts (decayed
+    LFU) holds about that set, so this is its hit rate at S slots, ignoring bursts."""
+    total = sum(counts) or 1
+    shares, running = [0.0], 0
+    for n in sorted(counts, reverse=True):
+        running += n
+        shares.append(running / total)
+    return tuple(shares)
 
 
 @dataclass(frozen=True)

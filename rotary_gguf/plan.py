@@ -37,7 +37,8 @@ from functools import cached_property
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import arch as names
-from .decode_cost import CPU_HOP_LATENCY_S, DEFAULT_CPU_EXPERT_BYTES_PER_S, HostBlock, field_hit_rate, host_expert_seconds
+from .decode_cost import (CPU_HOP_LATENCY_S, DEFAULT_CPU_EXPERT_BYTES_PER_S, HostBlock, field_hit_rate,
+                          host_expert_seconds, profile_hit_rates)
 from .errors import UserError
 from .inventory import Inventory
 from .units import human_bytes
@@ -266,6 +267,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     expert_cache: ExpertCachePlan | None = None
     expert_cache_reason: str = ""  # why there is no expert cache (when there is none)
+    hit_rates: HitRates | None = field(default=None, repr=False)  # from a routing profile, per block
 
     @property
     def host_layers(self) -> list[int]:
@@ -321,11 +323,11 @@ class Plan:
         return share * sum(self.model.expert_bytes(i) for i in self.host_layers)
 
     def predicted_host_expert_seconds(self, cpu_expert_bytes_per_s: float = DEFAULT_CPU_EXPERT_BYTES_PER_S) -> float:
-        """The decode-time model's seconds per token on host experts (CPU mode; split caches at
-        field hit rates)."""
+        """The decode-time model's seconds per token on host experts (CPU mode; split caches at the
+        plan's hit rates: its routing profile's, else field figures)."""
         cache = self.expert_cache
         slots = cache.slots if cache is not None and cache.split else 0
-        return predicted_host_seconds(self.model, self.host_layers, slots, cpu_expert_bytes_per_s)
+        return predicted_host_seconds(self.model, self.host_layers, slots, cpu_expert_bytes_per_s, self.hit_rates)
 
     def to_json(self) -> dict:
         """The plan as one JSON-ready object; key order and content depend only on the inputs."""
@@ -480,12 +482,14 @@ def make_plan(
     cache_misses: str = "split",
     cpu_expert_bytes_per_s: float | None = None,
     upload_bytes_per_s: float | None = None,
+    hit_rates: HitRates | None = None,
 ) -> Plan:
     """Fill `budget` bytes of `accelerator`: the non-expert part first, then whole expert blocks,
     largest first (ties: later blocks, like llama.cpp's --n-cpu-moe), as long as they fit.
     `expert_cache` is "off", "auto" or a number of slots per host block (the resident blocks fit
     around them); `cache_misses` "split" or "upload" (see the module's docstring). The decode-time
-    model uses `cpu_expert_bytes_per_s` where it was measured."""
+    model uses `cpu_expert_bytes_per_s` where it was measured, and `hit_rates` (a routing
+    profile's, `HitRates.from_profile`) where there is one; else published field figures."""
     if cache_misses not in CACHE_MISSES:
         raise UserError(f"unknown cache-miss handling {cache_misses!r} (known: {', '.join(CACHE_MISSES)})")
     split = cache_misses == "split"
@@ -532,7 +536,7 @@ def make_plan(
     cpu_bps = cpu_expert_bytes_per_s or DEFAULT_CPU_EXPERT_BYTES_PER_S
 
     def decode_seconds(resident: set[int], slots: int) -> float:
-        return predicted_host_seconds(model, [i for i in layers if i not in resident], slots, cpu_bps)
+        return predicted_host_seconds(model, [i for i in layers if i not in resident], slots, cpu_bps, hit_rates)
 
     minimum = accelerator_use(set())
     if minimum.total > budget:
@@ -554,7 +558,7 @@ def make_plan(
         )
     if expert_cache == "auto" and split:
         resident, slots, cache_reason = _fastest_split(model, len(layers), residents_around, decode_seconds,
-                                                       cpu_expert_bytes_per_s)
+                                                       cpu_expert_bytes_per_s, hit_rates)
     else:
         resident = residents_around(asked_slots)
         host = [i for i in layers if i not in resident]
@@ -594,14 +598,39 @@ def make_plan(
         notes=notes,
         expert_cache=cache,
         expert_cache_reason="" if cache else cache_reason,
+        hit_rates=hit_rates,
     )
 
 
-def predicted_host_seconds(model: ModelFigures, host_layers: list[int], slots: int, cpu_bytes_per_s: float) -> float:
+@dataclass(frozen=True)
+class HitRates:
+    """Per block, the hit rate of a split-compute cache at each slot count, from a routing profile
+    (`decode_cost.profile_hit_rates`); blocks the profile lacks use the field figures."""
+
+    source: str  # the profile's file name
+    by_layer: dict[int, tuple[float, ...]]  # layer -> rate at 0..n_expert slots
+
+    @classmethod
+    def from_profile(cls, profile) -> "HitRates":
+        """From a `profile_io.Profile` (counts per block and expert)."""
+        return cls(profile.path.name, {i: profile_hit_rates(lp.counts.tolist()) for i, lp in profile.layers.items()})
+
+    def rate(self, layer: int, slots: int, n_expert: int) -> float:
+        curve = self.by_layer.get(layer)
+        return curve[min(slots, len(curve) - 1)] if curve else field_hit_rate(slots, n_expert)
+
+
+def predicted_host_seconds(model: ModelFigures, host_layers: list[int], slots: int, cpu_bytes_per_s: float,
+                           hit_rates: HitRates | None = None) -> float:
     """The decode-time model's seconds a token spends on the experts of `host_layers`, each with a
-    split-compute cache of `slots` (0: none) at field hit rates."""
-    hit = field_hit_rate(slots, model.n_expert) if slots else 0.0
-    blocks = [HostBlock(model.n_expert_used * sum(n // model.n_expert for n in model.expert_tensors[i]), slots, hit)
+    split-compute cache of `slots` (0: none) at `hit_rates` (else field figures)."""
+
+    def hit(layer: int) -> float:
+        if not slots:
+            return 0.0
+        return hit_rates.rate(layer, slots, model.n_expert) if hit_rates else field_hit_rate(slots, model.n_expert)
+
+    blocks = [HostBlock(model.n_expert_used * sum(n // model.n_expert for n in model.expert_tensors[i]), slots, hit(i))
               for i in host_layers]
     return host_expert_seconds(blocks, cpu_bytes_per_s)
 
@@ -628,7 +657,7 @@ SPLIT_SLOT_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 /
 
 
 def _fastest_split(model: ModelFigures, n_moe_layers: int, residents_around, decode_seconds,
-                   measured_cpu) -> tuple[set[int], int, str]:
+                   measured_cpu, hit_rates: HitRates | None) -> tuple[set[int], int, str]:
     """`auto` for split compute: for each candidate slot count, the resident blocks that fit around
     it, and the predicted host-expert time of a decoded token; the fastest wins, resident blocks
     only (no cache) on ties. Returns (resident blocks, slots, why)."""
@@ -644,7 +673,8 @@ def _fastest_split(model: ModelFigures, n_moe_layers: int, residents_around, dec
             best = (seconds, slots, resident)
     seconds, slots, resident = best
     cpu = "measured" if measured_cpu else f"assumed {DEFAULT_CPU_EXPERT_BYTES_PER_S / 1e9:.0f} GB/s"
-    basis = f"predicted host-expert time per token (CPU {cpu}, field hit rates)"
+    rates = f"hit rates from {hit_rates.source}" if hit_rates else "field hit rates"
+    basis = f"predicted host-expert time per token (CPU {cpu}, {rates})"
     plain_s = decode_seconds(plain, 0)
     if not slots:
         return plain, 0, (f"auto: no slot count beat {len(plain)} resident blocks alone "

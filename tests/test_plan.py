@@ -337,3 +337,27 @@ def test_split_takes_fewer_slots_than_a_token_uses(tiny):
     assert every.expert_cache is None or not every.expert_cache.split
     with pytest.raises(UserError, match="unknown cache-miss handling 'later'"):
         make_plan(m, RPC, budget, cache_misses="later")
+
+
+def test_a_routing_profile_sets_split_computes_hit_rates():
+    """Uniform routing: a cache holds its share of the experts, no more, and resident blocks win;
+    a router whose few experts take most selections makes split compute win by more than the
+    field figures say."""
+    from rotary_gguf.decode_cost import profile_hit_rates
+    from rotary_gguf.plan import HitRates
+
+    real = qwen36_figures()
+    assert profile_hit_rates([5, 1, 3, 1]) == (0.0, 0.5, 0.8, 0.9, 1.0)
+    uniform = HitRates("uniform.json", {i: profile_hit_rates([10] * real.n_expert) for i in range(real.n_layer)})
+    peaked = HitRates("peaked.json", {i: profile_hit_rates([1000] * 16 + [1] * (real.n_expert - 16))
+                                      for i in range(real.n_layer)})
+    budget = int(6.3 * 10**9)
+    plain = make_plan(real, CUDA, budget)
+    field = make_plan(real, CUDA, budget, expert_cache="auto")
+    flat = make_plan(real, CUDA, budget, expert_cache="auto", hit_rates=uniform)
+    sharp = make_plan(real, CUDA, budget, expert_cache="auto", hit_rates=peaked)
+    assert field.expert_cache is not None and "field hit rates" in field.expert_cache.reason
+    assert flat.expert_cache is None and flat.resident == plain.resident
+    assert "no slot count beat" in flat.expert_cache_reason and "hit rates from uniform.json" in flat.expert_cache_reason
+    assert sharp.expert_cache is not None and "hit rates from peaked.json" in sharp.expert_cache.reason
+    assert sharp.predicted_host_expert_seconds() < field.predicted_host_expert_seconds() < plain.predicted_host_expert_seconds()

@@ -185,3 +185,21 @@ def test_bench_measures_split_beside_upload_resident_only_and_llama_cpp_flags(te
     assert (split["cache_misses"], upload["cache_misses"], by_name["plan cpu"]["cache_misses"]) == ("split", "upload", None)
     assert 0 < split["figures"]["cache_hit_rate"]["median"] < 1
     assert doc["outputs_identical"] and split["output_tokens"] == by_name["--cpu-moe"]["output_tokens"]
+
+
+def test_plan_takes_split_computes_hit_rates_from_a_routing_profile(test_model, rpc_endpoint, tmp_path):
+    import json
+
+    from conftest import assert_one_line_error, run_cli
+
+    path = test_model(arch="qwen3moe", router_skew=1.5)
+    profile = tmp_path / "routing.json"
+    recorded = run_cli("profile", path, "--tokens", "8", "-o", profile)
+    assert recorded.returncode == 0, recorded.stderr
+    result = run_cli("plan", path, "--rpc", rpc_endpoint, "--ctx", "256", "--json", "--profile", profile)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    reason = plan["expert_cache"]["reason"] if plan["expert_cache"] else plan["expert_cache_reason"]
+    assert "hit rates from routing.json" in reason
+    other = test_model(arch="qwen35moe", experts=16)
+    assert_one_line_error(run_cli("plan", other, "--rpc", rpc_endpoint, "--profile", profile), "routing.json")
