@@ -55,11 +55,14 @@ class HostBlock:
     hit_rate: float = 0.0
 
 
-def block_seconds(block: HostBlock, cpu_bytes_per_s: float) -> float:
-    """Seconds a token spends on one host block: the CPU's share of its experts (the misses, while
-    the accelerator computes the hits at the same time, which takes less), plus the syncs."""
-    cpu = (1.0 - block.hit_rate) * block.used_bytes / cpu_bytes_per_s
-    return cpu + CPU_HOP_LATENCY_S + (SPLIT_SYNC_S if block.slots else 0.0)
+def block_seconds(block: HostBlock, cpu_bytes_per_s: float, gpu_bytes_per_s: float | None = None) -> float:
+    """Seconds a token spends on one host block: the CPU's share of its experts (the misses) and,
+    at the same time, the accelerator's (the hits; taken as the shorter unless `gpu_bytes_per_s`
+    says otherwise), plus the syncs."""
+    seconds = (1.0 - block.hit_rate) * block.used_bytes / cpu_bytes_per_s
+    if gpu_bytes_per_s:
+        seconds = max(seconds, block.hit_rate * block.used_bytes / gpu_bytes_per_s)
+    return seconds + CPU_HOP_LATENCY_S + (SPLIT_SYNC_S if block.slots else 0.0)
 
 
 def host_expert_seconds(blocks: list[HostBlock], cpu_bytes_per_s: float = DEFAULT_CPU_EXPERT_BYTES_PER_S) -> float:

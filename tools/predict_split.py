@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rotary_gguf.decode_cost import CPU_HOP_LATENCY_S, SPLIT_SYNC_S, field_hit_rate  # noqa: E402
+from rotary_gguf.decode_cost import HostBlock, block_seconds, field_hit_rate  # noqa: E402
 from rotary_gguf.plan import COPY_LATENCY_S, Accelerator, ModelFigures, Plan, make_plan  # noqa: E402
 from rotary_gguf.units import parse_size  # noqa: E402
 
@@ -93,11 +93,8 @@ def token_seconds(plan: Plan, machine: Machine, hit_rate, misses: str = "split")
     h = hit_rate(slots, m.n_expert) if slots else 0.0
     host = 0.0
     for i in plan.host_layers:
-        if not slots:
-            host += used[i] / machine.cpu_expert_bytes_per_s + CPU_HOP_LATENCY_S
-        elif misses == "split":
-            cpu = (1 - h) * used[i] / machine.cpu_expert_bytes_per_s
-            host += max(cpu, h * used[i] / machine.gpu_bytes_per_s) + CPU_HOP_LATENCY_S + SPLIT_SYNC_S
+        if not slots or misses == "split":
+            host += block_seconds(HostBlock(used[i], slots, h), machine.cpu_expert_bytes_per_s, machine.gpu_bytes_per_s)
         else:
             missed = (1 - h) * m.n_expert_used
             host += missed * (one_expert[i] / machine.link_bytes_per_s + COPY_LATENCY_S) + used[i] / machine.gpu_bytes_per_s

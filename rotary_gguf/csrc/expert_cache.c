@@ -27,7 +27,6 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
-#include <time.h>
 
 #include "split_compute.h"
 #include "topk.h"
@@ -365,12 +364,6 @@ static void remap(struct expert_cache *c, struct ggml_tensor *t, uint8_t *ids, s
 
 /* --- split mode ---------------------------------------------------------------------------- */
 
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* Start the CPU worker: one thread pool of `n_threads` for batches of up to `max_tokens` tokens of
  * an FFN input of `n_embd`, experts of `n_ff`. */
 bool expert_cache_enable_split(struct expert_cache *c, int32_t n_embd, int64_t n_ff, int32_t max_tokens,
@@ -523,9 +516,9 @@ static void fill_weighted(struct expert_cache *c, struct ggml_tensor *t) {
     if (job->n_miss == 0) {
         return;
     }
-    int64_t t0 = now_ns();
+    int64_t t0 = monotonic_ns();
     const float *y = split_worker_wait(c->worker);
-    c->wait_ns += now_ns() - t0;
+    c->wait_ns += monotonic_ns() - t0;
     struct ggml_tensor *w = t->src[1];
     if (!y || !w || w->type != GGML_TYPE_F32 || t->type != GGML_TYPE_F32 || t->ne[0] != c->n_embd ||
         t->nb[0] != sizeof(float) || t->ne[1] != job->n_used || t->ne[2] != job->n_tokens ||
@@ -637,18 +630,18 @@ bool expert_cache_eval(struct ggml_tensor *t, bool ask, void *user_data) {
         int32_t layer = node_layer(t, WEIGHTS_PREFIX, sizeof WEIGHTS_PREFIX - 1);
         if (layer == c->job.layer) {
             if (!ask) {
-                int64_t t0 = now_ns();
+                int64_t t0 = monotonic_ns();
                 fill_weights(c, t);
-                c->hot_ns += now_ns() - t0;
+                c->hot_ns += monotonic_ns() - t0;
             }
             return true;
         }
         layer = node_layer(t, WEIGHTED_PREFIX, sizeof WEIGHTED_PREFIX - 1);
         if (layer == c->job.layer) {
             if (!ask) {
-                int64_t t0 = now_ns(), waited = c->wait_ns;
+                int64_t t0 = monotonic_ns(), waited = c->wait_ns;
                 fill_weighted(c, t);
-                c->hot_ns += now_ns() - t0 - (c->wait_ns - waited);
+                c->hot_ns += monotonic_ns() - t0 - (c->wait_ns - waited);
             }
             return true;
         }
@@ -671,9 +664,9 @@ bool expert_cache_eval(struct ggml_tensor *t, bool ask, void *user_data) {
         moe_tap_record_rows(c->tap, t, ids);
     }
     if (serving && splitting) {
-        int64_t t0 = now_ns();
+        int64_t t0 = monotonic_ns();
         remap_split(c, t, ids, &c->layers[layer], layer);
-        c->hot_ns += now_ns() - t0;
+        c->hot_ns += monotonic_ns() - t0;
     } else if (serving) {
         remap(c, t, ids, &c->layers[layer], layer);
     }

@@ -9,7 +9,6 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
-#include <time.h>
 
 #include "ggml-cpu.h"
 #include "split_compute.h"
@@ -31,12 +30,6 @@ struct split_worker {
     size_t arena_size;
     int64_t compute_ns; /* total time spent computing jobs */
 };
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 /* A weight of the layer as a ggml tensor over its host bytes, [ne0, ne1, n_expert]. */
 static struct ggml_tensor *host_weight(struct ggml_context *ctx, const struct split_weight *w) {
@@ -97,9 +90,9 @@ static void *run(void *arg) {
             break;
         }
         pthread_mutex_unlock(&s->lock);
-        int64_t t0 = now_ns();
+        int64_t t0 = monotonic_ns();
         bool ok = compute(s);
-        int64_t spent = now_ns() - t0;
+        int64_t spent = monotonic_ns() - t0;
         pthread_mutex_lock(&s->lock);
         s->compute_ns += spent;
         s->ok = ok;

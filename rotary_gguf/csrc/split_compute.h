@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -21,6 +22,13 @@ struct split_weight {
 struct split_layer {
     struct split_weight gate_up, gate, up, down;
 };
+
+/* Nanoseconds of the monotonic clock: the worker's and the hot path's timings. */
+static inline int64_t monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 struct split_worker;
 struct split_worker *split_worker_new(int32_t n_embd, int64_t n_ff, int32_t max_cols, int32_t n_threads);

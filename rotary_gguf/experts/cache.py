@@ -241,9 +241,9 @@ class ExpertCache:
             if "down" not in roles or not ("gate_up" in roles or {"gate", "up"} <= roles.keys()):
                 return f"block {layer}: split compute needs down and gate+up expert weights on the host"
             shapes.add((roles["down"].ne[1], roles["down"].ne[0]))  # (n_embd, n_ff)
-        (n_embd, n_ff), = shapes if len(shapes) == 1 else ((0, 0),)
-        if not n_embd:
+        if len(shapes) != 1:
             return "split compute needs the same expert shape in every block"
+        (n_embd, n_ff), = shapes
         self._native.enable_split(n_embd, n_ff, SPLIT_MAX_TOKENS, self.n_threads or os.cpu_count() or 1)
         return None
 
@@ -299,7 +299,8 @@ class ExpertCache:
 
     def before_decode(self, n_tokens: int) -> None:
         """Bind the experts to their slots for this call, or leave them on the host when the
-        batch could select more distinct experts than the slots hold."""
+        batch could select more distinct experts than the slots hold (split compute: when it is
+        longer than SPLIT_MAX_TOKENS). Split compute admits the experts missed so far first."""
         if not self.policies:
             return
         if self._native is not None and self._native.failures:
