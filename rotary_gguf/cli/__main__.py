@@ -1,0 +1,5 @@
+"""`python -m rotary_gguf.cli`."""
+
+from . import main
+
+main()

@@ -1,0 +1,114 @@
+"""The command line's Typer app, its console and the options several commands share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .. import __version__, log
+from ..errors import UserError
+
+app = typer.Typer(
+    name="rotary-gguf",
+    help="Run big Mixture-of-Experts GGUF models on a small GPU: experts in host RAM, the rest on the GPU.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+
+ModelArg = Annotated[Path, typer.Argument(help="A GGUF model file.", show_default=False)]
+OptionalModelArg = Annotated[
+    Optional[Path], typer.Argument(help="A GGUF model file (default: the built-in demo model).", show_default=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+RpcOpt = Annotated[
+    Optional[str],
+    typer.Option("--rpc", metavar="HOST:PORT", help="Use a ggml-rpc server (see `rpc-device`) as the accelerator."),
+]
+ModeOpt = Annotated[
+    str,
+    typer.Option(
+        "--mode",
+        help="Host experts: 'cpu' computes them on the CPU, 'rotary' streams each token's experts to the GPU, "
+        "'auto' measures and picks the faster.",
+    ),
+]
+VramOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Accelerator memory to fill, e.g. 8GiB (default: what the GPU reports free).", show_default=False),
+]
+ThreadsOpt = Annotated[int, typer.Option(min=0, help="CPU threads (0: all cores).")]
+CacheOpt = Annotated[
+    str,
+    typer.Option(
+        "--expert-cache",
+        metavar="auto|off|SLOTS",
+        help="Keep often used host experts in GPU slots (per host expert block): 'auto' lets the planner weigh slot "
+        "counts against resident blocks (with --cache-misses upload: fills the VRAM left after the plan), 'off' "
+        "turns the cache off, a number sets the slots per block.",
+    ),
+]
+
+
+ProfileOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--profile",
+        help="A routing profile of this model (from `profile`): the planner takes split compute's hit rates from "
+        "it instead of published figures.",
+        show_default=False,
+    ),
+]
+MissesOpt = Annotated[
+    str,
+    typer.Option(
+        "--cache-misses",
+        metavar="split|upload",
+        help="What a host expert missing from the cache does: 'split' runs it on the CPU while the GPU runs the "
+        "cached ones (uploads happen between tokens, a few MB per token), 'upload' copies it to a slot before the "
+        "block runs (for fast links).",
+    ),
+]
+
+
+def misses_setting(value: str) -> str:
+    """--cache-misses as the planner takes it."""
+    from ..plan import CACHE_MISSES
+
+    if value not in CACHE_MISSES:
+        raise UserError(f"--cache-misses takes split or upload, not {value!r}")
+    return value
+
+
+def cache_setting(value: str) -> str | int:
+    """--expert-cache as the planner takes it: "auto", "off" or a slot count."""
+    from ..plan import EXPERT_CACHE_SETTINGS
+
+    value = value.strip().lower()
+    if value in EXPERT_CACHE_SETTINGS:
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise UserError(f"--expert-cache takes auto, off or a number of slots per block, not {value!r}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"rotary-gguf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show llama.cpp's own log lines.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Run big Mixture-of-Experts GGUF models on a small GPU: experts in host RAM, the rest on the GPU."""
+    log.setup(verbose)

@@ -1,0 +1,111 @@
+"""`bench`: placements measured side by side, and a recommendation."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .. import log
+from ..errors import UserError
+from ..units import human_bytes
+from .app import CacheOpt, JsonOpt, MissesOpt, ModelArg, ProfileOpt, RpcOpt, ThreadsOpt, VramOpt, app, cache_setting, out
+from .placement import plan_or_cpu
+
+
+@app.command()
+def bench(
+    model: ModelArg,
+    vram: VramOpt = None,
+    ctx: Annotated[int, typer.Option(help="Context length in tokens (sizes the KV cache, as when serving).")] = 4096,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens each run evaluates (the same for every candidate).")] = 512,
+    gen_tokens: Annotated[int, typer.Option(help="Tokens each run generates, greedily.")] = 128,
+    runs: Annotated[int, typer.Option(help="Timed runs per candidate, after one warm-up run each.")] = 3,
+    rpc: RpcOpt = None,
+    expert_cache: CacheOpt = "auto",
+    cache_misses: MissesOpt = "split",
+    routing_profile: ProfileOpt = None,
+    threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure placements side by side (the plan with and without its expert cache, llama.cpp's
+    --cpu-moe and --n-cpu-moe N, all on the accelerator) and recommend one. Needs a GPU or --rpc to compare placements; without one it
+    measures the CPU-only run alone and says so."""
+    from .. import bench as benching
+    from ..plan import DEFAULT_BATCH, Placement
+
+    for flag, value in (("--runs", runs), ("--gen-tokens", gen_tokens), ("--prompt-tokens", prompt_tokens), ("--ctx", ctx)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, not {value}")
+    n_batch = min(DEFAULT_BATCH, ctx)
+    cpu_plan = plan_or_cpu(model, vram=vram, mode="cpu", ctx=ctx, n_batch=n_batch, rpc=rpc,
+                           expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
+                           routing_profile=routing_profile)
+    notes: list[str] = []
+    if cpu_plan is None:
+        cands = [benching.Candidate("cpu-only", Placement.all_cpu(), "cpu-only", "everything on the CPU")]
+        notes.append("only the CPU-only run was measured: no GPU here and no --rpc (or a dense model), so there are no placements to compare")
+    else:
+        plans = [cpu_plan] if cpu_plan.expert_cache is None else [benching.without_expert_cache(cpu_plan), cpu_plan]
+        if cpu_plan.accelerator.streams_host_ops:
+            notes.append("rotary mode was not measured: its offload threshold is fixed per process, and cpu mode was set first")
+        cands = benching.candidates(plans)
+
+    def progress(run: int, cand, m) -> None:
+        if not as_json:
+            label = "warm-up" if run == 0 else f"run {run}/{runs}"
+            log.logger.info("%s: %s: decode %.1f t/s", label, cand.name, m.decode_tps)
+
+    results = benching.run_bench(model, cands, n_ctx=ctx, n_batch=n_batch, prompt_len=prompt_tokens,
+                                 gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress)
+    best = benching.recommend(results)
+    differ = benching.differing_outputs(results)
+    if as_json:
+        print(json.dumps({"candidates": [r.to_json() for r in results], "recommended": best.candidate.name,
+                          "outputs_identical": not differ, "notes": notes}, indent=2))
+    else:
+        _print_bench(results, runs)
+        base = next((r for r in results if r.candidate.name == benching.BASELINE), None)
+        ratio = best.summary("decode_ratio")
+        versus = f", {ratio['median']:.2f}x {benching.BASELINE}" if base is not None and ratio else ""
+        out.print(f"[bold green]recommended:[/] {best.candidate.name} ({best.candidate.description}): "
+                  f"decode {best.summary('decode_tps')['median']:.1f} t/s{versus}")
+        for pattern, buft in best.candidate.placement.overrides:
+            out.print(f"override: {pattern} -> {buft}", markup=False)
+        for note in notes:
+            out.print(f"[yellow]note:[/] {note}")
+    if differ:
+        from ..verify import OutputsDiffer
+
+        raise OutputsDiffer(f"BUG: greedy outputs differ from {results[0].candidate.name}'s in: {', '.join(differ)} "
+                            "(a placement must not change the output)")
+
+
+def _print_bench(results, runs: int) -> None:
+    table = Table(title=f"median over {runs} run(s), ± spread (max - min) as a share of it", title_justify="left",
+                  box=None, pad_edge=False)
+    columns = ("candidate", "mode", "prompt t/s", "decode t/s", "vs --cpu-moe", "TTFT ms", "cache hits", "peak accel", "peak RSS")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("candidate", "mode") else "right", no_wrap=True)
+
+    def cell(result, figure: str, fmt, spread: bool = True) -> str:
+        s = result.summary(figure)
+        if s is None:
+            return "-"
+        share = f" ±{s['spread'] / s['median']:.0%}" if spread and s["median"] else ""
+        return fmt(s["median"]) + share
+
+    for r in results:
+        table.add_row(
+            r.candidate.name, r.candidate.mode,
+            cell(r, "prompt_tps", lambda v: f"{v:.1f}"),
+            cell(r, "decode_tps", lambda v: f"{v:.1f}"),
+            cell(r, "decode_ratio", lambda v: f"{v:.2f}x"),
+            cell(r, "ttft_seconds", lambda v: f"{v * 1e3:.1f}"),
+            cell(r, "cache_hit_rate", lambda v: f"{v:.1%}", spread=False),
+            cell(r, "peak_accelerator_bytes", human_bytes, spread=False),
+            cell(r, "peak_rss_bytes", human_bytes, spread=False),
+        )
+    out.print(table)

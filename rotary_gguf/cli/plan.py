@@ -1,0 +1,130 @@
+"""`plan`: where every tensor goes for a VRAM budget, and `--check` against llama.cpp's allocations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import UserError
+from ..units import human_bytes
+from .app import CacheOpt, JsonOpt, MissesOpt, ModeOpt, ModelArg, ProfileOpt, RpcOpt, app, cache_setting, out
+from .placement import plan_for
+
+
+@app.command()
+def plan(
+    model: ModelArg,
+    vram: Annotated[
+        Optional[str],
+        typer.Option(help="Accelerator memory to fill, e.g. 8GiB (default: what the GPU reports free).", show_default=False),
+    ] = None,
+    ctx: Annotated[int, typer.Option(min=1, help="Context length in tokens.")] = 4096,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size for prompt processing (sizes the compute buffers).")] = 512,
+    mode: ModeOpt = "auto",
+    rpc: RpcOpt = None,
+    expert_cache: CacheOpt = "auto",
+    cache_misses: MissesOpt = "split",
+    routing_profile: ProfileOpt = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Also load the model with the plan and show what llama.cpp allocated.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decide where every tensor lives for a VRAM budget, and predict each device's memory."""
+    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=batch, mode=mode, rpc=rpc, expert_cache=cache_setting(expert_cache),
+                        cache_misses=cache_misses, routing_profile=routing_profile)
+    rows = _check_plan(model, the_plan) if check else None
+    if as_json:
+        summary = the_plan.to_json()
+        if rows is not None:
+            summary["check"] = [{"device": d, "purpose": p, "predicted": pr, "actual": a} for d, p, pr, a in rows]
+        print(json.dumps(summary, indent=2))
+        return
+    _print_plan(the_plan)
+    if rows is not None:
+        _print_check(rows, the_plan)
+
+
+def _check_plan(model: Path, the_plan) -> list[tuple[str, str, int, int]]:
+    """Load `model` with the plan (and its expert cache); (device, purpose, predicted, actual) for
+    each buffer kind."""
+    from ..engine import Engine
+    from ..experts.cache import ExpertCache
+    from ..inventory import read_inventory
+
+    if not the_plan.accelerator.present:
+        raise UserError(f"--check loads the model, and {the_plan.accelerator.name} is not on this machine")
+    cache = ExpertCache.for_plan(the_plan, read_inventory(model))
+    with Engine.load(model, the_plan.placement, n_ctx=the_plan.ctx, n_batch=the_plan.n_batch, expert_cache=cache) as engine:
+        rows = the_plan.compare(engine.load_report)
+        if cache is not None:
+            rows.append(("accelerator", "expert_cache", the_plan.accelerator_use.expert_cache, cache.slot_bytes))
+        return rows
+
+
+def _print_plan(p) -> None:
+    from ..plan import DeviceUse
+
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    acc = p.accelerator
+    head.add_row("model", f"{p.model.name} ({p.model.arch}, {p.model.n_layer} blocks)")
+    head.add_row("accelerator", f"{acc.name} ({acc.kind}), buffer type {acc.buffer_type}")
+    head.add_row("budget", f"{human_bytes(p.budget)} ({p.budget_source})")
+    head.add_row("host experts", f"{p.mode}: {p.mode_reason}")
+    head.add_row("context", f"{p.ctx} tokens, batch {p.n_batch}, KV cache {p.kv_type}")
+    cache = p.expert_cache
+    if cache and cache.split:
+        line = (f"{cache.slots} slots per host block + a zero slot ({human_bytes(cache.bytes)}), split compute: misses "
+                f"run on the CPU meanwhile, up to {human_bytes(cache.upload_budget)} uploaded between tokens; {cache.reason}")
+    elif cache:
+        line = f"{cache.slots} slots per host block ({human_bytes(cache.bytes)}), misses uploaded first: {cache.reason}"
+    else:
+        line = f"off: {p.expert_cache_reason}"
+    head.add_row("expert cache", line)
+    out.print(head)
+
+    blocks = Table(title="expert tensors per block", title_justify="left", box=None, pad_edge=False)
+    for col, justify in (("block", "right"), ("attention", "left"), ("experts", "right"), ("live in", "left")):
+        blocks.add_column(col, justify=justify)
+    for i in range(p.model.n_layer):
+        where = f"accelerator ({acc.buffer_type})" if i in p.resident else f"host ({p.host_buffer_type})"
+        blocks.add_row(str(i), p.model.attention[i], human_bytes(p.model.expert_bytes(i)), where)
+    out.print(blocks)
+
+    totals = Table(title="predicted memory (~ = estimate)", title_justify="left", box=None, pad_edge=False)
+    for col in ("", "accelerator", "host"):
+        totals.add_column(col, justify="right" if col else "left")
+    for part, a in p.accelerator_use.parts().items():
+        h = getattr(p.host_use, part)
+        if a or h:
+            mark = "~" if part in DeviceUse.ESTIMATES else ""
+            totals.add_row(part.replace("_", " "), *(mark + human_bytes(n) if n else "-" for n in (a, h)))
+    totals.add_row("[bold]total[/]", f"[bold]{human_bytes(p.accelerator_use.total)}[/]", f"[bold]{human_bytes(p.host_use.total)}[/]")
+    out.print(totals)
+    resident = len(p.resident)
+    out.print(
+        f"accelerator: {human_bytes(p.accelerator_use.total)} of {human_bytes(p.budget)}, margin {human_bytes(p.margin)}; "
+        f"{resident} of {resident + len(p.host_layers)} expert blocks resident (minimum budget {human_bytes(p.minimum_budget)})"
+    )
+    for pattern, buft in p.overrides:
+        out.print(f"override: {pattern} -> {buft}", markup=False)
+    for note in p.notes:
+        out.print(f"[yellow]note:[/] {note}")
+
+
+def _print_check(rows: list[tuple[str, str, int, int]], the_plan) -> None:
+    table = Table(title="predicted vs allocated by llama.cpp", title_justify="left", box=None, pad_edge=False)
+    for col in ("device", "purpose", "predicted", "allocated"):
+        table.add_column(col, justify="left" if col in ("device", "purpose") else "right")
+    for device, purpose, predicted, actual in rows:
+        if predicted or actual:
+            table.add_row(device, purpose.replace("_", " "), human_bytes(predicted), human_bytes(actual))
+    out.print(table)
+    if the_plan.placement.use_mmap:
+        out.print("[dim]host weights in a mapped buffer count the file span they lie in (paged in on use)[/]")

@@ -1,0 +1,161 @@
+"""`generate`, `chat` and `serve`: the commands that run a model."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import log
+from ..errors import UserError
+from .app import (CacheOpt, MissesOpt, ModeOpt, OptionalModelArg, ProfileOpt, RpcOpt, ThreadsOpt, VramOpt, app,
+                  cache_setting, out)
+from .placement import plan_or_cpu
+
+
+@app.command()
+def generate(
+    model: OptionalModelArg = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "Once upon a time",
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="How many tokens to generate.")] = 32,
+    ctx: Annotated[int, typer.Option(min=16, help="Context length.")] = 2048,
+) -> None:
+    """Greedily continue a prompt and print the text with prompt and decode speed."""
+    from ..demo import resolve_model
+    from ..engine import Engine
+
+    with Engine.load(resolve_model(model), n_ctx=ctx) as engine:
+        out.print(f"[bold]{prompt}[/]", end="")
+        stats = None
+        for event in engine.generate(engine.tokenize(prompt), max_tokens=tokens):
+            out.print(event.text, end="", markup=False)
+            stats = event.stats
+        out.print()
+        if stats:
+            out.print(
+                f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prompt_tps:.1f} t/s, "
+                f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} t/s[/]"
+            )
+
+
+@app.command()
+def serve(
+    model: OptionalModelArg = None,
+    vram: VramOpt = None,
+    mode: ModeOpt = "auto",
+    ctx: Annotated[int, typer.Option(min=16, help="Context length in tokens (prompt plus reply).")] = 4096,
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback exposes the API to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on.")] = 8080,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(envvar="ROTARY_GGUF_API_KEY", help="Require 'Authorization: Bearer KEY' on every request but /health."),
+    ] = None,
+    rpc: RpcOpt = None,
+    expert_cache: CacheOpt = "auto",
+    cache_misses: MissesOpt = "split",
+    routing_profile: ProfileOpt = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait for the engine; more get 503.")] = 64,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads (0: all cores).")] = 0,
+    dashboard: Annotated[
+        bool, typer.Option("--dashboard", help="Show the live dashboard (memory, speed, requests, routing) while serving.")
+    ] = False,
+    thinking_budget: Annotated[
+        Optional[int],
+        typer.Option(min=0, help="Tokens a reply may think before its think block is closed, for requests that set no budget."),
+    ] = None,
+    checkpoint_memory: Annotated[
+        str, typer.Option(help="Host memory for a hybrid model's prompt checkpoints (recurrent state at turn starts).")
+    ] = "512MiB",
+    read_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, max=3600, help="Seconds a client has to send a request's headers, and again its body; slower connections are closed."),
+    ] = 10.0,
+) -> None:
+    """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /metrics)
+    and the Anthropic Messages API (/v1/messages)."""
+    from .. import serve as serving
+    from ..demo import resolve_model
+    from ..engine import Engine
+    from ..experts.cache import ExpertCache
+    from ..inventory import read_inventory
+    from ..plan import DEFAULT_BATCH
+
+    from ..units import parse_size
+
+    path = resolve_model(model)
+    inv = read_inventory(path)
+    cache = cache_setting(expert_cache)
+    checkpoint_bytes = parse_size(checkpoint_memory)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
+    sock = serving.listen(host, port)
+    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc, expert_cache=cache,
+                           cache_misses=cache_misses, routing_profile=routing_profile)
+    placement = the_plan.placement if the_plan else None
+    telemetry = _dashboard_telemetry(inv) if dashboard else None
+    with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
+                     expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads),
+                     checkpoint_bytes=checkpoint_bytes) as engine:
+        options = serving.ServeOptions(model_id=path.name.removesuffix(".gguf"), max_queue=max_queue, api_key=api_key,
+                                       thinking_budget=thinking_budget, read_timeout=read_timeout)
+        if not dashboard:
+            serving.run(engine, options, sock)
+            return
+        from ..dashboard import Dashboard
+
+        title = f"{path.name} at http://{host}:{sock.getsockname()[1]}/v1"
+        with Dashboard(engine, telemetry=telemetry, plan=the_plan, serving=True, title=title).live(log.stderr):
+            serving.run(engine, options, sock)
+
+
+def _dashboard_telemetry(inv):
+    """Routing telemetry for a MoE model's dashboard; None for a dense model, or (with a warning)
+    where its native callback cannot be built."""
+    from ..telemetry import RoutingTelemetry
+
+    if not inv.is_moe:
+        return None
+    try:
+        return RoutingTelemetry(inv)
+    except UserError as e:
+        log.logger.warning("no routing heat map: %s", e)
+        return None
+
+
+@app.command()
+def chat(
+    model: OptionalModelArg = None,
+    vram: VramOpt = None,
+    mode: ModeOpt = "auto",
+    ctx: Annotated[int, typer.Option(min=16, help="Context length in tokens (the whole conversation).")] = 4096,
+    rpc: RpcOpt = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one answer may have.")] = 512,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Sampling temperature (0: greedy).")] = 0.7,
+    system: Annotated[Optional[str], typer.Option(help="A system message to start every conversation with.")] = None,
+    routing: Annotated[bool, typer.Option(help="Watch expert routing for the dashboard's heat map.")] = True,
+    expert_cache: CacheOpt = "auto",
+    cache_misses: MissesOpt = "split",
+    routing_profile: ProfileOpt = None,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Chat with a model in the terminal: streamed answers above a live dashboard of memory, speed and routing."""
+    from .. import chat as chatting
+    from ..dashboard import Dashboard
+    from ..demo import resolve_model
+    from ..engine import Engine, SamplingParams
+    from ..experts.cache import ExpertCache
+    from ..inventory import read_inventory
+    from ..plan import DEFAULT_BATCH
+
+    path = resolve_model(model)
+    inv = read_inventory(path)
+    telemetry = _dashboard_telemetry(inv) if routing else None
+    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc,
+                           expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
+                           routing_profile=routing_profile)
+    placement = the_plan.placement if the_plan else None
+    with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
+                     expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads)) as engine:
+        dashboard = Dashboard(engine, telemetry=telemetry, plan=the_plan)
+        chatting.run(engine, dashboard, out, max_tokens=max_tokens, system=system,
+                     sampling=SamplingParams(temperature=temperature, top_p=0.95, seed=None))
