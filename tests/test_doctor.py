@@ -37,7 +37,7 @@ def test_cpu_backend_is_read_from_the_loaded_library():
 def amx_in_build(monkeypatch):
     """This process's ggml as a native build on a Xeon with AMX lists it: AMX first, then repack."""
     built = native.cpu_extra_buffer_types()
-    monkeypatch.setattr(native, "cpu_extra_buffer_types", lambda: ("AMX", *built))
+    monkeypatch.setattr(native.backends, "cpu_extra_buffer_types", lambda: ("AMX", *built))
     engine._refuse_unsafe_buffer_types.cache_clear()
     yield
     engine._refuse_unsafe_buffer_types.cache_clear()

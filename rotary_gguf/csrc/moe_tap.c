@@ -11,7 +11,7 @@
  * The expert cache (expert_cache.c) records into a tap from its own callback when both run: one
  * eval callback per context.
  *
- * Built and loaded by rotary_gguf/native.py, against the ggml headers llama-cpp-python installs.
+ * Built and loaded by rotary_gguf/native/callbacks.py, against the ggml headers llama-cpp-python installs.
  */
 #include "topk.h"
 
