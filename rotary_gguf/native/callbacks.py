@@ -14,6 +14,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import UserError
+from ..user_cache import cache_dir
 from .ggml import LIB_DIR, _nbytes, _tensor_get, c_size_t, c_void_p
 
 # --- native eval callbacks (csrc/): the routing tap and the expert cache's hot path ---------------
@@ -27,10 +28,6 @@ GGML_INCLUDE_DIR = Path(llama_cpp.__file__).parent.parent / "include"  # install
 EvalCallback = llama_cpp.ggml_backend_sched_eval_callback
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rotary-gguf"
-
-
 def _build_native(sources: tuple[Path, ...], purpose: str) -> Path:
     """The library compiled from `sources` for these headers and this ggml; built once, then
     reused. `purpose` names it in errors ("the native eval callbacks")."""
@@ -38,7 +35,7 @@ def _build_native(sources: tuple[Path, ...], purpose: str) -> Path:
     if not all(h.exists() for h in headers):
         raise UserError(f"the ggml headers are missing from {GGML_INCLUDE_DIR}; re-run the setup to reinstall llama-cpp-python")
     key = hashlib.sha256(b"".join(p.read_bytes() for p in (*sources, *NATIVE_HEADERS, *headers)) + str(LIB_DIR).encode())
-    target = _cache_dir() / f"rotary-native-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / f"rotary-native-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     try:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..errors import UserError
 from ..plan import Accelerator, LinkFigures
 from .backends import Device, cpu_device, device_by_name
 from .ggml import (_GGML_TYPE_F32, _alloc_ctx_tensors, _backend_free, _buffer_base, _buffer_clear, _buffer_free,
                    _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads, _dev_init, _graph_compute,
-                   _metadata_context, _mul_mat, _new_graph, _new_tensor_2d, _row_size, _tensor_set)
+                   _metadata_context, _mul_mat, _new_graph, _new_tensor_2d, _row_size, _tensor_get, _tensor_set, _add)
 
 
-def upload_bytes_per_s(dev: Device, nbytes: int = 256 * 2**20, repeats: int = 3) -> float:
-    """Measured host -> device copy speed, from the device's pinned host memory where it has one."""
-    src_buft = dev.host_buffer_type or cpu_device().buffer_type
+def upload_bytes_per_s(dev: Device, nbytes: int = 256 * 2**20, repeats: int = 3, pinned: bool = True) -> float:
+    """Measured host -> device copy speed, from the device's pinned host memory where it has one
+    (and `pinned`), else from ordinary (pageable) host memory."""
+    src_buft = (dev.host_buffer_type if pinned else None) or cpu_device().buffer_type
     src = _buft_alloc_buffer(src_buft, nbytes)
     if not src:
         raise UserError(f"could not allocate {nbytes} bytes of host memory to measure uploads to {dev.name}")
@@ -33,29 +37,110 @@ def upload_bytes_per_s(dev: Device, nbytes: int = 256 * 2**20, repeats: int = 3)
         _buffer_free(src)
 
 
+@contextmanager
+def _backend(dev: Device, n_threads: int | None) -> Iterator[int]:
+    backend = _dev_init(dev.handle, None)
+    if not backend:
+        raise UserError(f"could not start a {dev.name} backend to measure it")
+    try:
+        if dev.type == "cpu" and n_threads:
+            _cpu_set_n_threads(backend, n_threads)
+        yield backend
+    finally:
+        _backend_free(backend)
+
+
+def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int) -> float:
+    """Best time of computing the graph `build(ctx)` returns the output of (its weights zeroed)
+    and reading 4 bytes of that output back: the read waits for backends that compute
+    asynchronously (ggml-rpc, CUDA)."""
+    out = ctypes.create_string_buffer(4)
+    with _backend(dev, n_threads) as backend, _metadata_context(4 + MAX_CHAIN) as ctx:
+        result = build(ctx)
+        graph = _new_graph(ctx)
+        _build_forward_expand(graph, result)
+        buf = _alloc_ctx_tensors(ctx, dev.buffer_type)
+        if not buf:
+            raise UserError(f"could not allocate test tensors on {dev.name} to measure it")
+        try:
+            _buffer_clear(buf, 0)  # zero blocks are valid in every format
+
+            def run() -> None:
+                _graph_compute(backend, graph)
+                _tensor_get(result, out, 0, 4)
+
+            return _best_time(repeats, run)
+        finally:
+            _buffer_free(buf)
+
+
+MAX_CHAIN = 64  # ops in the longest graph `op_seconds` times
+
+
+def matmul_seconds(dev: Device, ggml_type: int, n_embd: int, rows: int, batch: int = 1, n_threads: int | None = None,
+                   repeats: int = 5) -> float:
+    """Best time of `dev` multiplying a [n_embd, rows] weight of `ggml_type` by `batch` activation
+    vectors (1: what decode does, more: prompt processing), one graph computed and synchronised."""
+    return _timed_graph(dev, n_threads, lambda ctx: _mul_mat(ctx, _new_tensor_2d(ctx, ggml_type, n_embd, rows),
+                                                             _new_tensor_2d(ctx, _GGML_TYPE_F32, n_embd, batch)), repeats)
+
+
+def op_seconds(dev: Device, n_threads: int | None = None) -> float:
+    """What one more small op in a graph costs on `dev` (the thread barrier between ops on the
+    CPU, a kernel launch on a GPU): a chain of MAX_CHAIN additions against a single one."""
+
+    def chain(n: int):
+        def build(ctx):
+            x = _new_tensor_2d(ctx, _GGML_TYPE_F32, 64, 1)
+            y = x
+            for _ in range(n):
+                y = _add(ctx, y, x)
+            return y
+        return build
+
+    one = _timed_graph(dev, n_threads, chain(1), 20)
+    many = _timed_graph(dev, n_threads, chain(MAX_CHAIN), 20)
+    return max(many - one, 0.0) / (MAX_CHAIN - 1)
+
+
+def matvec_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_threads: int | None = None,
+                       nbytes: int = 64 * 2**20, batch: int = 1) -> float:
+    """Weight bytes per second `dev` reads multiplying a large weight of `ggml_type` by `batch`
+    vectors: decode's speed at batch 1. The fixed cost of one graph (`graph_seconds`) is taken
+    out, so the figure scales with the bytes a token reads."""
+    row = _row_size(ggml_type, n_embd)
+    rows = max(1, nbytes // row)
+    seconds = matmul_seconds(dev, ggml_type, n_embd, rows, batch, n_threads)
+    return rows * row / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
+
+
 def cpu_matvec_bytes_per_s(ggml_type: int, n_embd: int, n_threads: int, nbytes: int = 64 * 2**20, repeats: int = 5) -> float:
     """Measured speed of the CPU backend multiplying a weight matrix of `ggml_type` (an expert
     tensor's type) by one activation vector, in weight bytes per second: what decode does with
     host experts in cpu mode."""
     row = _row_size(ggml_type, n_embd)
     rows = max(1, nbytes // row)
-    cpu = cpu_device()
-    backend = _dev_init(cpu.handle, None)
-    try:
-        _cpu_set_n_threads(backend, n_threads)
-        with _metadata_context(3) as ctx:
-            weight = _new_tensor_2d(ctx, ggml_type, n_embd, rows)
-            vector = _new_tensor_2d(ctx, _GGML_TYPE_F32, n_embd, 1)
-            graph = _new_graph(ctx)
-            _build_forward_expand(graph, _mul_mat(ctx, weight, vector))
-            buf = _alloc_ctx_tensors(ctx, cpu.buffer_type)
-            try:
-                _buffer_clear(buf, 0)  # zero blocks are valid in every format
-                return rows * row / _best_time(repeats, lambda: _graph_compute(backend, graph))
-            finally:
-                _buffer_free(buf)
-    finally:
-        _backend_free(backend)
+    return rows * row / matmul_seconds(cpu_device(), ggml_type, n_embd, rows, 1, n_threads, repeats)
+
+
+def copy_seconds(dev: Device, nbytes: int = 16 * 1024, repeats: int = 20) -> float:
+    """The cost of one small host -> device copy (an activation crossing between devices)."""
+    src = bytes(nbytes)
+    with _metadata_context(1) as ctx:
+        tensor = _new_tensor_2d(ctx, _GGML_TYPE_F32, nbytes // 4, 1)
+        buf = _alloc_ctx_tensors(ctx, dev.buffer_type)
+        if not buf:
+            raise UserError(f"could not allocate {nbytes} bytes on {dev.name} to measure copies")
+        try:
+            return _best_time(repeats, lambda: _tensor_set(tensor, src, 0, nbytes))
+        finally:
+            _buffer_free(buf)
+
+
+def graph_seconds(dev: Device, n_threads: int | None = None) -> float:
+    """The fixed cost of computing one small graph on `dev` and waiting for its output: a kernel
+    launch and sync on a GPU, a round trip on ggml-rpc, thread wake-up on the CPU."""
+    return matmul_seconds(dev, _GGML_TYPE_F32, 32, 32, 1, n_threads, repeats=20)
 
 
 def measure_link(accelerator: Accelerator, expert_type: int, n_embd: int, n_threads: int) -> LinkFigures:

@@ -1,0 +1,157 @@
+"""Calibration: the speeds of this machine that decide prompt and decode speed, measured with ggml
+in seconds and kept per machine and device in the user's cache folder (`speed_model` predicts
+from them).
+
+Per device (the CPU at the thread count used, and the accelerator): matrix-vector and batched
+matrix-multiply throughput for each weight type a model has, the fixed cost of one graph (launch
+and sync) and of one small copy, and host -> device upload speed from page-locked and ordinary
+memory. The CPU's decode speed is also measured at 1, half and all threads (`plan --calibrate`
+shows them). A later model with a type not measured yet adds only that type's figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+from .speed_model import DeviceSpeeds
+from .user_cache import cache_dir
+
+CALIBRATION_FORMAT = 2
+PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
+DECODE_WEIGHT_BYTES = 32 * 2**20  # weight bytes per decode measurement: more than the CPU's caches hold
+PROMPT_WEIGHT_BYTES = 2 * 2**20
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """This machine's measured speeds, for one accelerator (or none) and CPU thread count."""
+
+    cpu: DeviceSpeeds
+    accelerator: DeviceSpeeds | None
+    threads: int
+    cpu_decode_by_threads: dict[str, dict[int, float]]  # type -> threads -> bytes per second
+    seconds: float  # how long measuring took, all runs together
+    path: Path | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "format": CALIBRATION_FORMAT,
+            "rotary_gguf": __version__,
+            "threads": self.threads,
+            "cpu": self.cpu.to_json(),
+            "accelerator": self.accelerator.to_json() if self.accelerator else None,
+            "cpu_decode_by_threads": {t: {str(n): v for n, v in by.items()} for t, by in self.cpu_decode_by_threads.items()},
+            "seconds": round(self.seconds, 3),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, path: Path | None = None) -> "Calibration":
+        acc = d.get("accelerator")
+        return cls(
+            cpu=DeviceSpeeds.from_json(d["cpu"]),
+            accelerator=DeviceSpeeds.from_json(acc) if acc else None,
+            threads=int(d["threads"]),
+            cpu_decode_by_threads={t: {int(n): float(v) for n, v in by.items()} for t, by in d["cpu_decode_by_threads"].items()},
+            seconds=float(d.get("seconds", 0.0)),
+            path=path,
+        )
+
+    def covers(self, type_names: Iterable[str]) -> bool:
+        devices = [self.cpu] + ([self.accelerator] if self.accelerator else [])
+        return all(t in dev.decode and t in dev.prompt for dev in devices for t in type_names)
+
+
+def calibration_path(cpu_name: str, accelerator, threads: int) -> Path:
+    """The file of this machine, CPU thread count, llama.cpp build and accelerator (a device name
+    and description, so a different GPU or RPC server gets its own)."""
+    from . import native
+
+    key = json.dumps([cpu_name, os.cpu_count(), threads, str(native.LIB_DIR),
+                      [accelerator.name, accelerator.description, accelerator.total] if accelerator else None])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "calibration" / f"{digest}.json"
+
+
+def load(path: Path) -> Calibration | None:
+    """The calibration in `path`, or None when there is none, or it is unreadable or of an older
+    format (it is then measured again)."""
+    try:
+        d = json.loads(path.read_text())
+        if d.get("format") != CALIBRATION_FORMAT:
+            return None
+        return Calibration.from_json(d, path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _save(calibration: Calibration, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(calibration.to_json(), indent=2))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write the calibration to {path} ({e.strerror}); set XDG_CACHE_HOME to a writable folder") from None
+
+
+def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name: str | None = None, *,
+              refresh: bool = False, on_step: Callable[[str], None] | None = None) -> Calibration:
+    """This machine's calibration for weight `types` (name -> ggml type) at rows of `n_embd`,
+    from the cache folder where it has them, else measured now (and kept). `refresh` measures
+    everything again."""
+    from . import native
+    from .doctor import host_cpu
+    from .native import measure
+
+    acc_dev = native.device_by_name(accelerator_name) if accelerator_name else None
+    path = calibration_path(host_cpu()[0], acc_dev, threads)
+    known = None if refresh else load(path)
+    if known is not None and known.covers(types):
+        return known
+    step = on_step or (lambda _what: None)
+    started = time.perf_counter()
+
+    def device_speeds(dev, previous: DeviceSpeeds | None, n_threads: int | None) -> DeviceSpeeds:
+        decode, prompt = dict(previous.decode) if previous else {}, dict(previous.prompt) if previous else {}
+        for name, ggml_type in types.items():
+            if name not in decode:
+                step(f"{dev.name}: {name} matrix-vector")
+                decode[name] = measure.matvec_bytes_per_s(dev, ggml_type, n_embd, n_threads, DECODE_WEIGHT_BYTES)
+            if name not in prompt:
+                step(f"{dev.name}: {name} at batch {PROMPT_BATCH}")
+                prompt[name] = PROMPT_BATCH * measure.matvec_bytes_per_s(dev, ggml_type, n_embd, n_threads,
+                                                                         PROMPT_WEIGHT_BYTES, batch=PROMPT_BATCH)
+        if previous is not None:
+            return replace(previous, decode=decode, prompt=prompt)
+        step(f"{dev.name}: graph and copy latency")
+        uploads = {}
+        if dev.type != "cpu":
+            step(f"{dev.name}: uploads")
+            uploads = {"upload_pageable": measure.upload_bytes_per_s(dev, 64 * 2**20, pinned=False)}
+            if dev.host_buffer_type:
+                uploads["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
+        return DeviceSpeeds(dev.name, dev.description, decode, prompt, PROMPT_BATCH, measure.graph_seconds(dev, n_threads),
+                            measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), **uploads)
+
+    cpu = device_speeds(native.cpu_device(), known.cpu if known else None, threads)
+    acc = device_speeds(acc_dev, known.accelerator if known else None, None) if acc_dev else None
+    by_threads = dict(known.cpu_decode_by_threads) if known else {}
+    counts = sorted({1, max(1, threads // 2), threads})
+    for name, ggml_type in types.items():
+        if name not in by_threads:
+            step(f"CPU: {name} at {', '.join(map(str, counts))} threads")
+            by_threads[name] = {n: cpu.decode[name] if n == threads else
+                                measure.matvec_bytes_per_s(native.cpu_device(), ggml_type, n_embd, n, DECODE_WEIGHT_BYTES)
+                                for n in counts}
+    seconds = (known.seconds if known else 0.0) + time.perf_counter() - started
+    result = Calibration(cpu, acc, threads, by_threads, seconds, path)
+    _save(result, path)
+    return result

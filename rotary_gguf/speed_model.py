@@ -1,0 +1,165 @@
+"""The speed model: predicted prompt and decode tokens per second of a placement, from the speeds
+calibrated on this machine (`calibration`), the model's tensor bytes and types, and the hit rates
+of a split-compute cache. Pure arithmetic, like the memory model in `plan`.
+
+A decoded token reads every weight it uses once: the non-expert weights and the experts it selects
+in every block. Each part costs its bytes over the speed of the device that holds it, for the
+tensor's type. Host expert blocks add two graph splits each (the hidden state goes to the CPU and
+back): a graph launch on each side and two small copies. Prompt processing runs the same weights
+at batch size, so it uses the speeds measured at a batch; a GPU that runs host experts itself for
+large batches (CUDA's offload_op) pays for uploading them once per batch instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import arch as names
+
+
+@dataclass(frozen=True)
+class DeviceSpeeds:
+    """One device's calibrated speeds. Rates are weight bytes per second (at batch 1 for decode;
+    weight bytes times tokens per second at `batch` for prompts), per ggml type name."""
+
+    name: str
+    description: str
+    decode: dict[str, float]
+    prompt: dict[str, float]
+    batch: int  # the batch `prompt` was measured at
+    graph_seconds: float  # the fixed cost of one graph: launch and sync
+    op_seconds: float = 0.0  # what each op of a graph adds (thread barrier, kernel launch)
+    copy_seconds: float = 0.0  # the fixed cost of one small host <-> device copy
+    upload_pinned: float | None = None  # host -> device bytes per second, from page-locked memory
+    upload_pageable: float | None = None  # from ordinary host memory
+
+    def rate(self, phase: str, type_name: str) -> float:
+        """Bytes per second for `type_name` in `phase` ("decode" or "prompt"); a type that was not
+        measured takes the slowest measured one (a pessimistic guess, never a division by zero)."""
+        rates = self.decode if phase == "decode" else self.prompt
+        if type_name in rates:
+            return rates[type_name]
+        return min(rates.values()) if rates else 1e9
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DeviceSpeeds":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A model's weight bytes as the speed model needs them: per (type name) for the non-expert
+    weights a token reads, and per block the bytes of one expert, by type."""
+
+    other: dict[str, int]
+    expert: dict[int, dict[str, int]]  # block -> type -> bytes of one expert's tensors
+    n_expert: int
+    n_expert_used: int
+    n_vocab: int = 0
+    graph_nodes: int = 0  # ops in a decode graph (estimated from the blocks' kinds: `estimated_nodes`)
+
+    @classmethod
+    def from_tensors(cls, tensors, n_expert: int, n_expert_used: int, attention: list[str], n_vocab: int) -> "Weights":
+        """From (name, type name, bytes) of every tensor and the kind of every block that runs
+        ("full" or "linear"); token embeddings are a lookup, not read whole, and blocks beyond
+        `attention` (a NextN head) do not run."""
+        n_layer = len(attention)
+        other: dict[str, int] = {}
+        expert: dict[int, dict[str, int]] = {}
+        for name, type_name, nbytes in tensors:
+            layer = names.block_index(name)
+            if layer is not None and layer >= n_layer:
+                continue
+            if names.expert_kind(name):
+                per = expert.setdefault(layer, {})
+                per[type_name] = per.get(type_name, 0) + nbytes // n_expert
+            elif name != "token_embd.weight":
+                other[type_name] = other.get(type_name, 0) + nbytes
+        return cls(other, expert, n_expert, n_expert_used, n_vocab, estimated_nodes(attention))
+
+    def used_seconds(self, layer: int, device: DeviceSpeeds, phase: str, share: float = 1.0) -> float:
+        """Seconds `device` spends on `share` of the experts a token selects in `layer`."""
+        per_expert = self.expert.get(layer, {})
+        return share * sum(self.n_expert_used * n / device.rate(phase, t) for t, n in per_expert.items())
+
+
+# Ops per block in llama.cpp's decode graph, counted in its log ("graph: nodes = N") for our test
+# models: 55 per qwen3moe block, about 95 per Gated DeltaNet block of qwen35moe; a few more for the
+# input and output.
+NODES_PER_BLOCK = {"full": 55, "linear": 95}
+NODES_OUTSIDE_BLOCKS = 6
+GRAPH_INPUTS = 6  # tensors set before every decode graph (token, position, mask, KV indices, ...)
+
+
+def estimated_nodes(attention: list[str]) -> int:
+    return NODES_OUTSIDE_BLOCKS + sum(NODES_PER_BLOCK.get(kind, NODES_PER_BLOCK["full"]) for kind in attention)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a candidate placement runs each expert block: resident on the accelerator, on the
+    host (computed by the CPU), or on the host with a split-compute cache of `slots` per block
+    hitting at `hit_rates[layer]`. No accelerator: everything on the CPU."""
+
+    host: tuple[int, ...] = ()
+    accelerator: bool = True
+    slots: int = 0
+    hit_rates: dict[int, float] = field(default_factory=dict)
+    streams_prompt: bool = False  # the accelerator runs host experts itself at prompt batches (CUDA)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    prompt_tps: float
+    decode_tps: float
+    decode_parts: dict[str, float]  # seconds per decoded token, by part
+
+    def to_json(self) -> dict:
+        return {"prompt_tps": round(self.prompt_tps, 2), "decode_tps": round(self.decode_tps, 2),
+                "decode_ms": {k: round(v * 1e3, 4) for k, v in self.decode_parts.items()}}
+
+
+def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: DeviceSpeeds | None, phase: str,
+                  batch: int = 1) -> dict[str, float]:
+    """Seconds one token spends, by part, in `phase` ("decode", or "prompt" at `batch` tokens per
+    graph: fixed costs are shared by the batch)."""
+    main = acc if layout.accelerator and acc is not None else cpu
+    parts = {
+        "weights": sum(n / main.rate(phase, t) for t, n in weights.other.items()),
+        "resident experts": sum(weights.used_seconds(i, main, phase) for i in weights.expert if i not in layout.host),
+        "host experts": 0.0,
+        "graph": (main.graph_seconds + weights.graph_nodes * main.op_seconds + GRAPH_INPUTS * main.copy_seconds
+                  + weights.n_vocab * 4 / _download_rate(main)) / batch,
+        "splits": 0.0,
+    }
+    if main is cpu:
+        parts["resident experts"] += sum(weights.used_seconds(i, cpu, phase) for i in layout.host)
+        return parts
+    if phase == "prompt" and layout.streams_prompt:
+        uploads = sum(sum(weights.expert.get(i, {}).values()) * weights.n_expert for i in layout.host)
+        parts["host experts"] = sum(weights.used_seconds(i, main, phase) for i in layout.host) + (
+            uploads / ((main.upload_pinned or main.upload_pageable or 1e9) * batch))
+        return parts
+    for i in layout.host:
+        hit = layout.hit_rates.get(i, 0.0) if layout.slots else 0.0
+        on_cpu = weights.used_seconds(i, cpu, phase, 1.0 - hit)
+        parts["host experts"] += max(on_cpu, weights.used_seconds(i, main, phase, hit))
+    split = main.graph_seconds + cpu.graph_seconds + 2 * main.copy_seconds
+    parts["splits"] = len(layout.host) * split / batch
+    return parts
+
+
+def _download_rate(device: DeviceSpeeds) -> float:
+    """Device -> host bytes per second for the logits (taken as the upload speed; the CPU: memory)."""
+    return device.upload_pageable or device.upload_pinned or device.rate("decode", "F32")
+
+
+def predict(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: DeviceSpeeds | None) -> Prediction:
+    """Predicted prompt and decode tokens per second of one placement."""
+    decode = token_seconds(weights, layout, cpu, acc, "decode")
+    batch = (acc if layout.accelerator and acc is not None else cpu).batch
+    prompt = token_seconds(weights, layout, cpu, acc, "prompt", batch)
+    return Prediction(1.0 / sum(prompt.values()), 1.0 / sum(decode.values()), decode)
