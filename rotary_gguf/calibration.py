@@ -151,7 +151,7 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
             by_threads[name] = {n: cpu.decode[name] if n == threads else
                                 measure.matvec_bytes_per_s(native.cpu_device(), ggml_type, n_embd, n, DECODE_WEIGHT_BYTES)
                                 for n in counts}
-    seconds = (known.seconds if known else 0.0) + time.perf_counter() - started
+    seconds = round((known.seconds if known else 0.0) + time.perf_counter() - started, 3)
     result = Calibration(cpu, acc, threads, by_threads, seconds, path)
     _save(result, path)
     return result

@@ -1,0 +1,108 @@
+"""Calibration (measured with ggml, kept per machine) and the speed model built on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rotary_gguf import calibration, native
+from rotary_gguf.errors import UserError
+from rotary_gguf.inventory import read_inventory
+from rotary_gguf.speed_model import DeviceSpeeds, Layout, Weights, estimated_nodes, predict
+
+Q4_K, Q8_0, F32 = 12, 8, 0
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path
+
+
+def _speeds(name: str, rate: float, graph: float = 1e-4) -> DeviceSpeeds:
+    return DeviceSpeeds(name, name, {"Q4_K": rate, "F32": rate}, {"Q4_K": 4 * rate, "F32": 4 * rate}, 128, graph)
+
+
+def _weights(n_layer: int = 4) -> Weights:
+    tensors = [("output.weight", "Q4_K", 1_000_000), ("token_embd.weight", "Q4_K", 1_000_000)]
+    for i in range(n_layer):
+        tensors += [(f"blk.{i}.attn_q.weight", "F32", 100_000), (f"blk.{i}.ffn_gate_exps.weight", "Q4_K", 32 * 50_000),
+                    (f"blk.{i}.ffn_down_exps.weight", "Q4_K", 32 * 50_000)]
+    return Weights.from_tensors(tensors, 32, 4, ["full"] * n_layer, 1000)
+
+
+def test_the_weights_a_token_reads():
+    w = _weights()
+    assert w.other == {"Q4_K": 1_000_000, "F32": 400_000}  # the embedding table is looked up, not read
+    assert w.expert[0] == {"Q4_K": 100_000}  # one expert's gate and down
+    assert w.graph_nodes == estimated_nodes(["full"] * 4)
+    assert Weights.from_tensors([("blk.4.ffn_up_exps.weight", "Q4_K", 3200)], 32, 4, ["full"] * 4, 10).expert == {}
+
+
+def test_a_slower_cpu_makes_host_blocks_cost_more_and_splits_add_up():
+    w, cpu, acc = _weights(), _speeds("CPU", 1e9), _speeds("GPU", 1e10)
+    resident = predict(w, Layout(), cpu, acc)
+    half = predict(w, Layout(host=(0, 1)), cpu, acc)
+    every = predict(w, Layout(host=(0, 1, 2, 3)), cpu, acc)
+    assert resident.decode_tps > half.decode_tps > every.decode_tps
+    # each host block: its 4 experts' bytes at the CPU's speed instead of the GPU's, and two splits
+    per_block = 4 * 100_000 * (1 / 1e9 - 1 / 1e10) + 2 * 1e-4
+    assert 1 / half.decode_tps - 1 / resident.decode_tps == pytest.approx(2 * per_block, rel=1e-6)
+    # a split-compute cache that always hits costs no CPU time, only its syncs
+    cached = predict(w, Layout(host=(0, 1), slots=8, hit_rates={0: 1.0, 1: 1.0}), cpu, acc)
+    assert 1 / cached.decode_tps == pytest.approx(1 / resident.decode_tps + 4 * 1e-4, rel=1e-6)
+    # without an accelerator everything runs at the CPU's speed
+    assert predict(w, Layout(accelerator=False), cpu, acc).decode_tps < every.decode_tps
+    assert resident.prompt_tps > resident.decode_tps  # batches read each weight once for many tokens
+
+
+def test_an_unmeasured_type_takes_the_slowest_rate():
+    s = DeviceSpeeds("CPU", "", {"Q4_K": 2e9, "F32": 8e9}, {}, 128, 0.0)
+    assert s.rate("decode", "Q6_K") == 2e9
+    assert DeviceSpeeds.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
+def test_calibration_measures_in_seconds_and_is_kept(cache_home):
+    steps: list[str] = []
+    first = calibration.calibrate({"Q4_K": Q4_K, "F32": F32}, 256, 1, on_step=steps.append)
+    assert first.path is not None and first.path.is_relative_to(cache_home)
+    assert first.seconds < 30
+    for rates in (first.cpu.decode, first.cpu.prompt):
+        assert set(rates) == {"Q4_K", "F32"} and all(v > 1e6 for v in rates.values())
+    assert first.cpu.graph_seconds > 0 and first.accelerator is None
+    assert set(first.cpu_decode_by_threads["Q4_K"]) == {1}
+    # the second call reads the file; a new type measures only that type
+    steps.clear()
+    assert calibration.calibrate({"Q4_K": Q4_K}, 256, 1, on_step=steps.append) == first
+    assert steps == []
+    more = calibration.calibrate({"Q4_K": Q4_K, "Q8_0": Q8_0}, 256, 1, on_step=steps.append)
+    assert steps and all("Q8_0" in s for s in steps)
+    assert more.cpu.decode["Q4_K"] == first.cpu.decode["Q4_K"] and "Q8_0" in more.cpu.decode
+    # a damaged file is measured again, not trusted
+    first.path.write_text("{not json")
+    assert calibration.load(first.path) is None
+    assert calibration.calibrate({"Q4_K": Q4_K}, 256, 1).cpu.decode["Q4_K"] > 0
+
+
+def test_an_unwritable_cache_folder_is_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.raises(UserError, match="cannot write the calibration"):
+        calibration.calibrate({"F32": F32}, 64, 1)
+
+
+def test_an_rpc_accelerator_is_calibrated_too(cache_home, rpc_endpoint, test_model):
+    dev = native.add_rpc_device(rpc_endpoint)
+    inv = read_inventory(test_model(quant="q4_k_m"))
+    types = {t.type_name: t.ggml_type for t in inv.tensors}
+    cal = calibration.calibrate(types, inv.n_embd, 1, dev.name)
+    acc = cal.accelerator
+    assert acc is not None and acc.name == dev.name
+    assert set(acc.decode) == set(types) and acc.upload_pageable > 0 and acc.upload_pinned is None  # RPC has no pinned memory
+    assert acc.graph_seconds > cal.cpu.graph_seconds  # a round trip over a socket
+    w = Weights.from_tensors([(t.name, t.type_name, t.nbytes) for t in inv.tensors], inv.n_expert, inv.n_expert_used,
+                             inv.attention_layout(), inv.by_name["token_embd.weight"].shape[1])
+    host = predict(w, Layout(host=tuple(w.expert)), cal.cpu, acc)
+    assert 0 < host.decode_tps < predict(w, Layout(), cal.cpu, acc).decode_tps
