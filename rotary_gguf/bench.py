@@ -84,7 +84,8 @@ class Result:
     @property
     def kernel_path(self) -> str:
         """Where its routed experts compute, e.g. "RPC0+CPU_REPACK" (see `expert_buffers`)."""
-        return "+".join(sorted(set(self.expert_buffers.values()), key=lambda b: (b.startswith(HOST_BUFFER_TYPE), b)))
+        where = {part for buffers in self.expert_buffers.values() for part in buffers.split("+")}
+        return "+".join(sorted(where, key=lambda b: (b.startswith(HOST_BUFFER_TYPE), b)))
 
     FIGURES = ("prompt_tps", "decode_tps", "ttft_seconds", "peak_accelerator_bytes", "peak_rss_bytes", "cache_hit_rate")
 
@@ -289,7 +290,9 @@ class OutputCheck:
     first_step: int  # the first generated token that differs, over the candidate's runs (0-based)
     steps: int  # generated tokens compared
     max_abs_diff: float  # the largest |logit difference| at any position
-    tie_gap: float  # at each run's first differing step, the reference's logit of its token minus of the candidate's (the largest)
+    # at each run's first differing step, the reference's logit of its token minus that of the
+    # candidate's token (the largest over the runs): how near a tie the tokens parted at
+    tie_gap: float
     tolerance: float  # of the reference's largest |logit|: LOGIT_RTOL on the same kernels, else KERNEL_RTOL
     same_kernels: bool  # every expert tensor computes on the same kernels in both
 
@@ -340,7 +343,8 @@ def check_outputs(model, results: Sequence[Result], prompt: Sequence[int], *, n_
     return [compare_outputs(reference, result, expected, trace(result)) for result in differing]
 
 
-def compare_outputs(reference: Result, result: Result, expected: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> OutputCheck:
+def compare_outputs(reference: Result, result: Result, expected: Sequence[np.ndarray],
+                    got: Sequence[np.ndarray]) -> OutputCheck:
     """`result`'s runs against the reference's first, from the logits of both with the reference's
     tokens fed (`expected`, `got`: after the prompt and after each token)."""
     tokens = reference.runs[0].tokens

@@ -93,7 +93,7 @@ def bench(
         from ..verify import OutputsDiffer
 
         raise OutputsDiffer("BUG: " + "; ".join(c.describe() for c in bugs) + " (a placement must not change the output "
-                            "beyond last-bit rounding)")
+                            "beyond its kernels' rounding)")
 
 
 def _wide_console(table: Table) -> Console:

@@ -37,7 +37,7 @@ def inspect_summary(inv, catalog_matches: list[str]) -> dict:
         "n_expert": inv.n_expert,
         "n_expert_used": inv.n_expert_used,
         "n_embd": inv.n_embd,
-        "context_length": inv.hparam("context_length") or None,
+        "context_length": trained_context(inv),
         "file_type": file_type_name(inv.metadata.get("general.file_type")),
         "quant_mix": quant_mix(inv),
         "n_ff_exp": inv.n_ff_exp,
@@ -67,11 +67,19 @@ def inspect_summary(inv, catalog_matches: list[str]) -> dict:
     return summary
 
 
+def trained_context(inv) -> int | None:
+    """`<arch>.context_length`, where the file states it as a positive integer."""
+    from ..arch import hparam
+
+    value = inv.metadata.get(hparam(inv.arch, "context_length"))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def file_type_name(value) -> str | None:
     """general.file_type (llama.cpp's llama_ftype) by name, e.g. "Q4_K_M"; None where it is missing."""
     import gguf
 
-    if not isinstance(value, int):
+    if not isinstance(value, int) or isinstance(value, bool):
         return None
     try:
         name = gguf.LlamaFileType(value & ~gguf.LlamaFileType.GUESSED).name
