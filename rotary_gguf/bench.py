@@ -7,9 +7,11 @@ interleaved run by run so drift hits all alike.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import psutil
 
 from . import arch as names
@@ -19,8 +21,15 @@ from .errors import UserError
 from .experts.cache import ExpertCache
 from .inventory import read_inventory
 from .plan import HOST_BUFFER_TYPE, Placement, Plan, make_plan
+from .verify import LOGIT_RTOL, logit_trace, max_logit_difference
 
 BASELINE = "--cpu-moe"
+# Allowed logit difference, relative to the reference's largest |logit|, between candidates whose
+# routed experts compute on different kernels: llama.cpp's repacked CPU kernels (and an
+# accelerator's) quantize activations and sum in other orders than the plain CPU ones. Measured on
+# the q4_k_m test models: 0.9-1.5% (the same kernels agree bit for bit); another model file: O(1).
+KERNEL_RTOL = 0.05
+NOISY_SPREAD = 0.20  # a decode speed whose spread (max - min) over the runs exceeds this share of its median is noisy
 FILLER_TEXT = (
     "The river bends past the old mill, where the miller counts sacks of grain and the children "
     "race paper boats under the stone bridge while the bells of the town ring noon. "
@@ -38,6 +47,16 @@ class Candidate:
     expert_cache_slots: int | None = None  # the rotary expert cache's slots per host block, if any
     split: bool = False  # the cache's misses computed by the CPU meanwhile (else uploaded first)
     upload_budget: int | None = None  # split: bytes admitted into slots between decode calls
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name of a merged candidate ("plan cpu = --n-cpu-moe 3")."""
+        return tuple(self.name.split(" = "))
+
+    @property
+    def setup(self) -> tuple:
+        """What loading it does: candidates with the same setup are the same placement."""
+        return self.placement, self.expert_cache_slots, self.split, self.upload_budget
 
 
 @dataclass
@@ -60,6 +79,13 @@ class Result:
     candidate: Candidate
     runs: list[Measurement] = field(default_factory=list)
     decode_ratios: list[float] = field(default_factory=list)  # per run, against the baseline's same run
+    expert_buffers: dict[str, str] = field(default_factory=dict)  # expert tensor -> where it computes
+
+    @property
+    def kernel_path(self) -> str:
+        """Where its routed experts compute, e.g. "RPC0+CPU_REPACK" (see `expert_buffers`)."""
+        where = {part for buffers in self.expert_buffers.values() for part in buffers.split("+")}
+        return "+".join(sorted(where, key=lambda b: (b.startswith(HOST_BUFFER_TYPE), b)))
 
     FIGURES = ("prompt_tps", "decode_tps", "ttft_seconds", "peak_accelerator_bytes", "peak_rss_bytes", "cache_hit_rate")
 
@@ -79,6 +105,7 @@ class Result:
             "name": c.name,
             "description": c.description,
             "mode": c.mode,
+            "kernel_path": self.kernel_path,
             "expert_cache_slots": c.expert_cache_slots,
             "cache_misses": None if c.expert_cache_slots is None else "split" if c.split else "upload",
             "devices": list(c.placement.devices),
@@ -141,7 +168,17 @@ def candidates(plans: Sequence[Plan]) -> list[Candidate]:
     if not base.host_layers:
         out.append(Candidate("all-accel", Placement(devices=(device,), n_gpu_layers=-1, repack=repack),
                              "accelerator", "every layer on the accelerator, no overrides"))
-    return out
+    return merged(out)
+
+
+def merged(cands: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates with the same setup as one, named after all of them ("plan cpu = --n-cpu-moe 3"):
+    measured once, so a recommendation never picks one of two identical placements over the other."""
+    by_setup: dict[tuple, Candidate] = {}
+    for c in cands:
+        first = by_setup.get(c.setup)
+        by_setup[c.setup] = c if first is None else replace(first, name=f"{first.name} = {c.name}")
+    return list(by_setup.values())
 
 
 def prompt_tokens(engine: Engine, n: int) -> list[int]:
@@ -177,6 +214,33 @@ def measure(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Measureme
     return Measurement(stats.prompt_tps, stats.decode_tps, stats.ttft_seconds, peak_acc, peak_rss, tokens, hit_rate)
 
 
+@contextmanager
+def loaded(model, cand: Candidate, *, n_ctx: int, n_batch: int, n_threads: int | None) -> Iterator[Engine]:
+    """The model loaded the candidate's way (with its expert cache, if any)."""
+    cache = None
+    if cand.expert_cache_slots is not None:
+        cache = ExpertCache.on_device(read_inventory(model), cand.expert_cache_slots, cand.placement.devices[0],
+                                      split=cand.split, upload_budget=cand.upload_budget, n_threads=n_threads or 0)
+    with Engine.load(model, cand.placement, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                     expert_cache=cache) as engine:
+        yield engine
+
+
+def expert_buffers(engine: Engine, cand: Candidate) -> dict[str, str]:
+    """Where each routed-expert tensor computes, as the buffer type llama.cpp put it in: CPU_REPACK
+    (the CPU's repacked kernels), CPU (its plain ones) or an accelerator (RPC0, CUDA0). Under an
+    expert cache, a host tensor also computes in the cache's accelerator slots."""
+    report, placement = engine.load_report, cand.placement
+    device = placement.devices[0] if placement.devices and placement.n_gpu_layers else None
+    cpu = "CPU_REPACK" if "CPU_REPACK" in report.weight_bytes else HOST_BUFFER_TYPE
+    out = {}
+    for t in engine.inventory.expert_tensors:
+        where = report.overridden.get(t.name, device or cpu)
+        cached = cand.expert_cache_slots is not None and device and where != device
+        out[t.name] = f"{device}+{where}" if cached else where
+    return out
+
+
 def run_bench(
     model,
     cands: Sequence[Candidate],
@@ -188,50 +252,143 @@ def run_bench(
     runs: int,
     n_threads: int | None = None,
     on_run: Callable[[int, Candidate, Measurement], None] | None = None,
-) -> list[Result]:
+) -> tuple[list[Result], list[int]]:
     """Run 0 warms every candidate up (not counted); runs 1..`runs` are timed. Each run loads
-    every candidate in turn and closes it before the next (an RPC server serves one client)."""
+    every candidate in turn and closes it before the next (an RPC server serves one client).
+    Returns the results and the prompt's tokens."""
     if prompt_len + gen_tokens > n_ctx:
         raise UserError(f"--prompt-tokens {prompt_len} plus --gen-tokens {gen_tokens} do not fit --ctx {n_ctx}")
     results = [Result(c) for c in cands]
-    inv = read_inventory(model)
-    prompt: list[int] | None = None
+    prompt: list[int] = []
     for run in range(runs + 1):
         for result in results:
             cand = result.candidate
-            cache = None
-            if cand.expert_cache_slots is not None:
-                cache = ExpertCache.on_device(inv, cand.expert_cache_slots, cand.placement.devices[0], split=cand.split,
-                                              upload_budget=cand.upload_budget, n_threads=n_threads or 0)
-            with Engine.load(model, cand.placement, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                             expert_cache=cache) as engine:
+            with loaded(model, cand, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads) as engine:
                 prompt = prompt or prompt_tokens(engine, prompt_len)
+                result.expert_buffers = result.expert_buffers or expert_buffers(engine, cand)
                 m = measure(engine, prompt, gen_tokens)
             if run:
                 result.runs.append(m)
             if on_run:
                 on_run(run, result.candidate, m)
-        baseline = next((r for r in results if r.candidate.name == BASELINE), None)
+        baseline = next((r for r in results if BASELINE in r.candidate.names), None)
         if run and baseline is not None and baseline.runs[-1].decode_tps > 0:
             for result in results:
                 result.decode_ratios.append(result.runs[-1].decode_tps / baseline.runs[-1].decode_tps)
-    return results
+    return results, prompt
 
 
-def differing_outputs(results: Sequence[Result]) -> list[str]:
-    """Names of the candidates whose greedy tokens differ from the first run of the first
-    candidate with the same CPU kernel layout (llama.cpp's repacked CPU kernels round differently
-    from its plain ones), or from their own earlier runs."""
-    out = []
-    for r in results:
-        first = next(f for f in results if f.candidate.placement.repack == r.candidate.placement.repack)
-        if any(m.tokens != first.runs[0].tokens for m in r.runs):
-            out.append(r.candidate.name)
-    return out
+@dataclass
+class OutputCheck:
+    """A candidate whose greedy tokens differ from the reference's (the first candidate's first run),
+    with the reference's tokens fed through both and their logits compared position by position."""
+
+    name: str
+    kernel_path: str
+    reference: str
+    reference_path: str
+    first_step: int  # the first generated token that differs, over the candidate's runs (0-based)
+    steps: int  # generated tokens compared
+    max_abs_diff: float  # the largest |logit difference| at any position
+    # at each run's first differing step, the reference's logit of its token minus that of the
+    # candidate's token (the largest over the runs): how near a tie the tokens parted at
+    tie_gap: float
+    tolerance: float  # of the reference's largest |logit|: LOGIT_RTOL on the same kernels, else KERNEL_RTOL
+    same_kernels: bool  # every expert tensor computes on the same kernels in both
+
+    @property
+    def legitimate(self) -> bool:
+        """Logits within the tolerance everywhere, and the tokens flipped only at near ties."""
+        return self.max_abs_diff <= self.tolerance and self.tie_gap <= self.tolerance
+
+    def describe(self) -> str:
+        where = f"{self.name} ({self.kernel_path}) vs {self.reference} ({self.reference_path})"
+        figures = (f"max |logit difference| {self.max_abs_diff:.3g} with the same tokens fed, "
+                   f"top two logits {self.tie_gap:.3g} apart where the tokens part, "
+                   f"tolerance {self.tolerance:.3g} ({self.relative_tolerance:g} of the largest logit"
+                   f"{'' if self.same_kernels else ': other kernels for some experts'})")
+        if self.legitimate:
+            return (f"greedy tokens part at generated token {self.first_step + 1} of {self.steps} in {where}: "
+                    f"a near tie that the kernels' rounding differences flip; {figures}")
+        return f"greedy outputs differ in {where} from generated token {self.first_step + 1} of {self.steps}: {figures}"
+
+    @property
+    def relative_tolerance(self) -> float:
+        return LOGIT_RTOL if self.same_kernels else KERNEL_RTOL
+
+    def to_json(self) -> dict:
+        return {"candidate": self.name, "kernel_path": self.kernel_path, "reference": self.reference,
+                "reference_kernel_path": self.reference_path, "first_differing_token": self.first_step,
+                "tokens_compared": self.steps, "max_abs_diff": self.max_abs_diff, "tie_gap": self.tie_gap,
+                "tolerance": self.tolerance, "same_kernels": self.same_kernels, "within_tolerance": self.legitimate}
+
+
+def check_outputs(model, results: Sequence[Result], prompt: Sequence[int], *, n_ctx: int, n_batch: int,
+                  n_threads: int | None = None) -> list[OutputCheck]:
+    """Every candidate whose greedy tokens differ from the reference's, checked the way `verify`
+    does: the reference's tokens fed through the reference and through the candidate, and the
+    logits compared at every position. Loads the reference and each differing candidate once more."""
+    reference = results[0]
+    tokens = reference.runs[0].tokens
+    differing = [r for r in results if any(m.tokens != tokens for m in r.runs)]
+    if not differing:
+        return []
+
+    def trace(result: Result) -> list:
+        """Logits after the prompt and after each of the reference's tokens."""
+        with loaded(model, result.candidate, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads) as engine:
+            return logit_trace(engine, list(prompt), len(tokens), feed=tokens).logits
+
+    expected = trace(reference)
+    return [compare_outputs(reference, result, expected, trace(result)) for result in differing]
+
+
+def compare_outputs(reference: Result, result: Result, expected: Sequence[np.ndarray],
+                    got: Sequence[np.ndarray]) -> OutputCheck:
+    """`result`'s runs against the reference's first, from the logits of both with the reference's
+    tokens fed (`expected`, `got`: after the prompt and after each token)."""
+    tokens = reference.runs[0].tokens
+    same_kernels = result.expert_buffers == reference.expert_buffers
+    tolerance = (LOGIT_RTOL if same_kernels else KERNEL_RTOL) * max(float(np.abs(v).max()) for v in expected)
+    parts = {_first_difference(m.tokens, tokens) for m in result.runs if m.tokens != tokens}
+
+    def gap(i: int) -> float:
+        """How far below the reference's choice at step i the candidate's is, in the reference's logits."""
+        chosen = tokens[i] if i < len(tokens) else int(expected[i].argmax())
+        return float(expected[i][chosen] - expected[i][int(got[i].argmax())])
+
+    return OutputCheck(result.candidate.name, result.kernel_path, reference.candidate.name, reference.kernel_path,
+                       first_step=min(parts), steps=len(tokens),
+                       max_abs_diff=max(max_logit_difference(x, y) for x, y in zip(expected, got)),
+                       tie_gap=max(gap(i) for i in parts), tolerance=tolerance, same_kernels=same_kernels)
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def recommend(results: Sequence[Result]) -> Result:
-    """The candidate with the fastest median decode (prompt speed breaks ties); where candidates
-    share its placement (e.g. `--n-cpu-moe N` equal to the plan), the first of them."""
-    best = max(results, key=lambda r: (r.summary("decode_tps")["median"], r.summary("prompt_tps")["median"]))
-    return next(r for r in results if r.candidate.placement == best.candidate.placement)
+    """The candidate with the fastest median decode (prompt speed breaks ties)."""
+    return max(results, key=lambda r: (r.summary("decode_tps")["median"], r.summary("prompt_tps")["median"]))
+
+
+def noise_warnings(results: Sequence[Result], best: Result, runs: int) -> list[str]:
+    """Where the decode speeds are too noisy to trust: a candidate's spread beyond NOISY_SPREAD of
+    its median, or the recommendation's lead over the runner-up within their spread."""
+    if runs == 1:
+        return ["one timed run per candidate shows no spread, so the noise is unknown: run with more --runs"]
+    out = []
+    for r in results:
+        s = r.summary("decode_tps")
+        if s["median"] and s["spread"] > NOISY_SPREAD * s["median"]:
+            out.append(f"{r.candidate.name}: decode speed spread ±{s['spread'] / s['median']:.0%} over {runs} runs, "
+                       f"more than {NOISY_SPREAD:.0%} of its median (a busy machine?)")
+    others = [r for r in results if r is not best]
+    if others:
+        runner_up = recommend(others)
+        a, b = best.summary("decode_tps"), runner_up.summary("decode_tps")
+        if a["median"] - b["median"] <= max(a["spread"], b["spread"]):
+            out.append(f"too noisy to tell {best.candidate.name} and {runner_up.candidate.name} apart: decode "
+                       f"{a['median']:.1f} vs {b['median']:.1f} t/s, a lead within the runs' spread "
+                       f"({max(a['spread'], b['spread']):.1f} t/s): run with more --runs")
+    return out

@@ -104,7 +104,9 @@ class LoadReport:
     recurrent_bytes: dict[str, int] = field(default_factory=dict)
     compute_bytes: dict[str, int] = field(default_factory=dict)
     output_bytes: dict[str, int] = field(default_factory=dict)
+    overridden: dict[str, str] = field(default_factory=dict)  # tensor name -> buffer type an override put it in
 
+    _OVERRIDE = re.compile(r"tensor (?P<tensor>\S+) \(.*\) buffer type overridden to (?P<buffer>\S+)")
     _LINE = re.compile(r"(?P<buffer>\S+)\s+(?P<kind>model|KV|RS|compute|output) buffer size =\s*(?P<mib>[\d.]+) MiB")
     _FIELDS = {"model": "weight_bytes", "KV": "kv_bytes", "RS": "recurrent_bytes", "compute": "compute_bytes", "output": "output_bytes"}
 
@@ -112,6 +114,9 @@ class LoadReport:
     def from_log(cls, lines: Sequence[str]) -> "LoadReport":
         report = cls()
         for line in lines:
+            o = cls._OVERRIDE.search(line)
+            if o:
+                report.overridden[o["tensor"]] = o["buffer"]
             m = cls._LINE.search(line)
             if m:
                 sizes = getattr(report, cls._FIELDS[m["kind"]])

@@ -1,5 +1,7 @@
 """`rotary-gguf bench` end to end on a real ggml-rpc device: every candidate and figure in the table
-and the JSON, the same greedy output from every placement, and one-line errors for bad arguments."""
+and the JSON, outputs compared by their logits (kernel paths that round differently pass with a
+note, a real difference is a BUG), identical placements measured once, noise warnings, a table
+that a pipe does not cut, and one-line errors for bad arguments."""
 
 from __future__ import annotations
 
@@ -7,11 +9,14 @@ import json
 
 import pytest
 
-from conftest import assert_one_line_error, free_port, run_cli
+from conftest import CLI, assert_one_line_error, free_port, run_cli
 
 from rotary_gguf import native
-from rotary_gguf.bench import BASELINE, Candidate, Measurement, Result, differing_outputs, recommend
+from rotary_gguf.bench import (BASELINE, KERNEL_RTOL, Candidate, Measurement, Result, compare_outputs, merged,
+                               noise_warnings, prompt_tokens, recommend)
+from rotary_gguf.engine import Engine
 from rotary_gguf.plan import Placement
+from rotary_gguf.verify import logit_trace
 
 QUICK = ("--ctx", "256", "--prompt-tokens", "16", "--gen-tokens", "8", "--runs", "2")
 FIGURES = ("prompt_tps", "decode_tps", "ttft_seconds", "peak_accelerator_bytes", "peak_rss_bytes", "decode_ratio")
@@ -31,7 +36,8 @@ def test_json_has_every_candidate_and_figure_and_one_output(test_model, rpc_endp
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     by_name = {c["name"]: c for c in doc["candidates"]}
-    assert list(by_name) == ["plan cpu", BASELINE, "--n-cpu-moe 2"]  # no room for everything on the accelerator
+    plan = "plan cpu = --n-cpu-moe 2"  # the plan keeps the first two blocks' experts on host: llama.cpp's flag
+    assert list(by_name) == [plan, BASELINE]  # measured once; no room for everything on the accelerator
     for cand in by_name.values():
         assert cand["devices"] == ["RPC0"] and cand["mode"] == "cpu"
         for figure in FIGURES:
@@ -39,20 +45,20 @@ def test_json_has_every_candidate_and_figure_and_one_output(test_model, rpc_endp
             assert cand["figures"][figure]["median"] > 0, (cand["name"], figure)
     assert by_name[BASELINE]["figures"]["decode_ratio"]["runs"] == [1.0, 1.0]
     assert by_name[BASELINE]["overrides"][0][1] == "CPU"
-    assert "(0|1)" in by_name["--n-cpu-moe 2"]["overrides"][0][0]  # the first two blocks' experts on host
+    assert "(0|1)" in by_name[plan]["overrides"][0][0]  # the first two blocks' experts on host
+    assert by_name[BASELINE]["kernel_path"] == "CPU" and by_name[plan]["kernel_path"] == "RPC0+CPU"  # f32: no repacking
     placed = {n: c["figures"]["peak_accelerator_bytes"]["median"] for n, c in by_name.items()}
-    assert placed[BASELINE] < placed["plan cpu"] <= budget
-    assert placed["--n-cpu-moe 2"] == placed["plan cpu"]
+    assert placed[BASELINE] < placed[plan] <= budget
     outputs = {n: c["output_tokens"] for n, c in by_name.items()}
-    assert len(outputs["plan cpu"]) == 8 and all(o == outputs["plan cpu"] for o in outputs.values())
-    assert doc["outputs_identical"] is True and doc["recommended"] in by_name
+    assert len(outputs[plan]) == 8 and all(o == outputs[plan] for o in outputs.values())
+    assert doc["outputs_identical"] is True and doc["output_checks"] == [] and doc["recommended"] in by_name
 
 
 def test_table_shows_every_candidate_figure_and_a_recommendation(test_model, rpc_endpoint):
     result = run_cli("bench", test_model(), "--rpc", rpc_endpoint, *QUICK, env={"COLUMNS": "160"})
     assert result.returncode == 0, result.stderr
-    for text in ("prompt t/s", "decode t/s", "vs --cpu-moe", "TTFT ms", "peak accel", "peak RSS",
-                 "plan cpu", BASELINE, "all-accel", "recommended:"):
+    for text in ("experts on", "prompt t/s", "decode t/s", "vs --cpu-moe", "TTFT ms", "peak accel", "peak RSS",
+                 "plan cpu = all-accel", BASELINE, "recommended:"):
         assert text in result.stdout, text
     assert "error" not in result.stderr
     assert "--n-cpu-moe 0" not in result.stdout  # the same placement as all-accel: measured once
@@ -68,25 +74,125 @@ def test_without_an_accelerator_only_the_cpu_run_is_measured(test_model):
     assert "no GPU here and no --rpc" in doc["notes"][0]
 
 
-def test_a_changed_output_is_reported():
-    def result(name, *outputs):
-        runs = [Measurement(1.0, 1.0, 0.1, None, 1, list(tokens)) for tokens in outputs]
-        return Result(Candidate(name, Placement.all_cpu(), "cpu", ""), runs)
-
-    results = [result("a", [1, 2], [1, 2]), result("b", [1, 2], [1, 3]), result("c", [1, 2], [1, 2])]
-    assert differing_outputs(results) == ["b"]
+# The issue's case: a q4_k_m qwen35moe whose --cpu-moe run (experts in llama.cpp's repacked CPU
+# kernels) parts from the plan's (experts on the RPC device's plain CPU kernels) at a near tie.
+DIVERGING = dict(arch="qwen35moe", quant="q4_k_m")
+DIVERGING_ARGS = ("--threads", "1", "--ctx", "256", "--prompt-tokens", "128", "--gen-tokens", "32", "--runs", "1")
 
 
-def test_the_recommendation_names_the_first_candidate_with_the_fastest_placement():
-    def result(name, placement, decode_tps):
-        run = Measurement(100.0, decode_tps, 0.1, None, 1, [1])
-        return Result(Candidate(name, placement, "cpu", ""), [run])
+def test_kernel_paths_that_round_differently_pass_with_a_note(test_model, rpc_endpoint):
+    result = run_cli("bench", test_model(**DIVERGING), "--rpc", rpc_endpoint, *DIVERGING_ARGS, "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    paths = {c["name"]: c["kernel_path"] for c in doc["candidates"]}
+    assert paths[doc["candidates"][0]["name"]] == "RPC0" and "CPU_REPACK" in paths[BASELINE]
+    assert doc["outputs_identical"] is False  # the tokens do part: the check below had work to do
+    (check,) = doc["output_checks"]
+    assert check["candidate"] == BASELINE and check["kernel_path"] == paths[BASELINE]
+    assert not check["same_kernels"] and check["within_tolerance"]
+    assert 0 < check["max_abs_diff"] <= check["tolerance"] and check["tie_gap"] <= check["tolerance"]
+    outputs = {c["name"]: c["output_tokens"] for c in doc["candidates"]}
+    first = check["first_differing_token"]
+    assert outputs[BASELINE][:first] == outputs[check["reference"]][:first]
+    assert outputs[BASELINE][first] != outputs[check["reference"]][first]
+    assert any("near tie" in note and BASELINE in note for note in doc["notes"])
 
+
+def greedy_and_trace(path, n: int, feed: list[int] | None = None, placement=None) -> tuple[list[int], list]:
+    """On the CPU, bench's 128-token prompt: the greedy tokens of `path` (or `feed`), and the logits
+    with them fed."""
+    with Engine.load(path, placement, n_ctx=256, n_threads=1) as engine:
+        prompt = prompt_tokens(engine, 128)
+        tokens = feed if feed is not None else engine.greedy(prompt, n)
+        return tokens, logit_trace(engine, prompt, len(tokens), feed=tokens).logits
+
+
+def run_of(name: str, tokens: list[int], buffers: dict[str, str]) -> Result:
+    return Result(Candidate(name, Placement.all_cpu(), "cpu", ""), [Measurement(1.0, 1.0, 0.1, None, 1, tokens)],
+                  expert_buffers=buffers)
+
+
+def test_a_real_difference_is_a_bug_even_across_kernel_paths(test_model):
+    """Another model file (other weights) fed the reference's tokens: far beyond the tolerance."""
+    a, b = test_model(**DIVERGING), test_model(**DIVERGING, seed=1)
+    tokens_a, expected = greedy_and_trace(a, 16)
+    tokens_b, _ = greedy_and_trace(b, 16)
+    _, got = greedy_and_trace(b, 16, feed=tokens_a)
+    assert tokens_a != tokens_b
+    reference = run_of("reference", tokens_a, {"blk.0.ffn_up_exps.weight": "RPC0"})
+    other = run_of("other", tokens_b, {"blk.0.ffn_up_exps.weight": "CPU_REPACK"})
+    check = compare_outputs(reference, other, expected, got)
+    assert not check.same_kernels and check.tolerance == pytest.approx(KERNEL_RTOL * max(abs(v).max() for v in expected))
+    assert check.max_abs_diff > check.tolerance and not check.legitimate
+    assert "greedy outputs differ in other (CPU_REPACK) vs reference (RPC0)" in check.describe()
+
+
+def test_the_same_kernels_are_held_to_the_tight_tolerance(test_model):
+    """The repacked and the plain CPU kernels, passed off as the same kernels: their real difference
+    (about 1% of the largest logit) is beyond LOGIT_RTOL, so it is a BUG; as what they are, a note."""
+    path = test_model(**DIVERGING)
+    repacked, expected = greedy_and_trace(path, 32)
+    plain, _ = greedy_and_trace(path, 32, placement=Placement(repack=False))
+    _, got = greedy_and_trace(path, 32, feed=repacked, placement=Placement(repack=False))
+    assert plain != repacked  # they part at a near tie
+    same = compare_outputs(run_of("repacked", repacked, {"t": "CPU"}), run_of("plain", plain, {"t": "CPU"}), expected, got)
+    assert same.same_kernels and same.max_abs_diff > same.tolerance > 0 and not same.legitimate
+    honest = compare_outputs(run_of("repacked", repacked, {"t": "CPU_REPACK"}), run_of("plain", plain, {"t": "CPU"}),
+                             expected, got)
+    assert honest.legitimate and honest.first_step == next(i for i, (x, y) in enumerate(zip(repacked, plain)) if x != y)
+
+
+def test_identical_placements_are_measured_once_as_one_row():
     on_host = Placement(devices=("RPC0",), overrides=((r"\.ffn_up_exps\.", "CPU"),), n_gpu_layers=-1)
     all_accel = Placement(devices=("RPC0",), n_gpu_layers=-1)
-    plan, same = result("plan cpu", all_accel, 50.0), result("all-accel", all_accel, 60.0)
-    assert recommend([plan, result(BASELINE, on_host, 40.0), same]) is plan
-    assert recommend([result(BASELINE, on_host, 70.0), plan, same]).candidate.name == BASELINE
+    cands = [Candidate("plan cpu", all_accel, "cpu", ""), Candidate(BASELINE, on_host, "cpu", ""),
+             Candidate("plan cpu+cache 4", all_accel, "cpu", "", expert_cache_slots=4),
+             Candidate("all-accel", all_accel, "accelerator", "")]
+    assert [c.name for c in merged(cands)] == ["plan cpu = all-accel", BASELINE, "plan cpu+cache 4"]
+    assert merged(cands)[0].names == ("plan cpu", "all-accel")
+
+
+def test_the_recommendation_is_the_fastest():
+    def result(name, decode_tps):
+        return Result(Candidate(name, Placement.all_cpu(), "cpu", ""), [Measurement(100.0, decode_tps, 0.1, None, 1, [1])])
+
+    fast = result("b", 60.0)
+    assert recommend([result("a", 50.0), fast, result("c", 40.0)]) is fast
+
+
+def timed(name: str, *decode_tps: float) -> Result:
+    return Result(Candidate(name, Placement.all_cpu(), "cpu", ""),
+                  [Measurement(100.0, tps, 0.1, None, 1, [1]) for tps in decode_tps])
+
+
+def test_noise_is_warned_about():
+    steady, shaky = timed("steady", 50.0, 51.0, 50.5), timed("shaky", 40.0, 60.0, 45.0)
+    warnings = noise_warnings([steady, shaky], steady, 3)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("shaky: decode speed spread ±44%") and "more than 20%" in warnings[0]
+    assert "too noisy to tell steady and shaky apart" in warnings[1] and "more --runs" in warnings[1]
+    clear = timed("clear", 80.0, 81.0, 79.0)
+    assert noise_warnings([clear, steady], clear, 3) == []
+    assert "no spread" in noise_warnings([timed("one", 50.0), timed("two", 49.0)], timed("one", 50.0), 1)[0]
+
+
+def test_the_table_is_not_cut_through_a_pipe(test_model, rpc_endpoint):
+    import os
+    import subprocess
+
+    env = {**os.environ, "COLUMNS": "60"}  # a narrow window: a pipe must still get whole rows
+    result = subprocess.run([CLI, "bench", str(test_model()), "--rpc", rpc_endpoint, *QUICK], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout and "..." not in result.stdout
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("candidate"))
+    for column in ("mode", "experts on", "prompt t/s", "decode t/s", "vs --cpu-moe", "TTFT ms", "cache hits",
+                   "peak accel", "peak RSS"):
+        assert column in header, column
+    row = next(line for line in lines if line.startswith(BASELINE))
+    assert row.split()[1:3] == ["cpu", "CPU"] and row.rstrip().endswith("MiB")
+    assert any(line.startswith("recommended: ") for line in lines)
 
 
 @pytest.mark.parametrize(

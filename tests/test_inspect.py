@@ -54,6 +54,49 @@ def test_inspect_figures_match_an_independent_reader(test_model, kwargs):
     assert s["n_expert"] == int(np.asarray(field.parts[field.data[0]])[0])
 
 
+@pytest.mark.parametrize("quant, file_type", [("q4_k_m", "Q4_K_M"), ("f32", "F32")])
+def test_inspect_shows_the_quant_mix_and_trained_context(test_model, quant, file_type):
+    path = test_model(arch="qwen35moe", quant=quant)
+    s = json.loads(run_cli("inspect", path, "--json").stdout)
+    reader = GGUFReader(path)
+    by_type: dict[str, int] = {}
+    for t in reader.tensors:
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    total = sum(by_type.values())
+    assert {q["type"]: q["bytes"] for q in s["quant_mix"]} == by_type
+    assert [q["bytes"] for q in s["quant_mix"]] == sorted(by_type.values(), reverse=True)
+    assert sum(q["share"] for q in s["quant_mix"]) == pytest.approx(1.0)
+    assert s["quant_mix"][0]["share"] == pytest.approx(max(by_type.values()) / total)
+    field = reader.fields["qwen35moe.context_length"]
+    assert s["context_length"] == int(np.asarray(field.parts[field.data[0]])[0]) > 0
+    assert s["file_type"] == file_type
+    table = run_cli("inspect", path).stdout
+    assert f"trained context  {s['context_length']:,} tokens" in table
+    top = s["quant_mix"][0]
+    assert f"{file_type}: {top['type']} {top['share']:.1%}" in table
+
+
+def test_generate_takes_threads_and_gives_the_same_text(test_model):
+    path = test_model()
+    one = run_cli("generate", path, "-n", "8", "--threads", "1")
+    default = run_cli("generate", path, "-n", "8")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.splitlines()[0] == default.stdout.splitlines()[0]  # the text; the speed line differs
+    assert_one_line_error(run_cli("generate", path, "--threads", "-1"), "--threads")
+
+
+def test_verbose_works_after_the_subcommand_too(test_model):
+    path = test_model()
+    quiet = run_cli("generate", path, "-n", "2")
+    assert quiet.returncode == 0 and "llama_model_loader" not in quiet.stderr
+    for args in (("-v", "generate", path, "-n", "2"), ("generate", path, "-n", "2", "-v"),
+                 ("generate", path, "--verbose", "-n", "2")):
+        result = run_cli(*args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "llama_model_loader" in result.stderr, args
+    assert "--verbose" in run_cli("plan", "--help").stdout
+
+
 def test_qwen35moe_attention_layout_and_shared_expert(test_model):
     inv = read_inventory(test_model(arch="qwen35moe", layers=8))
     assert inv.attention_layout() == ["linear", "linear", "linear", "full"] * 2

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from .. import __version__, log
 from ..errors import UserError
 
+
+class _Commands(TyperGroup):
+    """The app's commands, each also taking the app's --verbose/-v after its own name (`rotary-gguf
+    plan M -v`): a copy of the app's option that turns verbose logging on instead of passing a value."""
+
+    def __init__(self, **attrs):
+        super().__init__(**attrs)
+        verbose = next(p for p in self.params if p.name == "verbose")
+        for command in self.commands.values():
+            option = copy.copy(verbose)
+            option.expose_value = False
+            option.callback = lambda ctx, param, value: log.setup(True) if value else None
+            command.params.append(option)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="rotary-gguf",
     help="Run big Mixture-of-Experts GGUF models on a small GPU: experts in host RAM, the rest on the GPU.",
     rich_markup_mode="rich",

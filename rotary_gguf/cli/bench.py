@@ -6,6 +6,8 @@ import json
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.measure import Measurement as RichMeasurement
 from rich.table import Table
 
 from .. import log
@@ -31,8 +33,12 @@ def bench(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure placements side by side (the plan with and without its expert cache, llama.cpp's
-    --cpu-moe and --n-cpu-moe N, all on the accelerator) and recommend one. Needs a GPU or --rpc to compare placements; without one it
-    measures the CPU-only run alone and says so."""
+    --cpu-moe and --n-cpu-moe N, all on the accelerator) and recommend one. Identical placements
+    are measured once, as one row. The table shows where each candidate's experts compute
+    (CPU_REPACK, CPU, RPC0, CUDA0); where greedy outputs differ, the reference's tokens are fed
+    through both and their logits compared: a near tie within the tolerance is a note, more is an
+    error (exit code 1). Warns when runs are too noisy to tell candidates apart. Needs a GPU or
+    --rpc to compare placements; without one it measures the CPU-only run alone and says so."""
     from .. import bench as benching
     from ..plan import DEFAULT_BATCH, Placement
 
@@ -58,37 +64,56 @@ def bench(
             label = "warm-up" if run == 0 else f"run {run}/{runs}"
             log.logger.info("%s: %s: decode %.1f t/s", label, cand.name, m.decode_tps)
 
-    results = benching.run_bench(model, cands, n_ctx=ctx, n_batch=n_batch, prompt_len=prompt_tokens,
-                                 gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress)
+    results, prompt = benching.run_bench(model, cands, n_ctx=ctx, n_batch=n_batch, prompt_len=prompt_tokens,
+                                         gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress)
     best = benching.recommend(results)
-    differ = benching.differing_outputs(results)
+    checks = benching.check_outputs(model, results, prompt, n_ctx=ctx, n_batch=n_batch, n_threads=threads or None)
+    bugs = [c for c in checks if not c.legitimate]
+    notes += [c.describe() for c in checks if c.legitimate]
+    warnings = benching.noise_warnings(results, best, runs)
     if as_json:
         print(json.dumps({"candidates": [r.to_json() for r in results], "recommended": best.candidate.name,
-                          "outputs_identical": not differ, "notes": notes}, indent=2))
+                          "outputs_identical": not checks, "output_checks": [c.to_json() for c in checks],
+                          "warnings": warnings, "notes": notes}, indent=2))
     else:
-        _print_bench(results, runs)
-        base = next((r for r in results if r.candidate.name == benching.BASELINE), None)
+        console = _wide_console(_bench_table(results, runs))
+        piped = not console.is_terminal  # whole lines, for grep
+        base = next((r for r in results if benching.BASELINE in r.candidate.names), None)
         ratio = best.summary("decode_ratio")
         versus = f", {ratio['median']:.2f}x {benching.BASELINE}" if base is not None and ratio else ""
-        out.print(f"[bold green]recommended:[/] {best.candidate.name} ({best.candidate.description}): "
-                  f"decode {best.summary('decode_tps')['median']:.1f} t/s{versus}")
+        console.print(f"[bold green]recommended:[/] {best.candidate.name} ({best.candidate.description}): "
+                      f"decode {best.summary('decode_tps')['median']:.1f} t/s{versus}", soft_wrap=piped)
         for pattern, buft in best.candidate.placement.overrides:
-            out.print(f"override: {pattern} -> {buft}", markup=False)
+            console.print(f"override: {pattern} -> {buft}", markup=False)
+        for warning in warnings:
+            console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=piped)
         for note in notes:
-            out.print(f"[yellow]note:[/] {note}")
-    if differ:
+            console.print(f"[yellow]note:[/] {note}", soft_wrap=piped)
+    if bugs:
         from ..verify import OutputsDiffer
 
-        raise OutputsDiffer(f"BUG: greedy outputs differ from {results[0].candidate.name}'s in: {', '.join(differ)} "
-                            "(a placement must not change the output)")
+        raise OutputsDiffer("BUG: " + "; ".join(c.describe() for c in bugs) + " (a placement must not change the output "
+                            "beyond its kernels' rounding)")
 
 
-def _print_bench(results, runs: int) -> None:
+def _wide_console(table: Table) -> Console:
+    """Print `table` and return the console for the lines after it. On a terminal its cells fold to
+    the window; through a pipe or into a file the console is as wide as the table, so nothing is cut."""
+    console = out
+    if not out.is_terminal:
+        width = RichMeasurement.get(out, out.options.update_width(10_000), table).maximum
+        console = Console(highlight=False, width=max(width, out.width))
+    console.print(table)
+    return console
+
+
+def _bench_table(results, runs: int) -> Table:
     table = Table(title=f"median over {runs} run(s), ± spread (max - min) as a share of it", title_justify="left",
                   box=None, pad_edge=False)
-    columns = ("candidate", "mode", "prompt t/s", "decode t/s", "vs --cpu-moe", "TTFT ms", "cache hits", "peak accel", "peak RSS")
+    columns = ("candidate", "mode", "experts on", "prompt t/s", "decode t/s", "vs --cpu-moe", "TTFT ms", "cache hits",
+               "peak accel", "peak RSS")
     for col in columns:
-        table.add_column(col, justify="left" if col in ("candidate", "mode") else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col in ("candidate", "mode", "experts on") else "right", overflow="fold")
 
     def cell(result, figure: str, fmt, spread: bool = True) -> str:
         s = result.summary(figure)
@@ -99,7 +124,7 @@ def _print_bench(results, runs: int) -> None:
 
     for r in results:
         table.add_row(
-            r.candidate.name, r.candidate.mode,
+            r.candidate.name, r.candidate.mode, r.kernel_path,
             cell(r, "prompt_tps", lambda v: f"{v:.1f}"),
             cell(r, "decode_tps", lambda v: f"{v:.1f}"),
             cell(r, "decode_ratio", lambda v: f"{v:.2f}x"),
@@ -108,4 +133,4 @@ def _print_bench(results, runs: int) -> None:
             cell(r, "peak_accelerator_bytes", human_bytes, spread=False),
             cell(r, "peak_rss_bytes", human_bytes, spread=False),
         )
-    out.print(table)
+    return table

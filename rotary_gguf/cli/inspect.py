@@ -12,7 +12,8 @@ from .app import JsonOpt, OptionalModelArg, app, out
 
 @app.command()
 def inspect(model: OptionalModelArg = None, as_json: JsonOpt = False) -> None:
-    """Show a GGUF model's architecture, experts and where its bytes are (reads only the header)."""
+    """Show a GGUF model's architecture, trained context, quantization (general.file_type and each
+    tensor type's share of the bytes), experts and where its bytes are (reads only the header)."""
     from ..catalog import match
     from ..demo import resolve_model
     from ..inventory import read_inventory
@@ -36,6 +37,9 @@ def inspect_summary(inv, catalog_matches: list[str]) -> dict:
         "n_expert": inv.n_expert,
         "n_expert_used": inv.n_expert_used,
         "n_embd": inv.n_embd,
+        "context_length": trained_context(inv),
+        "file_type": file_type_name(inv.metadata.get("general.file_type")),
+        "quant_mix": quant_mix(inv),
         "n_ff_exp": inv.n_ff_exp,
         "n_ff_shexp": inv.n_ff_shexp,
         "shared_expert": inv.has_shared_expert,
@@ -63,6 +67,37 @@ def inspect_summary(inv, catalog_matches: list[str]) -> dict:
     return summary
 
 
+def trained_context(inv) -> int | None:
+    """`<arch>.context_length`, where the file states it as a positive integer."""
+    from ..arch import hparam
+
+    value = inv.metadata.get(hparam(inv.arch, "context_length"))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def file_type_name(value) -> str | None:
+    """general.file_type (llama.cpp's llama_ftype) by name, e.g. "Q4_K_M"; None where it is missing."""
+    import gguf
+
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    try:
+        name = gguf.LlamaFileType(value & ~gguf.LlamaFileType.GUESSED).name
+    except ValueError:
+        return f"unknown ({value})"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def quant_mix(inv) -> list[dict]:
+    """Bytes of each tensor type and their share of all tensor bytes, largest first."""
+    by_type: dict[str, int] = {}
+    for t in inv.tensors:
+        by_type[t.type_name] = by_type.get(t.type_name, 0) + t.nbytes
+    total = sum(by_type.values()) or 1
+    return [{"type": name, "bytes": n, "share": n / total}
+            for name, n in sorted(by_type.items(), key=lambda item: -item[1])]
+
+
 def _print_inspect(s: dict) -> None:
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
@@ -70,6 +105,9 @@ def _print_inspect(s: dict) -> None:
     head.add_row("file", s["file"])
     head.add_row("architecture", s["arch"] + (f"  (matches {', '.join(s['catalog'])})" if s["catalog"] else ""))
     head.add_row("blocks", str(s["n_layer"]))
+    head.add_row("trained context", f"{s['context_length']:,} tokens" if s["context_length"] else "not stated")
+    mix = ", ".join(f"{q['type']} {q['share']:.1%}" for q in s["quant_mix"])
+    head.add_row("quantization", (f"{s['file_type']}: " if s["file_type"] else "") + mix + " of the tensor bytes")
     if s["n_expert"]:
         head.add_row("experts", f"{s['n_expert']} routed, {s['n_expert_used']} used per token")
         head.add_row("expert FFN", str(s["n_ff_exp"]) + (f", shared expert FFN {s['n_ff_shexp']}" if s["shared_expert"] else ""))

@@ -19,12 +19,13 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "Once upon a time",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="How many tokens to generate.")] = 32,
     ctx: Annotated[int, typer.Option(min=16, help="Context length.")] = 2048,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Greedily continue a prompt and print the text with prompt and decode speed."""
     from ..demo import resolve_model
     from ..engine import Engine
 
-    with Engine.load(resolve_model(model), n_ctx=ctx) as engine:
+    with Engine.load(resolve_model(model), n_ctx=ctx, n_threads=threads or None) as engine:
         out.print(f"[bold]{prompt}[/]", end="")
         stats = None
         for event in engine.generate(engine.tokenize(prompt), max_tokens=tokens):
