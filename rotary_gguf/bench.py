@@ -20,7 +20,9 @@ from .engine import Engine
 from .errors import UserError
 from .experts.cache import ExpertCache
 from .inventory import read_inventory
+from .decode_cost import field_hit_rate
 from .plan import HOST_BUFFER_TYPE, Placement, Plan, make_plan
+from .speed_model import DeviceSpeeds, Layout, Prediction, Weights, predict
 from .verify import LOGIT_RTOL, logit_trace, max_logit_difference
 
 BASELINE = "--cpu-moe"
@@ -47,6 +49,7 @@ class Candidate:
     expert_cache_slots: int | None = None  # the rotary expert cache's slots per host block, if any
     split: bool = False  # the cache's misses computed by the CPU meanwhile (else uploaded first)
     upload_budget: int | None = None  # split: bytes admitted into slots between decode calls
+    layout: Layout = Layout(accelerator=False)  # where its experts run, as the speed model sees it
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -80,6 +83,7 @@ class Result:
     runs: list[Measurement] = field(default_factory=list)
     decode_ratios: list[float] = field(default_factory=list)  # per run, against the baseline's same run
     expert_buffers: dict[str, str] = field(default_factory=dict)  # expert tensor -> where it computes
+    prediction: Prediction | None = None  # the speed model's, from this machine's calibration
 
     @property
     def kernel_path(self) -> str:
@@ -99,6 +103,13 @@ class Result:
             return None
         return {"median": statistics.median(values), "spread": max(values) - min(values), "runs": values}
 
+    def prediction_error(self, figure: str) -> float | None:
+        """Measured median over predicted, minus one (+0.1: 10% faster than predicted)."""
+        measured = self.summary(figure)
+        if self.prediction is None or measured is None:
+            return None
+        return measured["median"] / getattr(self.prediction, figure) - 1.0
+
     def to_json(self) -> dict:
         c = self.candidate
         return {
@@ -111,6 +122,8 @@ class Result:
             "devices": list(c.placement.devices),
             "overrides": [list(o) for o in c.placement.overrides],
             "figures": {f: self.summary(f) for f in (*self.FIGURES, "decode_ratio")},
+            "predicted": self.prediction.to_json() if self.prediction else None,
+            "decode_prediction_error": self.prediction_error("decode_tps"),
             "output_tokens": self.runs[0].tokens if self.runs else [],
         }
 
@@ -127,19 +140,24 @@ def plan_candidates(p: Plan) -> list[Candidate]:
     first (when a token's experts fit them), the policy for fast links."""
     blocks = f"{len(p.resident)} of {len(p.resident) + len(p.host_layers)} expert blocks resident"
     cache = p.expert_cache
+    host = tuple(p.host_layers)
     if cache is None:
-        return [Candidate(f"plan {p.mode}", p.placement, p.mode, blocks)]
+        return [Candidate(f"plan {p.mode}", p.placement, p.mode, blocks, layout=Layout(host))]
+    rates = {i: p.hit_rates.rate(i, cache.slots, p.model.n_expert) if p.hit_rates else field_hit_rate(cache.slots, p.model.n_expert)
+             for i in host}
+    uploading = Layout(host, slots=cache.slots, hit_rates=rates, misses="upload")
     if not cache.split:
         return [Candidate(f"plan {p.mode}+cache {cache.slots}", p.placement, p.mode,
                           f"{blocks}, {cache.slots} expert cache slots per host block, misses uploaded first",
-                          expert_cache_slots=cache.slots)]
+                          expert_cache_slots=cache.slots, layout=uploading)]
     out = [Candidate(f"plan {p.mode}+split {cache.slots}", p.placement, p.mode,
                      f"{blocks}, {cache.slots} slots per host block, misses computed on the CPU meanwhile",
-                     expert_cache_slots=cache.slots, split=True, upload_budget=cache.upload_budget)]
+                     expert_cache_slots=cache.slots, split=True, upload_budget=cache.upload_budget,
+                     layout=Layout(host, slots=cache.slots, hit_rates=rates))]
     if cache.slots >= p.model.n_expert_used:
         out.append(Candidate(f"plan {p.mode}+cache {cache.slots}", p.placement, p.mode,
                              f"{blocks}, the same {cache.slots} slots uploading every miss first",
-                             expert_cache_slots=cache.slots))
+                             expert_cache_slots=cache.slots, layout=uploading))
     return out
 
 
@@ -158,17 +176,26 @@ def candidates(plans: Sequence[Plan]) -> list[Candidate]:
         overrides = ((names.expert_pattern(layers), HOST_BUFFER_TYPE),) if layers != [] else ()
         return Placement(devices=(device,), overrides=overrides, n_gpu_layers=-1, repack=repack)
 
-    out.append(Candidate(BASELINE, host_experts(None), "cpu", "llama.cpp --cpu-moe: every expert in host memory"))
     layers = [i for i in range(model.n_layer) if model.expert_bytes(i)]
+    out.append(Candidate(BASELINE, host_experts(None), "cpu", "llama.cpp --cpu-moe: every expert in host memory",
+                         layout=Layout(tuple(layers))))
     resident_bytes = sum(model.expert_bytes(i) for i in base.resident)
     n = next(k for k in range(len(layers) + 1) if sum(model.expert_bytes(i) for i in layers[k:]) <= resident_bytes)
     if n > 0:  # --n-cpu-moe 0 is the all-accelerator candidate below
         out.append(Candidate(f"--n-cpu-moe {n}", host_experts(layers[:n]), "cpu",
-                             f"llama.cpp --n-cpu-moe {n}: the first {n} blocks' experts in host memory"))
+                             f"llama.cpp --n-cpu-moe {n}: the first {n} blocks' experts in host memory",
+                             layout=Layout(tuple(layers[:n]))))
     if not base.host_layers:
         out.append(Candidate("all-accel", Placement(devices=(device,), n_gpu_layers=-1, repack=repack),
-                             "accelerator", "every layer on the accelerator, no overrides"))
+                             "accelerator", "every layer on the accelerator, no overrides", layout=Layout()))
     return merged(out)
+
+
+def add_predictions(results: Sequence[Result], inv, cpu: DeviceSpeeds, accelerator: DeviceSpeeds | None) -> None:
+    """The speed model's prompt and decode t/s for every candidate, beside what was measured."""
+    weights = Weights.from_inventory(inv)
+    for r in results:
+        r.prediction = predict(weights, r.candidate.layout, cpu, accelerator)
 
 
 def merged(cands: Sequence[Candidate]) -> list[Candidate]:

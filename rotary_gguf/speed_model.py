@@ -80,6 +80,14 @@ class Weights:
                 other[type_name] = other.get(type_name, 0) + nbytes
         return cls(other, expert, n_expert, n_expert_used, n_vocab, estimated_nodes(attention))
 
+    @classmethod
+    def from_inventory(cls, inv) -> "Weights":
+        """From a model's header (`inventory.Inventory`)."""
+        n_run = inv.n_layer - inv.hparam("nextn_predict_layers")
+        embd = inv.by_name.get("token_embd.weight")
+        return cls.from_tensors([(t.name, t.type_name, t.nbytes) for t in inv.tensors], inv.n_expert, inv.n_expert_used,
+                                inv.attention_layout()[:n_run], embd.shape[1] if embd else 0)
+
     def used_seconds(self, layer: int, device: DeviceSpeeds, phase: str, share: float = 1.0) -> float:
         """Seconds `device` spends on `share` of the experts a token selects in `layer`."""
         per_expert = self.expert.get(layer, {})
@@ -108,6 +116,7 @@ class Layout:
     accelerator: bool = True
     slots: int = 0
     hit_rates: dict[int, float] = field(default_factory=dict)
+    misses: str = "split"  # a cache miss: computed by the CPU meanwhile ("split") or uploaded first ("upload")
     streams_prompt: bool = False  # the accelerator runs host experts itself at prompt batches (CUDA)
 
 
@@ -145,6 +154,11 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
         return parts
     for i in layout.host:
         hit = layout.hit_rates.get(i, 0.0) if layout.slots else 0.0
+        if layout.slots and layout.misses == "upload":  # the missed experts cross the link, then all run on the accelerator
+            missed = (1.0 - hit) * weights.n_expert_used * sum(weights.expert.get(i, {}).values())
+            upload = main.upload_pinned or main.upload_pageable or 1e9
+            parts["host experts"] += missed / (upload * batch) + weights.used_seconds(i, main, phase)
+            continue
         on_cpu = weights.used_seconds(i, cpu, phase, 1.0 - hit)
         parts["host experts"] += max(on_cpu, weights.used_seconds(i, main, phase, hit))
     split = main.graph_seconds + cpu.graph_seconds + 2 * main.copy_seconds

@@ -52,12 +52,16 @@ def test_json_has_every_candidate_and_figure_and_one_output(test_model, rpc_endp
     outputs = {n: c["output_tokens"] for n, c in by_name.items()}
     assert len(outputs[plan]) == 8 and all(o == outputs[plan] for o in outputs.values())
     assert doc["outputs_identical"] is True and doc["output_checks"] == [] and doc["recommended"] in by_name
+    # the speed model's prediction beside every measurement: host experts cost the baseline decode speed
+    predicted = {n: c["predicted"]["decode_tps"] for n, c in by_name.items()}
+    assert all(c["predicted"]["prompt_tps"] > 0 and c["decode_prediction_error"] is not None for c in by_name.values())
+    assert predicted[BASELINE] < predicted[plan]
 
 
 def test_table_shows_every_candidate_figure_and_a_recommendation(test_model, rpc_endpoint):
     result = run_cli("bench", test_model(), "--rpc", rpc_endpoint, *QUICK, env={"COLUMNS": "160"})
     assert result.returncode == 0, result.stderr
-    for text in ("experts on", "prompt t/s", "decode t/s", "vs --cpu-moe", "TTFT ms", "peak accel", "peak RSS",
+    for text in ("experts on", "prompt t/s", "decode t/s", "predicted", "vs --cpu-moe", "TTFT ms", "peak accel", "peak RSS",
                  "plan cpu = all-accel", BASELINE, "recommended:"):
         assert text in result.stdout, text
     assert "error" not in result.stderr

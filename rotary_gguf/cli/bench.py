@@ -66,6 +66,7 @@ def bench(
 
     results, prompt = benching.run_bench(model, cands, n_ctx=ctx, n_batch=n_batch, prompt_len=prompt_tokens,
                                          gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress)
+    _predict(model, results, cpu_plan, threads)
     best = benching.recommend(results)
     checks = benching.check_outputs(model, results, prompt, n_ctx=ctx, n_batch=n_batch, n_threads=threads or None)
     bugs = [c for c in checks if not c.legitimate]
@@ -96,6 +97,22 @@ def bench(
                             "beyond its kernels' rounding)")
 
 
+def _predict(model, results, the_plan, threads: int) -> None:
+    """Calibrate this machine (seconds, the first time; kept in the cache folder) and add the speed
+    model's predictions to `results`."""
+    from .. import bench as benching
+    from ..calibration import calibrate
+    from ..engine import default_threads
+    from ..inventory import read_inventory
+
+    inv = read_inventory(model)
+    types = {t.type_name: t.ggml_type for t in inv.tensors}
+    accelerator = the_plan.accelerator.name if the_plan is not None else None
+    cal = calibrate(types, inv.n_embd, threads or default_threads(), accelerator,
+                    on_step=lambda step: log.logger.info("calibrating: %s", step))
+    benching.add_predictions(results, inv, cal.cpu, cal.accelerator)
+
+
 def _wide_console(table: Table) -> Console:
     """Print `table` and return the console for the lines after it. On a terminal its cells fold to
     the window; through a pipe or into a file the console is as wide as the table, so nothing is cut."""
@@ -107,11 +124,20 @@ def _wide_console(table: Table) -> Console:
     return console
 
 
+def _predicted_cell(r) -> str:
+    """The speed model's prompt / decode t/s, and how far the measured decode is from it."""
+    if r.prediction is None:
+        return "-"
+    error = r.prediction_error("decode_tps")
+    return f"{r.prediction.prompt_tps:.0f} / {r.prediction.decode_tps:.1f}" + (f" ({error:+.0%})" if error is not None else "")
+
+
 def _bench_table(results, runs: int) -> Table:
-    table = Table(title=f"median over {runs} run(s), ± spread (max - min) as a share of it", title_justify="left",
+    table = Table(title=f"median over {runs} run(s), ± spread (max - min) as a share of it; predicted: prompt / decode "
+                  "t/s from this machine's calibration (measured decode's difference from it)", title_justify="left",
                   box=None, pad_edge=False)
-    columns = ("candidate", "mode", "experts on", "prompt t/s", "decode t/s", "vs --cpu-moe", "TTFT ms", "cache hits",
-               "peak accel", "peak RSS")
+    columns = ("candidate", "mode", "experts on", "prompt t/s", "decode t/s", "predicted", "vs --cpu-moe", "TTFT ms",
+               "cache hits", "peak accel", "peak RSS")
     for col in columns:
         table.add_column(col, justify="left" if col in ("candidate", "mode", "experts on") else "right", overflow="fold")
 
@@ -127,6 +153,7 @@ def _bench_table(results, runs: int) -> Table:
             r.candidate.name, r.candidate.mode, r.kernel_path,
             cell(r, "prompt_tps", lambda v: f"{v:.1f}"),
             cell(r, "decode_tps", lambda v: f"{v:.1f}"),
+            _predicted_cell(r),
             cell(r, "decode_ratio", lambda v: f"{v:.2f}x"),
             cell(r, "ttft_seconds", lambda v: f"{v * 1e3:.1f}"),
             cell(r, "cache_hit_rate", lambda v: f"{v:.1%}", spread=False),
