@@ -25,7 +25,7 @@ from .units import human_bytes
 DEFAULT_QUANT = "Q4_K_M"  # what OWNER/REPO means without :QUANT, and a catalog entry without default_quant
 DEFAULT_REVISION = "main"
 HF_PREFIX = "hf:"
-FIRST_HEADER_READ = 1 << 20  # the first ranged read; each further one doubles what is held
+FIRST_HEADER_READ = 1 << 18  # the first ranged read; each further one doubles what is held
 MAX_HEADER_BYTES = 1 << 28  # a GGUF header (metadata + tensor index) larger than this is refused
 _SPLIT_PART = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 _QUANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -99,13 +99,13 @@ def parse_name(text: str) -> HubModel:
 
 
 def _pick_quant(quant: str, names: list[str]) -> str | None:
-    """The repository file for `quant`: a .gguf whose name ends in -QUANT (or .QUANT, _QUANT), the
+    """The repository file for `quant`: a .gguf whose name ends in -QUANT (or .QUANT), the
     shortest if several (Q4_K_M before UD-Q4_K_M); vision projectors (mmproj-*) never count."""
     tail = f"{quant}.gguf".lower()
     hits = [
         n for n in names
         if (base := n.rsplit("/", 1)[-1].lower()).endswith(tail) and not base.startswith("mmproj")
-        and (base == tail or base[-len(tail) - 1] in "-._")
+        and (base == tail or base[-len(tail) - 1] in "-.")
     ]
     return min(hits, key=lambda n: (len(n.rsplit("/", 1)[-1]), n)) if hits else None
 
@@ -202,8 +202,11 @@ def cached_file(model: HubModel) -> Path | None:
     if not snapshot.is_dir():
         return None
     names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*.gguf")]
-    filename = model.filename if model.filename in names else _pick_quant(model.quant, names) if model.quant else None
-    if filename is None or model.filename not in (None, filename):
+    if model.filename:
+        filename = model.filename if model.filename in names else None
+    else:
+        filename = _pick_quant(model.quant, names)
+    if filename is None:
         return None
     path = snapshot / filename
     return path if path.is_file() and _verified_mark(path.resolve()).exists() else None
@@ -244,7 +247,7 @@ def pull(model: HubModel, say: Callable[[str], None] = lambda _: None) -> Path:
     storage = _storage(remote.repo)
     if not (storage / "blobs" / (remote.sha256 or remote.git_sha1 or "-")).exists():
         _check_free_space(remote, storage)
-    say(f"{remote.source} ({human_bytes(remote.size)}) -> {storage}")
+    say(f"downloading {remote.source} ({human_bytes(remote.size)}) into {storage}")
     with hub_errors(model.name):
         path = Path(hf_hub_download(remote.repo, remote.filename, revision=model.revision))
     blob = path.resolve()

@@ -28,5 +28,5 @@ def pull(
     the Hub's and its GGUF header. Nothing to do when the model is already there."""
     from ..hub import parse_name, pull as pull_model
 
-    path = pull_model(parse_name(name), say=lambda line: log.stderr.print(line, style="dim", markup=False))
+    path = pull_model(parse_name(name), say=lambda line: log.stderr.print(line, style="dim", markup=False, soft_wrap=True))
     print(path)
