@@ -24,6 +24,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "tests/Tiny-MoE-GGUF"
 FILE = "Tiny-MoE-F32.gguf"
 PADDED = "Tiny-MoE-PAD.gguf"  # the same model with a header of several hundred KB
+GATED: dict = {}  # a repository whose terms were not accepted
 
 
 @dataclass
@@ -75,6 +76,8 @@ def _handler(hub: Hub):
             info = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
             resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
             repo = hub.repos.get((info or resolve).group(1)) if (info or resolve) else None
+            if repo is GATED:
+                return self._error(401, "GatedRepo")
             if repo is None:
                 return self._error(404, "RepoNotFound")
             if info:
@@ -147,6 +150,7 @@ def hub(test_model, tmp_path):
                                                   listed_sha256=hashlib.sha256(model).hexdigest())},
         "tests/Huge-GGUF": {"Huge-Q8_0.gguf": Served(model, listed_size=2 * free + (1 << 40))},
         "tests/Split-GGUF": {"Split-Q8_0-00001-of-00002.gguf": Served(model)},
+        "tests/Gated-GGUF": GATED,
     })
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -220,8 +224,12 @@ def test_a_corrupted_download_is_refused_and_not_kept(hub, env, tmp_path):
     (f"{REPO}:Q2_K", ["has no Q2_K GGUF", FILE]),
     ("tests/Split-GGUF:Q8_0", ["split files"]),
     ("tests/Huge-GGUF:Q8_0", ["Huge-Q8_0.gguf is", "free", "HF_HUB_CACHE"]),
+    ("tests/Gated-GGUF:Q8_0", ["gated", "HF_TOKEN"]),
+    ("offline", ["not downloaded", "HF_HUB_OFFLINE"]),
 ])
 def test_refusals_are_one_line(hub, env, name, fragments):
+    if name == "offline":
+        name, env = "Tiny-MoE", {**env, "HF_HUB_OFFLINE": "1"}
     assert_one_line_error(pull(env, name), *fragments)
     assert not [r for r in hub.requests if r["method"] == "GET" and "/resolve/" in r["path"]]  # nothing downloaded
 
