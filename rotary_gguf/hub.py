@@ -65,6 +65,18 @@ def rotary_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rotary-gguf"
 
 
+def _write_cached(target: Path, content: bytes) -> None:
+    """Write a file of our own cache whole (a temporary file renamed into place)."""
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(content)
+        tmp.replace(target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {target} ({e.strerror or e}): set XDG_CACHE_HOME to a writable folder") from None
+
+
 def parse_name(text: str) -> HubModel:
     """NAME[:QUANT] from the catalog, OWNER/REPO[:QUANT] or hf:OWNER/REPO/PATH.gguf; a UserError that
     lists the known names for anything else."""
@@ -259,9 +271,7 @@ def pull(model: HubModel, say: Callable[[str], None] = lambda _: None) -> Path:
         raise UserError(f"{remote.source}: the download hashes to {actual[:16]}..., not the {expected[:16]}... the Hub "
                         "lists: removed it; pull again (if it persists, the mirror or proxy alters files)")
     read_inventory(path)
-    mark = _verified_mark(blob)
-    mark.parent.mkdir(parents=True, exist_ok=True)
-    mark.write_text(f"{remote.source}@{remote.commit}\n")
+    _write_cached(_verified_mark(blob), f"{remote.source}@{remote.commit}\n".encode())
     return path
 
 
@@ -295,9 +305,9 @@ def remote_inventory(model: HubModel) -> Inventory:
     key = hashlib.sha256(named.encode()).hexdigest()[:24]
     folder = rotary_cache_dir() / "headers"
     listing, header = folder / f"{key}.json", folder / f"{key}.gguf-header"
-    if listing.is_file() and header.is_file():
+    try:
         remote, data = HubFile(**json.loads(listing.read_text())), header.read_bytes()
-    else:
+    except (OSError, ValueError, TypeError):  # not cached yet (or a damaged cache entry): ask the Hub
         remote, data = remote_file(model), b""
     fetched = len(data)
     while True:
@@ -312,9 +322,6 @@ def remote_inventory(model: HubModel) -> Inventory:
         end = min(remote.size, MAX_HEADER_BYTES, max(FIRST_HEADER_READ, 2 * len(data)))
         data += _fetch_range(remote, len(data), end)
     if len(data) != fetched:
-        folder.mkdir(parents=True, exist_ok=True)
-        for target, content in ((header, data), (listing, json.dumps(asdict(remote)).encode())):
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(content)
-            tmp.replace(target)
+        _write_cached(header, data)
+        _write_cached(listing, json.dumps(asdict(remote)).encode())
     return inv
