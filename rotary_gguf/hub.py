@@ -21,6 +21,7 @@ from .catalog import load_catalog
 from .errors import UserError
 from .inventory import HeaderIncomplete, Inventory, read_header, read_inventory
 from .units import human_bytes
+from .user_cache import cache_dir
 
 DEFAULT_QUANT = "Q4_K_M"  # what OWNER/REPO means without :QUANT, and a catalog entry without default_quant
 DEFAULT_REVISION = "main"
@@ -58,11 +59,6 @@ class HubFile:
     @property
     def source(self) -> str:
         return f"{self.repo}/{self.filename}"
-
-
-def rotary_cache_dir() -> Path:
-    """rotary-gguf's own cache folder (GGUF headers read from the Hub, checksums verified)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rotary-gguf"
 
 
 def _write_cached(target: Path, content: bytes) -> None:
@@ -202,7 +198,7 @@ def _storage(repo: str) -> Path:
 
 def _verified_mark(blob: Path) -> Path:
     # blobs are named by their checksum, so the mark is too
-    return rotary_cache_dir() / "verified" / blob.name
+    return cache_dir() / "verified" / blob.name
 
 
 def cached_file(model: HubModel) -> Path | None:
@@ -303,7 +299,7 @@ def remote_inventory(model: HubModel) -> Inventory:
     makes no request."""
     named = json.dumps([model.repo, model.filename, model.quant, model.revision])
     key = hashlib.sha256(named.encode()).hexdigest()[:24]
-    folder = rotary_cache_dir() / "headers"
+    folder = cache_dir() / "headers"
     listing, header = folder / f"{key}.json", folder / f"{key}.gguf-header"
     try:
         remote, data = HubFile(**json.loads(listing.read_text())), header.read_bytes()
