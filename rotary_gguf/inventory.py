@@ -221,13 +221,37 @@ def read_inventory(path: str | os.PathLike) -> Inventory:
     return inv
 
 
+class HeaderIncomplete(Exception):
+    """`read_header` was given fewer bytes than the header takes: read more of the file."""
+
+
+def read_header(data: bytes, file_bytes: int, source: str) -> Inventory:
+    """`read_inventory` for the first bytes of a GGUF file of `file_bytes` bytes that is not here
+    (a download not made yet): the same checks, with the tensor data checked against `file_bytes`.
+    HeaderIncomplete when `data` ends before the header and tensor index do."""
+    if len(data) < 4:
+        raise HeaderIncomplete
+    try:
+        inv = _parse(Path(source), data, file_bytes, available=len(data))
+        check_inventory(inv)
+    except CorruptGGUF as e:
+        raise UserError(f"{source}: corrupt GGUF: {e}") from None
+    return inv
+
+
 class _Cursor:
     """Sequential reader over the memory map; every length is checked against the bytes left, so
     no count in the file can make it allocate or loop beyond the file's size."""
 
-    def __init__(self, buf: mmap.mmap, size: int):
+    def __init__(self, buf: mmap.mmap | bytes, size: int, available: int | None = None):
         self.buf, self.size, self.pos = buf, size, 0
+        # bytes of the file in `buf`: all of it, or its start when only the header was fetched
+        self.available = size if available is None else available
         self.where = "header"  # the field being read, for error messages
+
+    def need(self, n: int) -> None:
+        if self.pos + n > self.available:
+            raise HeaderIncomplete
 
     def fail(self, problem: str) -> NoReturn:
         raise CorruptGGUF(f"{self.where}: {problem}")
@@ -240,6 +264,7 @@ class _Cursor:
         n = struct.calcsize(fmt)
         if n > self.left:
             self.fail("truncated (ends past the end of the file)")
+        self.need(n)
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += n
         return value
@@ -248,6 +273,7 @@ class _Cursor:
         n = self.take("<Q")
         if n > self.left:
             self.fail(f"a string of {n} bytes runs past the end of the file")
+        self.need(n)
         try:
             s = self.buf[self.pos : self.pos + n].decode("utf-8")
         except UnicodeDecodeError:
@@ -273,6 +299,7 @@ class _Cursor:
         if count > self.left // item_bytes:
             self.fail(f"an array of {count} items runs past the end of the file")
         if item_type in _SCALAR:
+            self.need(item_bytes * count)
             if count > _MAX_KEPT_ARRAY:
                 self.pos += item_bytes * count
                 return ArrayInfo(item_type, count)
@@ -289,15 +316,19 @@ class _Cursor:
     def skip_strings(self, count: int, unique: bool, rewind: bool = False) -> None:
         """Step over `count` strings (a tight loop: vocabularies hold 250k); with `unique`, fail on
         a repeated one, counting an empty string as llama.cpp does ("[EMPTY_<i>]")."""
-        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        buf, pos, size, available, unpack = self.buf, self.pos, self.size, self.available, _U64.unpack_from
         seen: set[bytes] = set()
         for i in range(count):
             if pos + 8 > size:
                 self.fail(f"item {i} is truncated (ends past the end of the file)")
+            if pos + 8 > available:
+                raise HeaderIncomplete
             (n,) = unpack(buf, pos)
             pos += 8
             if n > size - pos:
                 self.fail(f"item {i}: a string of {n} bytes runs past the end of the file")
+            if pos + n > available:
+                raise HeaderIncomplete
             if unique:
                 text = buf[pos : pos + n] or f"[EMPTY_{i}]".encode()
                 if text in seen:
@@ -308,8 +339,8 @@ class _Cursor:
             self.pos = pos
 
 
-def _parse(path: Path, mm: mmap.mmap, size: int) -> Inventory:
-    cur = _Cursor(mm, size)
+def _parse(path: Path, mm: mmap.mmap | bytes, size: int, available: int | None = None) -> Inventory:
+    cur = _Cursor(mm, size, available)
     if mm[:4] != GGUF_MAGIC:
         raise UserError(f"{path}: not a GGUF file (bad magic bytes)")
     cur.pos = 4

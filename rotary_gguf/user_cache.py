@@ -1,4 +1,4 @@
-"""The user's cache folder for rotary-gguf: compiled native code, calibrations."""
+"""The user's cache folder for rotary-gguf: compiled native code, calibrations, GGUF headers read from the Hub."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import typer
 
 from .. import log
 from ..errors import UserError
-from . import inspect, plan, run, bench, files, machine  # noqa: F401  (registers the commands)
+from . import pull, inspect, plan, run, bench, files, machine  # noqa: F401  (registers the commands)
 from .app import app
 from .inspect import inspect_summary
 from .placement import plan_for, plan_or_cpu

@@ -11,6 +11,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from .. import __version__, log
+from ..demo import model_source, resolve_model
 from ..errors import UserError
 
 
@@ -39,9 +40,22 @@ app = typer.Typer(
 )
 out = Console(highlight=False)
 
-ModelArg = Annotated[Path, typer.Argument(help="A GGUF model file.", show_default=False)]
+_MODEL = ("A GGUF file, or a model by name: NAME[:QUANT] from the catalog (models.toml), OWNER/REPO[:QUANT] or "
+          "hf:OWNER/REPO/FILE.gguf on Hugging Face")
+ModelArg = Annotated[Path, typer.Argument(parser=resolve_model, help=f"{_MODEL}, downloaded with `pull` first.",
+                                          show_default=False)]
 OptionalModelArg = Annotated[
-    Optional[Path], typer.Argument(help="A GGUF model file (default: the built-in demo model).", show_default=False)
+    Optional[Path],
+    typer.Argument(parser=resolve_model, help=f"{_MODEL}, downloaded with `pull` first (default: the built-in demo "
+                   "model).", show_default=False),
+]
+# plan and inspect need only the header: a name not pulled yet is read from the Hub (its header alone)
+ModelSourceArg = Annotated[Path, typer.Argument(parser=model_source, help=f"{_MODEL}; one not pulled yet is read "
+                                                "from the Hub, its header alone.", show_default=False)]
+OptionalModelSourceArg = Annotated[
+    Optional[Path],
+    typer.Argument(parser=model_source, help=f"{_MODEL}; one not pulled yet is read from the Hub, its header alone "
+                   "(default: the built-in demo model).", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 RpcOpt = Annotated[

@@ -7,18 +7,17 @@ import json
 from rich.table import Table
 
 from ..units import human_bytes
-from .app import JsonOpt, OptionalModelArg, app, out
+from .app import JsonOpt, OptionalModelSourceArg, app, out
 
 
 @app.command()
-def inspect(model: OptionalModelArg = None, as_json: JsonOpt = False) -> None:
+def inspect(model: OptionalModelSourceArg = None, as_json: JsonOpt = False) -> None:
     """Show a GGUF model's architecture, trained context, quantization (general.file_type and each
     tensor type's share of the bytes), experts and where its bytes are (reads only the header)."""
     from ..catalog import match
-    from ..demo import resolve_model
-    from ..inventory import read_inventory
+    from ..demo import model_inventory, model_source
 
-    inv = read_inventory(resolve_model(model))
+    inv = model_inventory(model_source(model))
     summary = inspect_summary(inv, match(inv))
     if as_json:
         print(json.dumps(summary, indent=2))

@@ -19,14 +19,14 @@ def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: 
     import os
 
     from .. import native
-    from ..inventory import read_inventory
+    from ..demo import model_inventory
     from ..plan import HOST_MODES, ROTARY_OFFLOAD_MIN_BATCH, Accelerator, ModelFigures, choose_mode, make_plan
     from ..units import parse_size
 
     if mode not in (*HOST_MODES, "auto"):
         raise UserError(f"unknown --mode {mode!r}: use auto, cpu or rotary")
     misses_setting(cache_misses)
-    inv = read_inventory(model)
+    inv = model_inventory(model)  # a name not pulled yet: its header, read from the Hub
     figures = ModelFigures.from_inventory(inv)
     hit_rates = None
     if routing_profile is not None:

@@ -11,13 +11,13 @@ from rich.table import Table
 
 from ..errors import UserError
 from ..units import human_bytes
-from .app import CacheOpt, JsonOpt, MissesOpt, ModeOpt, ModelArg, ProfileOpt, RpcOpt, app, cache_setting, out
+from .app import CacheOpt, JsonOpt, MissesOpt, ModeOpt, ModelSourceArg, ProfileOpt, RpcOpt, app, cache_setting, out
 from .placement import plan_for
 
 
 @app.command()
 def plan(
-    model: ModelArg,
+    model: ModelSourceArg,
     vram: Annotated[
         Optional[str],
         typer.Option(help="Accelerator memory to fill, e.g. 8GiB (default: what the GPU reports free).", show_default=False),
@@ -54,8 +54,10 @@ def _check_plan(model: Path, the_plan) -> list[tuple[str, str, int, int]]:
     each buffer kind."""
     from ..engine import Engine
     from ..experts.cache import ExpertCache
+    from ..demo import resolve_model
     from ..inventory import read_inventory
 
+    model = resolve_model(model)  # a name must be pulled before it is loaded
     if not the_plan.accelerator.present:
         raise UserError(f"--check loads the model, and {the_plan.accelerator.name} is not on this machine")
     cache = ExpertCache.for_plan(the_plan, read_inventory(model))
