@@ -188,9 +188,11 @@ def run_bench(
     runs: int,
     n_threads: int | None = None,
     on_run: Callable[[int, Candidate, Measurement], None] | None = None,
+    load_options: dict | None = None,
 ) -> list[Result]:
     """Run 0 warms every candidate up (not counted); runs 1..`runs` are timed. Each run loads
-    every candidate in turn and closes it before the next (an RPC server serves one client)."""
+    every candidate in turn and closes it before the next (an RPC server serves one client).
+    `load_options` are more Engine.load arguments, the same for every candidate (n_ubatch, kv_type, ...)."""
     if prompt_len + gen_tokens > n_ctx:
         raise UserError(f"--prompt-tokens {prompt_len} plus --gen-tokens {gen_tokens} do not fit --ctx {n_ctx}")
     results = [Result(c) for c in cands]
@@ -204,7 +206,7 @@ def run_bench(
                 cache = ExpertCache.on_device(inv, cand.expert_cache_slots, cand.placement.devices[0], split=cand.split,
                                               upload_budget=cand.upload_budget, n_threads=n_threads or 0)
             with Engine.load(model, cand.placement, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                             expert_cache=cache) as engine:
+                             expert_cache=cache, **(load_options or {})) as engine:
                 prompt = prompt or prompt_tokens(engine, prompt_len)
                 m = measure(engine, prompt, gen_tokens)
             if run:

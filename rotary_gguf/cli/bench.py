@@ -11,15 +11,22 @@ from rich.table import Table
 from .. import log
 from ..errors import UserError
 from ..units import human_bytes
-from .app import CacheOpt, JsonOpt, MissesOpt, ModelArg, ProfileOpt, RpcOpt, ThreadsOpt, VramOpt, app, cache_setting, out
-from .placement import plan_or_cpu
+from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
+from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModelArg, ProfileOpt, ReserveOpt,
+                  RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
+from .placement import context_for, plan_or_cpu
 
 
 @app.command()
 def bench(
     model: ModelArg,
     vram: VramOpt = None,
-    ctx: Annotated[int, typer.Option(help="Context length in tokens (sizes the KV cache, as when serving).")] = 4096,
+    reserve: ReserveOpt = None,
+    ctx: CtxOpt = None,
+    batch: BatchOpt = DEFAULT_BATCH,
+    ubatch: UbatchOpt = None,
+    kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
+    flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens each run evaluates (the same for every candidate).")] = 512,
     gen_tokens: Annotated[int, typer.Option(help="Tokens each run generates, greedily.")] = 128,
     runs: Annotated[int, typer.Option(help="Timed runs per candidate, after one warm-up run each.")] = 3,
@@ -34,13 +41,13 @@ def bench(
     --cpu-moe and --n-cpu-moe N, all on the accelerator) and recommend one. Needs a GPU or --rpc to compare placements; without one it
     measures the CPU-only run alone and says so."""
     from .. import bench as benching
-    from ..plan import DEFAULT_BATCH, Placement
+    from ..plan import Placement
 
-    for flag, value in (("--runs", runs), ("--gen-tokens", gen_tokens), ("--prompt-tokens", prompt_tokens), ("--ctx", ctx)):
+    for flag, value in (("--runs", runs), ("--gen-tokens", gen_tokens), ("--prompt-tokens", prompt_tokens)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, not {value}")
-    n_batch = min(DEFAULT_BATCH, ctx)
-    cpu_plan = plan_or_cpu(model, vram=vram, mode="cpu", ctx=ctx, n_batch=n_batch, rpc=rpc,
+    context = context_for(model, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
+    cpu_plan = plan_or_cpu(model, vram=vram, reserve=reserve, mode="cpu", context=context, rpc=rpc,
                            expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
                            routing_profile=routing_profile)
     notes: list[str] = []
@@ -58,8 +65,10 @@ def bench(
             label = "warm-up" if run == 0 else f"run {run}/{runs}"
             log.logger.info("%s: %s: decode %.1f t/s", label, cand.name, m.decode_tps)
 
-    results = benching.run_bench(model, cands, n_ctx=ctx, n_batch=n_batch, prompt_len=prompt_tokens,
-                                 gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress)
+    results = benching.run_bench(model, cands, n_ctx=context.ctx, n_batch=context.n_batch, prompt_len=prompt_tokens,
+                                 gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress,
+                                 load_options=dict(n_ubatch=context.n_ubatch, kv_type=context.kv_type,
+                                                   flash_attn=context.flash_attn))
     best = benching.recommend(results)
     differ = benching.differing_outputs(results)
     if as_json:

@@ -28,19 +28,24 @@ The output, a `Plan`, turns into a `Placement`: what the engine hands to llama.c
 list, the tensor_buft_overrides as pattern -> buffer type name, first match wins, and load options).
 """
 
+from .budget import Sizing, estimate_margin, largest_ctx, shrink_advice
 from .choosing import choose_mode, predicted_token_seconds
+from .context import ContextSettings, context_settings, default_ctx, trained_ctx
 from .figures import Accelerator, LinkFigures, ModelFigures
 from .memory import (DeviceUse, accelerator_compute_bytes, host_compute_bytes, kv_cache_bytes, padded_ctx,
                      recurrent_state_bytes, staging_bytes, ubatch_tokens)
 from .placing import ExpertCachePlan, HitRates, Placement, Plan, make_plan, predicted_host_seconds
-from .settings import (AUTO_CACHE_MIN_USED_MULTIPLE, CACHE_MISSES, COPY_LATENCY_S, CTX_PADDING, CUDA_OFFLOAD_MIN_BATCH,
-                       CUDA_RUNTIME_RESERVE, DEFAULT_BATCH, DEFAULT_CTX, EXPERT_CACHE_SETTINGS, HOST_BUFFER_TYPE,
-                       HOST_MODES, KV_TYPES, ROTARY_OFFLOAD_MIN_BATCH)
+from .settings import (AUTO_CACHE_MIN_USED_MULTIPLE, CACHE_MISSES, CARD_RESERVE, COPY_LATENCY_S, CTX_PADDING,
+                       CUDA_OFFLOAD_MIN_BATCH, CUDA_RUNTIME_RESERVE, ESTIMATE_MARGIN_SHARE, FREE_MEMORY_RESERVE, DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE,
+                       EXPERT_CACHE_SETTINGS, FLASH_ATTN, HOST_BUFFER_TYPE, HOST_MODES, KV_TYPES, MIN_CTX,
+                       ROTARY_OFFLOAD_MIN_BATCH)
 
 __all__ = [
-    "AUTO_CACHE_MIN_USED_MULTIPLE", "CACHE_MISSES", "COPY_LATENCY_S", "CTX_PADDING", "CUDA_OFFLOAD_MIN_BATCH",
-    "CUDA_RUNTIME_RESERVE", "DEFAULT_BATCH", "DEFAULT_CTX", "EXPERT_CACHE_SETTINGS", "HOST_BUFFER_TYPE", "HOST_MODES",
-    "KV_TYPES", "ROTARY_OFFLOAD_MIN_BATCH", "Accelerator", "DeviceUse", "ExpertCachePlan", "HitRates", "LinkFigures",
+    "AUTO_CACHE_MIN_USED_MULTIPLE", "CACHE_MISSES", "CARD_RESERVE", "ESTIMATE_MARGIN_SHARE", "FREE_MEMORY_RESERVE",
+    "Sizing", "estimate_margin", "largest_ctx", "shrink_advice", "COPY_LATENCY_S", "CTX_PADDING", "CUDA_OFFLOAD_MIN_BATCH",
+    "CUDA_RUNTIME_RESERVE", "DEFAULT_BATCH", "DEFAULT_CTX", "DEFAULT_FLASH_ATTN", "DEFAULT_KV_TYPE",
+    "EXPERT_CACHE_SETTINGS", "FLASH_ATTN", "HOST_BUFFER_TYPE", "HOST_MODES", "KV_TYPES", "MIN_CTX",
+    "ROTARY_OFFLOAD_MIN_BATCH", "Accelerator", "ContextSettings", "context_settings", "default_ctx", "trained_ctx", "DeviceUse", "ExpertCachePlan", "HitRates", "LinkFigures",
     "ModelFigures", "Placement", "Plan", "accelerator_compute_bytes", "choose_mode", "host_compute_bytes",
     "kv_cache_bytes", "make_plan", "padded_ctx", "predicted_host_seconds", "predicted_token_seconds",
     "recurrent_state_bytes", "staging_bytes", "ubatch_tokens",

@@ -57,6 +57,7 @@ class ModelFigures:
     recurrent_conv: int = 0  # conv-state floats per linear-attention block and sequence (n_embd_r)
     recurrent_ssm: int = 0  # ssm-state floats per linear-attention block and sequence (n_embd_s)
     recurrent_width: int = 0  # widest per-token activation of a linear-attention block, in floats
+    n_ctx_train: int = 0  # the context the model was trained for; 0: not known
 
     @classmethod
     def from_inventory(cls, inv: Inventory) -> "ModelFigures":
@@ -94,6 +95,7 @@ class ModelFigures:
             recurrent_ssm=d_state * d_inner,
             # conv input and output, the output gate, and the delta rule's 64-token chunk matrices
             recurrent_width=2 * conv_channels + d_inner + 4 * 64 * n_v_heads,
+            n_ctx_train=inv.hparam("context_length"),
         )
 
     # --- derived sizes ---------------------------------------------------------------------------

@@ -52,39 +52,49 @@ def recurrent_state_bytes(model: ModelFigures) -> int:
     return model.attention.count("linear") * (model.recurrent_conv + model.recurrent_ssm) * 4
 
 
-def ubatch_tokens(ctx: int, n_batch: int) -> int:
-    """The worst-case batch llama.cpp reserves its compute buffers for (a batch is at most the context)."""
-    return min(ctx, n_batch)
+def ubatch_tokens(ctx: int, n_ubatch: int) -> int:
+    """The worst-case micro-batch llama.cpp reserves its compute buffers for (at most the context)."""
+    return min(ctx, n_ubatch)
 
 
-def accelerator_compute_bytes(model: ModelFigures, ctx: int, n_batch: int) -> int:
-    """Estimate of the accelerator's compute buffer: the KQ mask plus the larger of the output
-    phase (logits for every token of the batch, as llama.cpp reserves by default) and the widest
-    block (attention, MoE or linear attention activations)."""
-    t = ubatch_tokens(ctx, n_batch)
-    mask = 2 * padded_ctx(ctx) * t if "full" in model.attention else 0
-    output_phase = 4 * t * (model.n_vocab + 3 * model.n_embd)
+def accelerator_compute_bytes(model: ModelFigures, ctx: int, n_ubatch: int, flash_attn: bool = True,
+                              all_outputs: bool = False) -> int:
+    """Estimate of the accelerator's compute buffer for a micro-batch of `n_ubatch` tokens: the KQ
+    mask (f16 for flash attention, else f32) plus the larger of the output phase (logits of one
+    token, or of every token of the micro-batch with `all_outputs`) and the widest block (attention,
+    MoE or linear attention activations; without flash attention also the f32 KQ scores of every
+    head over the whole context)."""
+    t = ubatch_tokens(ctx, n_ubatch)
+    full = "full" in model.attention
+    mask = _mask_bytes(model, ctx, t, flash_attn)
+    output_phase = 4 * ((t if all_outputs else 1) * model.n_vocab + t * 3 * model.n_embd)
     attention = 3 * model.n_head * model.head_dim_k + 2 * model.n_head_kv * model.head_dim_k
     widest = max(attention, model.moe_width, model.recurrent_width if "linear" in model.attention else 0)
     layer_phase = 4 * t * (3 * model.n_embd + widest)
+    if full and not flash_attn:
+        layer_phase += 4 * model.n_head * padded_ctx(ctx) * t
     return mask + max(output_phase, layer_phase)
 
 
-def host_compute_bytes(model: ModelFigures, ctx: int, n_batch: int, experts_on_cpu: bool) -> int:
+def host_compute_bytes(model: ModelFigures, ctx: int, n_ubatch: int, experts_on_cpu: bool, flash_attn: bool = True) -> int:
     """Estimate of the CPU compute buffer: the KQ mask is built there, the embeddings are looked
     up there, and host experts computed by the CPU keep their activations there."""
-    t = ubatch_tokens(ctx, n_batch)
-    mask = 2 * padded_ctx(ctx) * t if "full" in model.attention else 0
-    return mask + 4 * t * (3 * model.n_embd + (model.moe_width if experts_on_cpu else 0))
+    t = ubatch_tokens(ctx, n_ubatch)
+    return _mask_bytes(model, ctx, t, flash_attn) + 4 * t * (3 * model.n_embd + (model.moe_width if experts_on_cpu else 0))
 
 
-def staging_bytes(model: ModelFigures, accelerator: Accelerator, host_layers: list[int], mode: str, n_batch: int) -> int:
+def _mask_bytes(model: ModelFigures, ctx: int, tokens: int, flash_attn: bool) -> int:
+    """The KQ mask: f16 for flash attention, f32 otherwise; none without full-attention blocks."""
+    return (2 if flash_attn else 4) * padded_ctx(ctx) * tokens if "full" in model.attention else 0
+
+
+def staging_bytes(model: ModelFigures, accelerator: Accelerator, host_layers: list[int], mode: str, n_ubatch: int) -> int:
     """The full-size accelerator copy llama.cpp makes of one host expert tensor while an op that
     uses it runs on the GPU: every decode step in rotary mode, prompt batches of 32+ tokens in cpu
     mode. Only one such copy is live at a time (each starts a new split), so: the largest one."""
     if not (accelerator.streams_host_ops and host_layers):
         return 0
-    if mode != "rotary" and n_batch < CUDA_OFFLOAD_MIN_BATCH:
+    if mode != "rotary" and n_ubatch < CUDA_OFFLOAD_MIN_BATCH:
         return 0
     return max(max(model.expert_tensors[i]) for i in host_layers)
 

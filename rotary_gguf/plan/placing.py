@@ -11,10 +11,11 @@ from ..decode_cost import DEFAULT_CPU_EXPERT_BYTES_PER_S, HostBlock, field_hit_r
 from ..errors import UserError
 from ..units import human_bytes
 from .figures import Accelerator, ModelFigures
-from .memory import (DeviceUse, accelerator_compute_bytes, host_compute_bytes, kv_cache_bytes, recurrent_state_bytes,
-                     staging_bytes, ubatch_tokens)
-from .settings import (AUTO_CACHE_MIN_USED_MULTIPLE, CACHE_MISSES, DEFAULT_BATCH, DEFAULT_CTX, EXPERT_CACHE_SETTINGS,
-                       HOST_BUFFER_TYPE, HOST_MODES, ROTARY_OFFLOAD_MIN_BATCH)
+from .budget import Sizing, estimate_margin, largest_ctx, shrink_advice
+from .memory import DeviceUse, host_compute_bytes, staging_bytes, ubatch_tokens
+from .settings import (AUTO_CACHE_MIN_USED_MULTIPLE, CACHE_MISSES, DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_FLASH_ATTN,
+                       DEFAULT_KV_TYPE, EXPERT_CACHE_SETTINGS, FLASH_ATTN, HOST_BUFFER_TYPE, HOST_MODES,
+                       ROTARY_OFFLOAD_MIN_BATCH)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,14 @@ class Plan:
     resident: frozenset[int]  # blocks whose expert tensors stay on the accelerator
     accelerator_use: DeviceUse
     host_use: DeviceUse
-    minimum_budget: int  # the accelerator bytes with every expert in host memory
+    minimum_budget: int  # the least budget: every expert in host memory, and the estimate margin
+    n_ubatch: int = DEFAULT_BATCH
+    flash_attn: str = DEFAULT_FLASH_ATTN
+    all_outputs: bool = False  # logits of every token of a micro-batch (routing profiles), else of one
+    reserve: int = 0  # kept off the accelerator before planning (display and driver)
+    reserve_reason: str = ""
+    estimate_margin: int = 0  # kept free for the estimated parts' error
+    largest_ctx: int = 0  # the largest context whose least budget fits
     notes: tuple[str, ...] = ()
     expert_cache: ExpertCachePlan | None = None
     expert_cache_reason: str = ""  # why there is no expert cache (when there is none)
@@ -144,9 +152,14 @@ class Plan:
             "budget_source": self.budget_source,
             "host_expert_mode": self.mode,
             "mode_reason": self.mode_reason,
+            "reserve": {"bytes": self.reserve, "reason": self.reserve_reason},
             "ctx": self.ctx,
+            "largest_ctx": self.largest_ctx,
             "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
             "kv_type": self.kv_type,
+            "flash_attn": self.flash_attn,
+            "all_outputs": self.all_outputs,
             "predicted": {
                 "accelerator_bytes": self.accelerator_use.total,
                 "host_bytes": self.host_use.total,
@@ -155,6 +168,7 @@ class Plan:
                 "estimates": list(DeviceUse.ESTIMATES),
             },
             "margin_bytes": self.margin,
+            "estimate_margin_bytes": self.estimate_margin,
             "minimum_budget": self.minimum_budget,
             "layers": [
                 {
@@ -215,7 +229,12 @@ def make_plan(
     mode_reason: str = "",
     ctx: int = DEFAULT_CTX,
     n_batch: int = DEFAULT_BATCH,
-    kv_type: str = "f16",
+    kv_type: str = DEFAULT_KV_TYPE,
+    n_ubatch: int | None = None,
+    flash_attn: str = DEFAULT_FLASH_ATTN,
+    all_outputs: bool = False,
+    reserve: int = 0,
+    reserve_reason: str = "",
     notes: tuple[str, ...] = (),
     expert_cache: str | int = "off",
     cache_misses: str = "split",
@@ -223,8 +242,9 @@ def make_plan(
     upload_bytes_per_s: float | None = None,
     hit_rates: HitRates | None = None,
 ) -> Plan:
-    """Fill `budget` bytes of `accelerator`: the non-expert part first, then whole expert blocks,
-    largest first (ties: later blocks, like llama.cpp's --n-cpu-moe), as long as they fit.
+    """Fill `budget` bytes of `accelerator` (what is left after `reserve`), less a margin for the
+    estimated parts: the non-expert part first, then whole expert blocks, largest first (ties:
+    later blocks, like llama.cpp's --n-cpu-moe), as long as they fit.
     `expert_cache` is "off", "auto" or a number of slots per host block (the resident blocks fit
     around them); `cache_misses` "split" or "upload" (see the module's docstring). The decode-time
     model uses `cpu_expert_bytes_per_s` where it was measured, and `hit_rates` (a routing
@@ -237,16 +257,17 @@ def make_plan(
         raise UserError(f"unknown host-expert mode {mode!r} (known: {', '.join(HOST_MODES)}, auto)")
     if mode == "rotary" and not accelerator.streams_host_ops:
         raise UserError(f"rotary mode needs a CUDA GPU: {accelerator.name} cannot run host-resident expert ops (no offload_op)")
-    if ctx < 1 or n_batch < 1:
+    n_ubatch = n_batch if n_ubatch is None else n_ubatch
+    if ctx < 1 or n_batch < 1 or n_ubatch < 1:
         raise UserError("the context and batch sizes must be at least 1")
+    if flash_attn not in FLASH_ATTN:
+        raise UserError(f"unknown flash attention setting {flash_attn!r} (known: {', '.join(FLASH_ATTN)})")
     n_batch = ubatch_tokens(ctx, n_batch)
-    fixed = DeviceUse(
-        weights=model.base_weight_bytes,
-        kv_cache=kv_cache_bytes(model, ctx, kv_type),
-        recurrent_state=recurrent_state_bytes(model),
-        compute=accelerator_compute_bytes(model, ctx, n_batch),
-        runtime_reserve=accelerator.runtime_reserve,
-    )
+    n_ubatch = min(n_batch, n_ubatch)
+    sizing = Sizing(ctx, n_ubatch, kv_type, flash_attn != "off", all_outputs)
+    fixed = sizing.fixed_use(model, accelerator)
+    margin = estimate_margin(fixed)
+    room = budget - margin  # what the plan may fill
     layers = [i for i in range(model.n_layer) if model.expert_bytes(i)]
     slot_bytes = {i: sum(n // model.n_expert for n in model.expert_tensors[i]) for i in layers}
 
@@ -258,17 +279,17 @@ def make_plan(
         return DeviceUse(
             **{**fixed.parts(),
                "weights": fixed.weights + sum(model.expert_bytes(i) for i in resident),
-               "staging": staging_bytes(model, accelerator, host, mode, n_batch),
+               "staging": staging_bytes(model, accelerator, host, mode, n_ubatch),
                "expert_cache": allocated_slots(slots) * sum(slot_bytes[i] for i in host)}
         )
 
     def residents_around(slots: int) -> set[int] | None:
         """The resident blocks that fit beside `slots` per host block; None if the slots alone do not."""
-        if accelerator_use(set(), slots).total > budget:
+        if accelerator_use(set(), slots).total > room:
             return None
         resident: set[int] = set()
         for i in sorted(layers, key=lambda i: (-model.expert_bytes(i), -i)):
-            if accelerator_use(resident | {i}, slots).total <= budget:
+            if accelerator_use(resident | {i}, slots).total <= room:
                 resident.add(i)
         return resident
 
@@ -278,22 +299,25 @@ def make_plan(
         return predicted_host_seconds(model, [i for i in layers if i not in resident], slots, cpu_bps, hit_rates)
 
     minimum = accelerator_use(set())
-    if minimum.total > budget:
+    if minimum.total > room:
+        reserved = f" after a {human_bytes(reserve)} {reserve_reason}" if reserve else ""
+        shrink = "; ".join(shrink_advice(model, accelerator, mode, sizing))
         raise UserError(
-            f"a VRAM budget of {human_bytes(budget)} is too small for {model.name}: with every expert in host memory "
-            f"the accelerator needs at least {human_bytes(minimum.total)} ({_describe(minimum)}); "
-            f"use --vram {math.ceil(minimum.total / 2**20)}MiB or more, or a smaller --ctx"
+            f"a VRAM budget of {human_bytes(budget)}{reserved} is too small for {model.name}: with every expert in host "
+            f"memory the accelerator needs at least {human_bytes(minimum.total + margin)} ({_describe(minimum)}, "
+            f"margin {human_bytes(margin)}); use --vram {math.ceil((minimum.total + margin + reserve) / 2**20)}MiB or more"
+            + (f", or shrink the need: {shrink}" if shrink else "")
         )
     with_cache = accelerator_use(set(), asked_slots)
-    if with_cache.total > budget:
-        fit = (budget - minimum.total) // sum(slot_bytes.values()) - split
+    if with_cache.total > room:
+        fit = (room - minimum.total) // sum(slot_bytes.values()) - split
         least = 1 if split else model.n_expert_used
         instead = (f"{fit} slots per block fit (--expert-cache {fit})" if fit >= least
                    else f"not even {least} slot{'s' if least > 1 else ''} per block fit (--expert-cache off)")
         raise UserError(
             f"a VRAM budget of {human_bytes(budget)} is too small for {asked_slots} expert cache slots per block: with "
             f"every expert in host memory the accelerator needs {human_bytes(with_cache.total)} ({_describe(with_cache)}); "
-            f"{instead}, or use --vram {math.ceil(with_cache.total / 2**20)}MiB or more"
+            f"{instead}, or use --vram {math.ceil((with_cache.total + margin + reserve) / 2**20)}MiB or more"
         )
     if expert_cache == "auto" and split:
         resident, slots, cache_reason = _fastest_split(model, len(layers), residents_around, decode_seconds,
@@ -301,7 +325,7 @@ def make_plan(
     else:
         resident = residents_around(asked_slots)
         host = [i for i in layers if i not in resident]
-        slots, cache_reason = _cache_size(model, expert_cache, budget - accelerator_use(resident).total,
+        slots, cache_reason = _cache_size(model, expert_cache, room - accelerator_use(resident).total,
                                           len(resident), [slot_bytes[i] for i in host])
     host_layers = [i for i in layers if i not in resident]
     cache_split = split and 0 < slots < model.n_expert
@@ -317,7 +341,7 @@ def make_plan(
     experts_on_cpu = bool(host_layers) and mode == "cpu"
     host_use = DeviceUse(
         weights=model.embedding_bytes + sum(model.expert_bytes(i) for i in host_layers),
-        compute=host_compute_bytes(model, ctx, n_batch, experts_on_cpu),
+        compute=host_compute_bytes(model, ctx, n_ubatch, experts_on_cpu, sizing.flash_attn),
         output=4 * model.n_vocab,
     )
     return Plan(
@@ -333,7 +357,14 @@ def make_plan(
         resident=frozenset(resident),
         accelerator_use=accelerator_use(resident, slots),
         host_use=host_use,
-        minimum_budget=minimum.total,
+        minimum_budget=minimum.total + margin,
+        n_ubatch=n_ubatch,
+        flash_attn=flash_attn,
+        all_outputs=all_outputs,
+        reserve=reserve,
+        reserve_reason=reserve_reason,
+        estimate_margin=margin,
+        largest_ctx=largest_ctx(model, accelerator, budget, mode, sizing),
         notes=notes,
         expert_cache=cache,
         expert_cache_reason="" if cache else cache_reason,

@@ -1,4 +1,4 @@
-"""The planner's settings and their defaults, in one place."""
+"""The planner's settings and their defaults, in one place (the context's own are in `defaults`)."""
 
 HOST_MODES = ("cpu", "rotary")
 EXPERT_CACHE_SETTINGS = ("auto", "off")  # or a number of slots per host block
@@ -12,9 +12,16 @@ ROTARY_OFFLOAD_MIN_BATCH = 1  # every decode step streams the used host experts 
 CUDA_OFFLOAD_MIN_BATCH = 32  # CUDA's default: batches this large run host-expert ops on the GPU
 CTX_PADDING = 256  # llama.cpp pads the context (and so the KV cache) to a multiple of this
 CUDA_RUNTIME_RESERVE = 256 * 2**20  # CUDA memory pools and cuBLAS workspace: outside llama.cpp's buffers (estimate)
-DEFAULT_CTX = 4096
-DEFAULT_BATCH = 512
-KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+
+# --- the budget ------------------------------------------------------------------------------------
+# Left free beyond a plan's prediction: this share of its estimated parts (compute buffers and the
+# runtime reserve). On the ggml-rpc device the compute estimates stay 0-2x above what llama.cpp
+# allocates; a GPU backend may split the graph differently, and a quarter more covers that.
+ESTIMATE_MARGIN_SHARE = 0.25
+SMALL_BATCH = 128  # the --batch "too small" advice offers: prompts still go 128 tokens per step
+
+from ..defaults import (CARD_RESERVE, DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE,  # noqa: F401
+                        FLASH_ATTN, FREE_MEMORY_RESERVE, KV_TYPES, MIN_CTX)
 # Per-copy cost of streaming one run of experts (launch + PCIe latency): an assumption of the
 # mode-choice model, not a measurement.
 COPY_LATENCY_S = 10e-6
