@@ -60,17 +60,18 @@ ReserveOpt = Annotated[
 CtxOpt = Annotated[
     Optional[int],
     typer.Option(
+        min=MIN_CTX,
         help=f"Context length in tokens, {MIN_CTX} up to the model's trained context (default: the model's default_ctx "
         f"in models.toml, else {DEFAULT_CTX}).",
         show_default=False,
     ),
 ]
 BatchOpt = Annotated[
-    int, typer.Option(help="Tokens per decode call when reading a prompt; with --ubatch it sizes the compute buffer.")
+    int, typer.Option(min=1, help="Tokens per decode call when reading a prompt; with --ubatch it sizes the compute buffer.")
 ]
 UbatchOpt = Annotated[
     Optional[int],
-    typer.Option(help="Tokens per micro-batch (default: --batch): the compute buffer grows with it.", show_default=False),
+    typer.Option(min=1, help="Tokens per micro-batch (default: --batch): the compute buffer grows with it.", show_default=False),
 ]
 KvTypeOpt = Annotated[
     str,
