@@ -227,7 +227,7 @@ class Engine:
                 ctx = llama_cpp.llama_init_from_model(model, cparams)
             if not ctx:
                 llama_cpp.llama_model_free(model)
-                raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+                raise UserError(f"llama.cpp could not create a context of {context.ctx} tokens for {path}")
         engine = cls(path, model, ctx, placement, keepalive, checkpoint_bytes)
         engine.context, engine.all_outputs = context, all_outputs
         engine.load_report = LoadReport.from_log(log_lines)
