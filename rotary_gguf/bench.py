@@ -242,14 +242,16 @@ def measure(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Measureme
 
 
 @contextmanager
-def loaded(model, cand: Candidate, *, n_ctx: int, n_batch: int, n_threads: int | None) -> Iterator[Engine]:
-    """The model loaded the candidate's way (with its expert cache, if any)."""
+def loaded(model, cand: Candidate, *, n_ctx: int, n_batch: int, n_threads: int | None,
+           load_options: dict | None = None) -> Iterator[Engine]:
+    """The model loaded the candidate's way (with its expert cache, if any); `load_options` are
+    more Engine.load arguments."""
     cache = None
     if cand.expert_cache_slots is not None:
         cache = ExpertCache.on_device(read_inventory(model), cand.expert_cache_slots, cand.placement.devices[0],
                                       split=cand.split, upload_budget=cand.upload_budget, n_threads=n_threads or 0)
     with Engine.load(model, cand.placement, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                     expert_cache=cache) as engine:
+                     expert_cache=cache, **(load_options or {})) as engine:
         yield engine
 
 
@@ -279,10 +281,12 @@ def run_bench(
     runs: int,
     n_threads: int | None = None,
     on_run: Callable[[int, Candidate, Measurement], None] | None = None,
+    load_options: dict | None = None,
 ) -> tuple[list[Result], list[int]]:
     """Run 0 warms every candidate up (not counted); runs 1..`runs` are timed. Each run loads
     every candidate in turn and closes it before the next (an RPC server serves one client).
-    Returns the results and the prompt's tokens."""
+    `load_options` are more Engine.load arguments, the same for every candidate (n_ubatch,
+    kv_type, ...). Returns the results and the prompt's tokens."""
     if prompt_len + gen_tokens > n_ctx:
         raise UserError(f"--prompt-tokens {prompt_len} plus --gen-tokens {gen_tokens} do not fit --ctx {n_ctx}")
     results = [Result(c) for c in cands]
@@ -290,7 +294,7 @@ def run_bench(
     for run in range(runs + 1):
         for result in results:
             cand = result.candidate
-            with loaded(model, cand, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads) as engine:
+            with loaded(model, cand, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, load_options=load_options) as engine:
                 prompt = prompt or prompt_tokens(engine, prompt_len)
                 result.expert_buffers = result.expert_buffers or expert_buffers(engine, cand)
                 m = measure(engine, prompt, gen_tokens)
@@ -351,7 +355,7 @@ class OutputCheck:
 
 
 def check_outputs(model, results: Sequence[Result], prompt: Sequence[int], *, n_ctx: int, n_batch: int,
-                  n_threads: int | None = None) -> list[OutputCheck]:
+                  n_threads: int | None = None, load_options: dict | None = None) -> list[OutputCheck]:
     """Every candidate whose greedy tokens differ from the reference's, checked the way `verify`
     does: the reference's tokens fed through the reference and through the candidate, and the
     logits compared at every position. Loads the reference and each differing candidate once more."""
@@ -363,7 +367,8 @@ def check_outputs(model, results: Sequence[Result], prompt: Sequence[int], *, n_
 
     def trace(result: Result) -> list:
         """Logits after the prompt and after each of the reference's tokens."""
-        with loaded(model, result.candidate, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads) as engine:
+        with loaded(model, result.candidate, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                    load_options=load_options) as engine:
             return logit_trace(engine, list(prompt), len(tokens), feed=tokens).logits
 
     expected = trace(reference)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from . import native
 from .chat_template import render_chat_template
 from .errors import PromptError, UserError
 from .inventory import read_inventory
 from .log import logger
-from .plan import Placement
+from .plan import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE, Placement, context_settings
 from .prompt_cache import DEFAULT_CHECKPOINT_BYTES, CheckpointStore
 from .stats import LiveStats
 from .thinking import Thinking, ThinkTracker
@@ -124,6 +125,10 @@ class LoadReport:
         return report
 
 
+_FLASH_ATTN_TYPES = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                     "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+
+
 class Engine:
     """A loaded model and one context. Not thread-safe: one generation at a time."""
 
@@ -131,7 +136,8 @@ class Engine:
     # Make every token of a batch an output, so every block routes every token: some archs
     # (qwen3moe) run the last block's FFN only for output tokens. For routing profiles; costs
     # n_batch x n_vocab floats of logits.
-    output_every_token = False
+    output_every_token = False  # needs a context loaded with all_outputs
+    all_outputs = False
     expert_cache = None
     before_decode = None  # called with each batch's size before llama_decode (the expert cache)
 
@@ -159,8 +165,12 @@ class Engine:
         path: str | os.PathLike,
         placement: Placement | None = None,
         *,
-        n_ctx: int = 2048,
-        n_batch: int = 512,
+        n_ctx: int | None = None,
+        n_batch: int = DEFAULT_BATCH,
+        n_ubatch: int | None = None,
+        kv_type: str = DEFAULT_KV_TYPE,
+        flash_attn: str = DEFAULT_FLASH_ATTN,
+        all_outputs: bool = False,
         n_threads: int | None = None,
         telemetry=None,
         expert_cache=None,
@@ -171,10 +181,14 @@ class Engine:
         anything with `callback` (an EvalCallback) and `user_data`. `expert_cache` (an
         `experts.cache.ExpertCache`) takes the eval callback's place and is attached after loading;
         with both, the cache's callback also counts the routing for the telemetry. A hybrid model
-        keeps prompt checkpoints within `checkpoint_bytes` of host memory."""
+        keeps prompt checkpoints within `checkpoint_bytes` of host memory. The context holds `n_ctx`
+        tokens, decodes `n_batch` per call in micro-batches of `n_ubatch` (default: `n_batch`), keeps K
+        and V as `kv_type`, and returns the logits of one token per batch unless `all_outputs` (every
+        token's: a compute buffer that grows by n_ubatch x n_vocab floats)."""
         callback = expert_cache if expert_cache is not None else telemetry
         path = Path(path)
         inv = read_inventory(path)  # clear errors for missing/broken files before llama.cpp sees them
+        context = context_settings(inv, n_ctx, n_batch, n_ubatch, kv_type, flash_attn)
         placement = placement or Placement.all_cpu()
         if placement.offload_min_batch is not None:
             native.set_offload_min_batch(placement.offload_min_batch)
@@ -203,8 +217,11 @@ class Engine:
             if not model:
                 raise UserError(f"llama.cpp could not load {path} (arch {inv.arch}); run with --verbose for its log")
             cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = n_ctx
-            cparams.n_batch = cparams.n_ubatch = n_batch
+            cparams.n_ctx = context.ctx
+            cparams.n_batch, cparams.n_ubatch = context.n_batch, context.n_ubatch
+            cparams.n_outputs_max = 0 if all_outputs else 1  # 0: every token of a batch
+            cparams.type_k = cparams.type_v = GGMLQuantizationType[context.kv_type.upper()].value
+            cparams.flash_attn_type = _FLASH_ATTN_TYPES[context.flash_attn]
             threads = n_threads or default_threads()
             cparams.n_threads = cparams.n_threads_batch = threads
             cparams.no_perf = True
@@ -215,8 +232,9 @@ class Engine:
                 ctx = llama_cpp.llama_init_from_model(model, cparams)
             if not ctx:
                 llama_cpp.llama_model_free(model)
-                raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+                raise UserError(f"llama.cpp could not create a context of {context.ctx} tokens for {path}")
         engine = cls(path, model, ctx, placement, keepalive, checkpoint_bytes)
+        engine.context, engine.all_outputs = context, all_outputs
         engine.load_report = LoadReport.from_log(log_lines)
         if expert_cache is not None:
             engine.expert_cache, engine.before_decode = expert_cache, expert_cache.before_decode
@@ -346,6 +364,8 @@ class Engine:
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)
             batch = llama_cpp.llama_batch_get_one(arr, len(chunk))
             if self.output_every_token:
+                if not self.all_outputs:  # llama.cpp aborts on more outputs than n_outputs_max
+                    raise RuntimeError("output_every_token needs an engine loaded with all_outputs=True")
                 outputs = (ctypes.c_int8 * len(chunk))(*[1] * len(chunk))
                 batch.logits = ctypes.cast(outputs, type(batch.logits))
             if self.before_decode is not None:

@@ -16,12 +16,15 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(text: str) -> int:
-    """'8GiB' -> 8589934592. Bare letters K/M/G/T are binary; KB/MB/GB/TB are decimal."""
+def parse_size(text: str, flag: str = "size") -> int:
+    """'8GiB' -> 8589934592. Bare letters K/M/G/T are binary; KB/MB/GB/TB are decimal. A number
+    without a unit is refused (is `--vram 8` 8 GiB or 8 bytes?), but for 0."""
     m = _SIZE.match(text)
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
         raise UserError(f"bad size {text!r}: use a number with a unit, e.g. 8GiB, 6.3GB, 512MiB")
+    if not unit and float(m.group(1)) != 0:
+        raise UserError(f"{flag} {text.strip()}: give a unit, e.g. {text.strip()}GiB or 7.5GB")
     return int(float(m.group(1)) * _UNITS[unit])
 
 

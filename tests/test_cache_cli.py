@@ -37,19 +37,19 @@ def test_auto_fills_the_budget_left_after_the_resident_blocks(model, rpc_endpoin
     off = plan_json(model, rpc_endpoint, "--expert-cache", "off")
     block = off["layers"][0]["expert_bytes"]  # every block of the test model is alike
     budget = off["minimum_budget"] + block + 9 * 3 * block // 32 + 1000  # one block resident, 9 slots in the others
-    plan = plan_json(model, rpc_endpoint, "--vram", str(budget), "--cache-misses", "upload")
+    plan = plan_json(model, rpc_endpoint, "--vram", f"{budget}B", "--cache-misses", "upload")
     cache = plan["expert_cache"]
     assert cache["slots"] == 9 and cache["layers"] == [0, 1, 2] and cache["bytes"] == 9 * 3 * block // 32
     assert plan["predicted"]["accelerator"]["expert_cache"] == cache["bytes"]
     assert plan["predicted"]["accelerator_bytes"] <= budget and plan["margin_bytes"] >= 0
     assert plan["placement"]["repack"] is False  # the cache uploads host experts in ggml's plain layout
-    off = plan_json(model, rpc_endpoint, "--vram", str(budget), "--expert-cache", "off")
+    off = plan_json(model, rpc_endpoint, "--vram", f"{budget}B", "--expert-cache", "off")
     assert off["expert_cache"] is None and off["predicted"]["accelerator"]["expert_cache"] == 0
 
 
 def test_check_allocates_the_planned_slots(model, rpc_endpoint):
     budget = host_budget(model, rpc_endpoint, SLOTS)
-    plan = plan_json(model, rpc_endpoint, "--vram", str(budget), "--expert-cache", str(SLOTS), "--cache-misses", "upload",
+    plan = plan_json(model, rpc_endpoint, "--vram", f"{budget}B", "--expert-cache", str(SLOTS), "--cache-misses", "upload",
                      "--check")
     assert plan["expert_cache"]["slots"] == SLOTS
     rows = {(r["device"], r["purpose"]): r for r in plan["check"]}
@@ -61,7 +61,7 @@ def test_check_allocates_the_planned_slots(model, rpc_endpoint):
 def test_served_answers_are_the_uncached_ones(model, rpc_endpoint, tmp_path, misses):
     """A server with the cache and one without, on the same budget: the same greedy replies over
     two turns, and the cache's figures on /metrics."""
-    budget = str(host_budget(model, rpc_endpoint, SLOTS + 1))  # split keeps a zero slot too
+    budget = f"{host_budget(model, rpc_endpoint, SLOTS + 1)}B"  # split keeps a zero slot too
     replies = {}
     for setting in ("off", str(SLOTS)):
         server = Server(tmp_path, model, "--rpc", rpc_endpoint, "--vram", budget, "--ctx", "256",
@@ -84,7 +84,7 @@ def test_served_answers_are_the_uncached_ones(model, rpc_endpoint, tmp_path, mis
 
 
 def test_bench_measures_the_plan_with_and_without_its_cache(model, rpc_endpoint):
-    budget = str(host_budget(model, rpc_endpoint, SLOTS))
+    budget = f"{host_budget(model, rpc_endpoint, SLOTS)}B"
     result = run_cli("bench", model, "--rpc", rpc_endpoint, "--vram", budget, "--expert-cache", str(SLOTS),
                      "--cache-misses", "upload", "--ctx", "256",
                      "--prompt-tokens", "16", "--gen-tokens", "16", "--runs", "1", "--json")

@@ -200,7 +200,7 @@ def reordered(test_model, tmp_path_factory):
     path = test_model(arch="qwen3moe", router_skew=1.5)
     folder = tmp_path_factory.mktemp("reordered")
     telemetry = RoutingTelemetry.for_model(path)
-    with Engine.load(path, n_ctx=256, n_threads=1, telemetry=telemetry) as engine:
+    with Engine.load(path, n_ctx=256, n_threads=1, telemetry=telemetry, all_outputs=True) as engine:
         write_profile(record_profile(engine, telemetry, [PROMPT, "def add(a, b):"], 16), folder / "profile.json")
     output = convert(path, folder / "reordered.gguf", profile=folder / "profile.json", show_progress=False).output
     inv = read_inventory(output)

@@ -126,8 +126,9 @@ def test_plan_json_is_the_planners_and_stable(test_model, rpc_endpoint):
     assert first.stdout == second.stdout
     s = json.loads(first.stdout)
     _, reason = choose_mode("auto", accelerator)
+    assert s["reserve"]["bytes"] == 0 and "an RPC device drives no display" in s["reserve"]["reason"]
     expected = make_plan(half.model, accelerator, half.budget, mode="cpu", mode_reason=reason, ctx=CTX, n_batch=BATCH,
-                         expert_cache="auto")  # the CLI's default
+                         expert_cache="auto", reserve_reason=s["reserve"]["reason"])  # the CLI's default
     assert s == json.loads(json.dumps(expected.to_json()))
     assert s["host_expert_mode"] == "cpu" and "no CUDA device" in s["mode_reason"]
     assert [layer["experts"] for layer in s["layers"]] == ["host", "host", "accelerator", "accelerator"]
@@ -163,7 +164,8 @@ def test_plan_for_a_gpu_this_machine_lacks(test_model):
 def test_plan_errors_are_one_line(test_model, rpc_endpoint):
     path = test_model(arch="qwen3moe")
     assert_one_line_error(run_cli("plan", path, "--rpc", rpc_endpoint, "--vram", "1MiB"), "too small", "--vram")
-    assert_one_line_error(run_cli("plan", path, "--vram", "1MiB"), "too small", "at least")
+    assert_one_line_error(run_cli("plan", path, "--vram", "1MiB"), "too small", "display and driver reserve", "--reserve")
+    assert_one_line_error(run_cli("plan", path, "--vram", "900MiB"), "too small", "at least", "after a 768.0 MiB display")
     dead = f"127.0.0.1:{free_port()}"
     assert_one_line_error(run_cli("plan", path, "--rpc", dead, "--vram", "1GiB"), "cannot reach an RPC device", dead)
     assert_one_line_error(run_cli("plan", path, "--rpc", rpc_endpoint, "--vram", "1GiB", "--mode", "rotary"), "rotary mode needs a CUDA GPU")
@@ -192,7 +194,8 @@ import json, sys
 from pathlib import Path
 from rotary_gguf.cli import plan_for
 from rotary_gguf.engine import Engine
-options = dict(ctx=256, n_batch=64, mode="rotary", rpc=None)
+from rotary_gguf.plan import ContextSettings
+options = dict(context=ContextSettings(ctx=256, n_batch=64, n_ubatch=64), mode="rotary", rpc=None, reserve="0")
 minimum = plan_for(Path(sys.argv[1]), vram="64GiB", **options).minimum_budget
 plan = plan_for(Path(sys.argv[1]), vram=f"{minimum}B", **options)  # every expert on the host
 with Engine.load(sys.argv[1], plan.placement, n_ctx=256, n_batch=64) as engine:

@@ -54,8 +54,13 @@ def test_compute_estimate_grows_with_batch_and_context():
     m = qwen36_figures()
     small, big_batch, big_ctx = (accelerator_compute_bytes(m, c, b) for c, b in ((4096, 64), (4096, 512), (65536, 512)))
     assert small < big_batch < big_ctx
-    # llama.cpp reserves logits for every token of the batch: vocab x batch x 4 bytes at least
-    assert big_batch >= 248320 * 512 * 4
+    # with every token an output, llama.cpp reserves logits for the whole batch: vocab x batch x 4 bytes
+    every = accelerator_compute_bytes(m, 4096, 512, all_outputs=True)
+    assert every >= 248320 * 512 * 4
+    # with one output a batch (n_outputs_max = 1) the widest block sizes it: the logits no longer do
+    assert every - big_batch >= 248320 * 511 * 4 - 100 * MiB and big_batch < 100 * MiB
+    # without flash attention every head's f32 scores over the context: 16 heads x 4096 x 512 x 4 bytes more
+    assert accelerator_compute_bytes(m, 4096, 512, flash_attn=False) >= big_batch + 16 * 4096 * 512 * 4
     # and never reserves for more tokens than the context holds
     assert accelerator_compute_bytes(m, 256, 512) == accelerator_compute_bytes(m, 256, 256)
 
@@ -219,7 +224,8 @@ def test_auto_cache_fills_the_budget_left_after_the_resident_blocks(tiny):
     assert cache.slots == 10 and cache.layers == (0, 1, 2) and plan.expert_cache_reason == ""
     assert cache.slot_bytes == tuple(m.expert_bytes(i) // m.n_expert for i in (0, 1, 2))
     assert cache.bytes == plan.accelerator_use.expert_cache == 10 * one_slot(m, [0, 1, 2])
-    assert plan.accelerator_use.total <= budget and plan.margin < one_slot(m, [0, 1, 2])  # one more slot would not fit
+    assert plan.accelerator_use.total <= budget - plan.estimate_margin  # the margin for the estimates stays free
+    assert plan.margin - plan.estimate_margin < one_slot(m, [0, 1, 2])  # one more slot would not fit
     assert cache.reason.startswith("auto: 10 slots per block")
 
 

@@ -174,7 +174,7 @@ def test_bench_measures_split_beside_upload_resident_only_and_llama_cpp_flags(te
     path = test_model(arch="qwen3moe", router_skew=1.5)
     plan = json.loads(run_cli("plan", path, "--rpc", rpc_endpoint, "--ctx", "256", "--json", "--expert-cache", "off").stdout)
     budget = plan["minimum_budget"] + plan["layers"][0]["expert_bytes"] + 9 * sum(l["expert_bytes"] for l in plan["layers"]) // 32
-    result = run_cli("bench", path, "--rpc", rpc_endpoint, "--vram", str(budget), "--expert-cache", "8", "--ctx", "256",
+    result = run_cli("bench", path, "--rpc", rpc_endpoint, "--vram", f"{budget}B", "--expert-cache", "8", "--ctx", "256",
                      "--prompt-tokens", "16", "--gen-tokens", "16", "--runs", "1", "--threads", "1", "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)

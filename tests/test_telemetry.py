@@ -32,7 +32,7 @@ def generate(path, telemetry, *, placement=None, tokens=12) -> list[int]:
 def test_counts_add_up_to_tokens_times_experts_used(test_model, arch):
     path = test_model(arch=arch, router_skew=1.0)
     telemetry = RoutingTelemetry.for_model(path, pairs=True)
-    with Engine.load(path, n_ctx=256, n_batch=16, n_threads=1, telemetry=telemetry) as engine:
+    with Engine.load(path, n_ctx=256, n_batch=16, n_threads=1, telemetry=telemetry, all_outputs=True) as engine:
         profile = record_profile(engine, telemetry, PROMPTS, 6)
         prompts = [engine.tokenize(p) for p in PROMPTS]
     # every token is processed but the last one generated for each prompt

@@ -92,12 +92,13 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     from rotary_gguf.engine import Engine
     from rotary_gguf.experts.cache import ExpertCache
     from rotary_gguf.inventory import read_inventory
+    from rotary_gguf.plan import ContextSettings
 
     log.setup()
     result = {"variant": name, "mode": mode, "expert_cache_setting": cache_setting,
               "budget_bytes": parse_size(args.vram), "accelerator_baseline_bytes": baseline}
     try:
-        plan = plan_for(args.model, vram=args.vram, ctx=args.ctx, n_batch=N_BATCH, mode=mode, rpc=args.rpc,
+        plan = plan_for(args.model, vram=args.vram, context=ContextSettings(args.ctx, N_BATCH, N_BATCH), mode=mode, rpc=args.rpc,
                         expert_cache=cache_setting, cache_misses=misses)
     except UserError as e:
         return {**result, "status": "skipped", "reason": str(e)}

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_test_model import make_model  # noqa: E402
 
 from rotary_gguf.cli import plan_or_cpu  # noqa: E402
-from rotary_gguf.plan import DEFAULT_BATCH  # noqa: E402
+from rotary_gguf.plan import ContextSettings  # noqa: E402
 from rotary_gguf.engine import Engine  # noqa: E402
 from rotary_gguf.experts.cache import ExpertCache  # noqa: E402
 from rotary_gguf.inventory import read_inventory  # noqa: E402
@@ -152,7 +152,7 @@ def serving(model: Path, args: argparse.Namespace) -> Iterator[tuple[str, psutil
 def in_process(model: Path, args: argparse.Namespace) -> Iterator[tuple[Engine, list[int], str]]:
     """The engine on `model` with the placement `serve` uses, the benchmark's prompt, and the
     text every decode must produce (from a warm-up run)."""
-    the_plan = plan_or_cpu(model, vram=args.vram, mode=args.mode or "auto", ctx=args.ctx, n_batch=DEFAULT_BATCH, rpc=args.rpc,
+    the_plan = plan_or_cpu(model, vram=args.vram, mode=args.mode or "auto", context=ContextSettings(args.ctx), rpc=args.rpc,
                            expert_cache="auto")  # as `serve` plans by default
     placement = the_plan.placement if the_plan else None
     cache = ExpertCache.for_plan(the_plan, read_inventory(model))

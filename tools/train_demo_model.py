@@ -664,7 +664,8 @@ def routing_skew(path: pathlib.Path, stream: np.ndarray, seq_len: int) -> list[d
     from rotary_gguf.telemetry import RoutingTelemetry
 
     telemetry = RoutingTelemetry.for_model(path)
-    with Engine.load(path, n_ctx=seq_len, n_batch=seq_len, n_threads=1, telemetry=telemetry) as engine:
+    with Engine.load(path, n_ctx=seq_len, n_batch=seq_len, n_threads=1, telemetry=telemetry,
+                     all_outputs=True) as engine:
         engine.output_every_token = True  # else the last block routes only the last token
         for start in range(0, len(stream) - seq_len + 1, seq_len):
             engine.reset()

@@ -11,6 +11,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from .. import __version__, log
+from ..defaults import CARD_RESERVE, DEFAULT_CTX, FREE_MEMORY_RESERVE, MIN_CTX
 from ..demo import model_source, resolve_model
 from ..errors import UserError
 
@@ -72,7 +73,51 @@ ModeOpt = Annotated[
 ]
 VramOpt = Annotated[
     Optional[str],
-    typer.Option(help="Accelerator memory to fill, e.g. 8GiB (default: what the GPU reports free).", show_default=False),
+    typer.Option(
+        help="The GPU's memory, with a unit, e.g. 8GiB or 7.5GB; the plan keeps a display and driver reserve off it "
+        "(default: what the GPU reports free, less a smaller reserve).",
+        show_default=False,
+    ),
+]
+ReserveOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="SIZE",
+        help=f"Memory kept off the GPU for the display and driver, e.g. 1GiB or 0 on a headless GPU (default: "
+        f"{CARD_RESERVE >> 20}MiB off a --vram size, {FREE_MEMORY_RESERVE >> 20}MiB off reported free memory, none on an "
+        "RPC device).",
+        show_default=False,
+    ),
+]
+CtxOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        min=MIN_CTX,
+        help=f"Context length in tokens, {MIN_CTX} up to the model's trained context (default: the model's default_ctx "
+        f"in models.toml, else {DEFAULT_CTX}).",
+        show_default=False,
+    ),
+]
+BatchOpt = Annotated[
+    int, typer.Option(min=1, help="Tokens per decode call when reading a prompt; with --ubatch it sizes the compute buffer.")
+]
+UbatchOpt = Annotated[
+    Optional[int],
+    typer.Option(min=1, help="Tokens per micro-batch (default: --batch): the compute buffer grows with it.", show_default=False),
+]
+KvTypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--kv-type", metavar="f16|q8_0|q4_0",
+        help="KV cache element type: q8_0 halves the KV cache, q4_0 quarters it (both need flash attention).",
+    ),
+]
+FlashAttnOpt = Annotated[
+    str,
+    typer.Option(
+        "--flash-attn", metavar="auto|on|off",
+        help="Flash attention: 'off' adds every head's attention scores over the whole context to the compute buffer.",
+    ),
 ]
 ThreadsOpt = Annotated[int, typer.Option(min=0, help="CPU threads (0: all cores).")]
 CacheOpt = Annotated[

@@ -12,16 +12,23 @@ from rich.table import Table
 
 from .. import log
 from ..errors import UserError
+from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
 from ..units import human_bytes
-from .app import CacheOpt, JsonOpt, MissesOpt, ModelArg, ProfileOpt, RpcOpt, ThreadsOpt, VramOpt, app, cache_setting, out
-from .placement import plan_or_cpu
+from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModelArg, ProfileOpt, ReserveOpt,
+                  RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
+from .placement import context_for, plan_or_cpu
 
 
 @app.command()
 def bench(
     model: ModelArg,
     vram: VramOpt = None,
-    ctx: Annotated[int, typer.Option(help="Context length in tokens (sizes the KV cache, as when serving).")] = 4096,
+    reserve: ReserveOpt = None,
+    ctx: CtxOpt = None,
+    batch: BatchOpt = DEFAULT_BATCH,
+    ubatch: UbatchOpt = None,
+    kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
+    flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens each run evaluates (the same for every candidate).")] = 512,
     gen_tokens: Annotated[int, typer.Option(help="Tokens each run generates, greedily.")] = 128,
     runs: Annotated[int, typer.Option(help="Timed runs per candidate, after one warm-up run each.")] = 3,
@@ -40,13 +47,13 @@ def bench(
     error (exit code 1). Warns when runs are too noisy to tell candidates apart. Needs a GPU or
     --rpc to compare placements; without one it measures the CPU-only run alone and says so."""
     from .. import bench as benching
-    from ..plan import DEFAULT_BATCH, Placement
+    from ..plan import Placement
 
-    for flag, value in (("--runs", runs), ("--gen-tokens", gen_tokens), ("--prompt-tokens", prompt_tokens), ("--ctx", ctx)):
+    for flag, value in (("--runs", runs), ("--gen-tokens", gen_tokens), ("--prompt-tokens", prompt_tokens)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, not {value}")
-    n_batch = min(DEFAULT_BATCH, ctx)
-    cpu_plan = plan_or_cpu(model, vram=vram, mode="cpu", ctx=ctx, n_batch=n_batch, rpc=rpc,
+    context = context_for(model, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
+    cpu_plan = plan_or_cpu(model, vram=vram, reserve=reserve, mode="cpu", context=context, rpc=rpc,
                            expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
                            routing_profile=routing_profile)
     notes: list[str] = []
@@ -64,11 +71,14 @@ def bench(
             label = "warm-up" if run == 0 else f"run {run}/{runs}"
             log.logger.info("%s: %s: decode %.1f t/s", label, cand.name, m.decode_tps)
 
-    results, prompt = benching.run_bench(model, cands, n_ctx=ctx, n_batch=n_batch, prompt_len=prompt_tokens,
-                                         gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress)
+    load_options = dict(n_ubatch=context.n_ubatch, kv_type=context.kv_type, flash_attn=context.flash_attn)
+    results, prompt = benching.run_bench(model, cands, n_ctx=context.ctx, n_batch=context.n_batch, prompt_len=prompt_tokens,
+                                         gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress,
+                                         load_options=load_options)
     _predict(model, results, cpu_plan, threads)
     best = benching.recommend(results)
-    checks = benching.check_outputs(model, results, prompt, n_ctx=ctx, n_batch=n_batch, n_threads=threads or None)
+    checks = benching.check_outputs(model, results, prompt, n_ctx=context.ctx, n_batch=context.n_batch,
+                                    n_threads=threads or None, load_options=load_options)
     bugs = [c for c in checks if not c.legitimate]
     notes += [c.describe() for c in checks if c.legitimate]
     warnings = benching.noise_warnings(results, best, runs)

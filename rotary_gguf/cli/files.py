@@ -10,8 +10,9 @@ import typer
 from rich.table import Table
 
 from ..units import human_bytes
-from .app import JsonOpt, ModeOpt, ModelArg, RpcOpt, ThreadsOpt, VramOpt, app, out
-from .placement import plan_or_cpu
+from ..defaults import DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
+from .app import CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, ModeOpt, ModelArg, ReserveOpt, RpcOpt, ThreadsOpt, VramOpt, app, out
+from .placement import context_for, plan_or_cpu
 
 
 @app.command()
@@ -92,8 +93,11 @@ def profile(
                      "of prose, code, math and dialogue).", show_default=False),
     ] = None,
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Tokens to generate after each prompt.")] = 128,
-    ctx: Annotated[int, typer.Option(min=16, help="Context length: a prompt plus its tokens must fit.")] = 4096,
+    ctx: CtxOpt = None,
+    kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
+    flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     vram: VramOpt = None,
+    reserve: ReserveOpt = None,
     mode: ModeOpt = "auto",
     rpc: RpcOpt = None,
     threads: ThreadsOpt = 0,
@@ -104,14 +108,16 @@ def profile(
 
     texts = read_prompts(prompts) if prompts is not None else list(BUILTIN_PROMPTS)
     telemetry = RoutingTelemetry.for_model(model, pairs=True)
-    the_plan = plan_or_cpu(model, vram=vram, mode=mode, ctx=ctx, n_batch=PROFILE_BATCH, rpc=rpc)
+    # every token of a batch is an output: each block must route every token
+    context = context_for(model, ctx=ctx, batch=PROFILE_BATCH, ubatch=None, kv_type=kv_type, flash_attn=flash_attn)
+    the_plan = plan_or_cpu(model, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, all_outputs=True)
     placement = the_plan.placement if the_plan else None
 
     def progress(index: int, stats) -> None:
         out.print(f"[dim]prompt {index + 1}/{len(texts)}: {stats.prompt_tokens} + {stats.completion_tokens} tokens, "
                   f"decode {stats.decode_tps:.1f} t/s[/]")
 
-    with Engine.load(model, placement, n_ctx=ctx, n_batch=PROFILE_BATCH, n_threads=threads or None,
+    with Engine.load(model, placement, **context.load_options(), all_outputs=True, n_threads=threads or None,
                      telemetry=telemetry) as engine:
         doc = record_profile(engine, telemetry, texts, tokens, on_prompt=progress)
     write_profile(doc, output)

@@ -1,5 +1,6 @@
 """The plan for this machine: the accelerator found (or --rpc, or --vram for a GPU not here), the
-host-expert mode measured where it must be, and the CPU when there is nothing to fill."""
+budget less a display and driver reserve, the host-expert mode measured where it must be, and the
+CPU when there is nothing to fill."""
 
 from __future__ import annotations
 
@@ -11,17 +12,54 @@ from ..units import human_bytes
 from .app import misses_setting
 
 
-def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: str, rpc: Optional[str],
-             expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None):
+def context_for(model, *, ctx: Optional[int], batch: int, ubatch: Optional[int], kv_type: str, flash_attn: str):
+    """The context settings for `model` (a file, or a model on the Hub: its header), checked
+    (`ctx` None: the model's default)."""
+    from ..demo import model_inventory
+    from ..plan import context_settings
+
+    return context_settings(model_inventory(model), ctx, batch, ubatch, kv_type, flash_attn)
+
+
+def budget_for(accelerator, vram: Optional[str], reserve: Optional[str]) -> tuple[int, str, int, str]:
+    """(budget, where it comes from, reserve, why) for `accelerator` (None: a GPU not here): the
+    --vram size or the free memory reported, less the reserve kept for the display and driver."""
+    from ..plan import CARD_RESERVE, FREE_MEMORY_RESERVE
+    from ..units import parse_size
+
+    if vram is not None:
+        given, source = parse_size(vram, "--vram"), "--vram"
+        default, why = CARD_RESERVE, "display and driver reserve (a --vram size is the card's: CUDA context, desktop)"
+    elif accelerator is None:
+        raise UserError("no GPU here and no --rpc: pass --vram SIZE to plan for a GPU with that much memory")
+    else:
+        given, source = accelerator.free_bytes, f"free memory {accelerator.name} reports"
+        default, why = FREE_MEMORY_RESERVE, "display and driver reserve (room for their growth after the plan)"
+    if reserve is not None:
+        amount, why = parse_size(reserve, "--reserve"), "display and driver reserve (--reserve)"
+    elif accelerator is not None and not accelerator.streams_host_ops:
+        amount, why = 0, "no display and driver reserve: an RPC device drives no display"
+    else:
+        amount = default
+    if amount >= given:
+        raise UserError(f"a VRAM budget of {human_bytes(given)} ({source}) is too small: the {human_bytes(amount)} "
+                        f"{why.split(' (')[0]} takes all of it; pass a larger --vram, or --reserve SIZE (0 on a GPU "
+                        "that drives no display)")
+    return given - amount, source, amount, why
+
+
+def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optional[str], reserve: Optional[str] = None,
+             expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None,
+             all_outputs: bool = False):
     """The plan for `model` on this machine's accelerator (or the RPC device at `rpc`, or a GPU
-    this machine lacks, sized by `vram`), with the expert cache `expert_cache` ("auto", "off" or
-    slots per block). Decides the host-expert mode before loading anything."""
+    this machine lacks, sized by `vram`) with the context settings `context`, and the expert cache
+    `expert_cache` ("auto", "off" or slots per block). Decides the host-expert mode before loading
+    anything."""
     import os
 
     from .. import native
     from ..demo import model_inventory
     from ..plan import HOST_MODES, ROTARY_OFFLOAD_MIN_BATCH, Accelerator, ModelFigures, choose_mode, make_plan
-    from ..units import parse_size
 
     if mode not in (*HOST_MODES, "auto"):
         raise UserError(f"unknown --mode {mode!r}: use auto, cpu or rotary")
@@ -37,21 +75,17 @@ def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: 
     if mode == "rotary":
         native.set_offload_min_batch(ROTARY_OFFLOAD_MIN_BATCH)  # read once, when the GPU backend loads
     accelerator = native.find_accelerator(rpc)
+    budget, source, reserved, reserve_reason = budget_for(accelerator, vram, reserve)
     notes: list[str] = []
-    if vram is not None:
-        budget, source = parse_size(vram), "--vram"
-    elif accelerator is None:
-        raise UserError("no GPU here and no --rpc: pass --vram SIZE to plan for a GPU with that much free memory")
-    else:
-        budget, source = accelerator.free_bytes, f"free memory {accelerator.name} reports"
-        if not accelerator.streams_host_ops:
-            notes.append(f"{accelerator.name} reports the RPC server's free RAM; pass --vram to simulate a smaller GPU")
+    if vram is None and not accelerator.streams_host_ops:
+        notes.append(f"{accelerator.name} reports the RPC server's free RAM; pass --vram to simulate a smaller GPU")
     if accelerator is None:
         accelerator = Accelerator.planned_cuda()
-        notes.append(f"no GPU on this machine: planning for a CUDA GPU with {human_bytes(budget)} free")
-    elif accelerator.free_bytes is not None and budget > accelerator.free_bytes:
+        notes.append(f"no GPU on this machine: planning for a CUDA GPU with {human_bytes(budget + reserved)}")
+    elif vram is not None and accelerator.free_bytes is not None and budget > accelerator.free_bytes:
         notes.append(f"the budget is more than the {human_bytes(accelerator.free_bytes)} {accelerator.name} reports free")
-    options = dict(budget_source=source, ctx=ctx, n_batch=n_batch, notes=tuple(notes))
+    options = dict(budget_source=source, reserve=reserved, reserve_reason=reserve_reason, notes=tuple(notes),
+                   all_outputs=all_outputs, **context.plan_options())
     link = None
     if mode == "auto" and accelerator.present and accelerator.streams_host_ops:
         cpu_plan = make_plan(figures, accelerator, budget, mode="cpu", **options)
@@ -66,8 +100,9 @@ def plan_for(model: Path, *, vram: Optional[str], ctx: int, n_batch: int, mode: 
                      upload_bytes_per_s=link.upload_bytes_per_s if link else None, hit_rates=hit_rates, **options)
 
 
-def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, ctx: int, n_batch: int, rpc: Optional[str],
-                expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None):
+def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, context, rpc: Optional[str], reserve: Optional[str] = None,
+                expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None,
+                all_outputs: bool = False):
     """The plan for MoE `model` when there is an accelerator to fill (a GPU, or the RPC device at
     `rpc`), else None: everything runs on the CPU (always so for a dense model)."""
     from .. import native
@@ -79,8 +114,8 @@ def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, ctx: int, n_batc
 
     if vram is None and rpc is None and mode != "rotary" and not any(d.is_local_gpu for d in native.devices()):
         return None
-    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=n_batch, mode=mode, rpc=rpc, expert_cache=expert_cache,
-                        cache_misses=cache_misses, routing_profile=routing_profile)
+    the_plan = plan_for(model, vram=vram, context=context, mode=mode, rpc=rpc, reserve=reserve, expert_cache=expert_cache,
+                        cache_misses=cache_misses, routing_profile=routing_profile, all_outputs=all_outputs)
     if not the_plan.accelerator.present:
         raise UserError(f"there is no GPU on this machine to fill with --vram {vram}; use --rpc HOST:PORT for a simulated one")
     return the_plan

@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from ..errors import UserError
 from ..units import human_bytes
-from .app import CacheOpt, JsonOpt, MissesOpt, ModeOpt, ModelSourceArg, ProfileOpt, RpcOpt, app, cache_setting, out
-from .placement import plan_for
+from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
+from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModeOpt, ModelSourceArg,
+                  ProfileOpt, ReserveOpt, RpcOpt, UbatchOpt, VramOpt, app, cache_setting, out)
+from .placement import context_for, plan_for
 
 
 @app.command()
 def plan(
     model: ModelSourceArg,
-    vram: Annotated[
-        Optional[str],
-        typer.Option(help="Accelerator memory to fill, e.g. 8GiB (default: what the GPU reports free).", show_default=False),
-    ] = None,
-    ctx: Annotated[int, typer.Option(min=1, help="Context length in tokens.")] = 4096,
-    batch: Annotated[int, typer.Option(min=1, help="Batch size for prompt processing (sizes the compute buffers).")] = 512,
+    vram: VramOpt = None,
+    reserve: ReserveOpt = None,
+    ctx: CtxOpt = None,
+    batch: BatchOpt = DEFAULT_BATCH,
+    ubatch: UbatchOpt = None,
+    kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
+    flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     mode: ModeOpt = "auto",
     rpc: RpcOpt = None,
     expert_cache: CacheOpt = "auto",
@@ -35,8 +38,9 @@ def plan(
     as_json: JsonOpt = False,
 ) -> None:
     """Decide where every tensor lives for a VRAM budget, and predict each device's memory."""
-    the_plan = plan_for(model, vram=vram, ctx=ctx, n_batch=batch, mode=mode, rpc=rpc, expert_cache=cache_setting(expert_cache),
-                        cache_misses=cache_misses, routing_profile=routing_profile)
+    context = context_for(model, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
+    the_plan = plan_for(model, vram=vram, reserve=reserve, context=context, mode=mode, rpc=rpc,
+                        expert_cache=cache_setting(expert_cache), cache_misses=cache_misses, routing_profile=routing_profile)
     rows = _check_plan(model, the_plan) if check else None
     if as_json:
         summary = the_plan.to_json()
@@ -52,16 +56,18 @@ def plan(
 def _check_plan(model: Path, the_plan) -> list[tuple[str, str, int, int]]:
     """Load `model` with the plan (and its expert cache); (device, purpose, predicted, actual) for
     each buffer kind."""
+    from ..demo import resolve_model
     from ..engine import Engine
     from ..experts.cache import ExpertCache
-    from ..demo import resolve_model
     from ..inventory import read_inventory
 
     model = resolve_model(model)  # a name must be pulled before it is loaded
     if not the_plan.accelerator.present:
         raise UserError(f"--check loads the model, and {the_plan.accelerator.name} is not on this machine")
     cache = ExpertCache.for_plan(the_plan, read_inventory(model))
-    with Engine.load(model, the_plan.placement, n_ctx=the_plan.ctx, n_batch=the_plan.n_batch, expert_cache=cache) as engine:
+    with Engine.load(model, the_plan.placement, n_ctx=the_plan.ctx, n_batch=the_plan.n_batch, n_ubatch=the_plan.n_ubatch,
+                     kv_type=the_plan.kv_type, flash_attn=the_plan.flash_attn, all_outputs=the_plan.all_outputs,
+                     expert_cache=cache) as engine:
         rows = the_plan.compare(engine.load_report)
         if cache is not None:
             rows.append(("accelerator", "expert_cache", the_plan.accelerator_use.expert_cache, cache.slot_bytes))
@@ -69,7 +75,7 @@ def _check_plan(model: Path, the_plan) -> list[tuple[str, str, int, int]]:
 
 
 def _print_plan(p) -> None:
-    from ..plan import DeviceUse
+    from ..plan import ESTIMATE_MARGIN_SHARE, DeviceUse
 
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
@@ -77,9 +83,13 @@ def _print_plan(p) -> None:
     acc = p.accelerator
     head.add_row("model", f"{p.model.name} ({p.model.arch}, {p.model.n_layer} blocks)")
     head.add_row("accelerator", f"{acc.name} ({acc.kind}), buffer type {acc.buffer_type}")
-    head.add_row("budget", f"{human_bytes(p.budget)} ({p.budget_source})")
+    given = f"{human_bytes(p.budget + p.reserve)} ({p.budget_source})"
+    head.add_row("budget", f"{human_bytes(p.budget)}: {given} less {human_bytes(p.reserve)} {p.reserve_reason}"
+                 if p.reserve else f"{given}; {p.reserve_reason or 'no reserve'}")
     head.add_row("host experts", f"{p.mode}: {p.mode_reason}")
-    head.add_row("context", f"{p.ctx} tokens, batch {p.n_batch}, KV cache {p.kv_type}")
+    outputs = "logits of every token" if p.all_outputs else "logits of one token a batch"
+    head.add_row("context", f"{p.ctx} tokens (largest that fits: {p.largest_ctx}), batch {p.n_batch}, micro-batch "
+                 f"{p.n_ubatch}, KV cache {p.kv_type}, flash attention {p.flash_attn}, {outputs}")
     cache = p.expert_cache
     if cache and cache.split:
         line = (f"{cache.slots} slots per host block + a zero slot ({human_bytes(cache.bytes)}), split compute: misses "
@@ -111,7 +121,8 @@ def _print_plan(p) -> None:
     out.print(totals)
     resident = len(p.resident)
     out.print(
-        f"accelerator: {human_bytes(p.accelerator_use.total)} of {human_bytes(p.budget)}, margin {human_bytes(p.margin)}; "
+        f"accelerator: {human_bytes(p.accelerator_use.total)} of {human_bytes(p.budget)}, margin {human_bytes(p.margin)} "
+        f"(at least {human_bytes(p.estimate_margin)} kept for the ~ estimates: {ESTIMATE_MARGIN_SHARE:.0%} of them); "
         f"{resident} of {resident + len(p.host_layers)} expert blocks resident (minimum budget {human_bytes(p.minimum_budget)})"
     )
     for pattern, buft in p.overrides:

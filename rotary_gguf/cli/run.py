@@ -7,10 +7,11 @@ from typing import Annotated, Optional
 import typer
 
 from .. import log
+from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
 from ..errors import UserError
-from .app import (CacheOpt, MissesOpt, ModeOpt, OptionalModelArg, ProfileOpt, RpcOpt, ThreadsOpt, VramOpt, app,
-                  cache_setting, out)
-from .placement import plan_or_cpu
+from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, KvTypeOpt, MissesOpt, ModeOpt, OptionalModelArg, ProfileOpt,
+                  ReserveOpt, RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
+from .placement import context_for, plan_or_cpu
 
 
 @app.command()
@@ -18,14 +19,20 @@ def generate(
     model: OptionalModelArg = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "Once upon a time",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="How many tokens to generate.")] = 32,
-    ctx: Annotated[int, typer.Option(min=16, help="Context length.")] = 2048,
+    ctx: CtxOpt = None,
+    batch: BatchOpt = DEFAULT_BATCH,
+    ubatch: UbatchOpt = None,
+    kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
+    flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     threads: ThreadsOpt = 0,
 ) -> None:
     """Greedily continue a prompt and print the text with prompt and decode speed."""
     from ..demo import resolve_model
     from ..engine import Engine
 
-    with Engine.load(resolve_model(model), n_ctx=ctx, n_threads=threads or None) as engine:
+    path = resolve_model(model)
+    context = context_for(path, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
+    with Engine.load(path, n_threads=threads or None, **context.load_options()) as engine:
         out.print(f"[bold]{prompt}[/]", end="")
         stats = None
         for event in engine.generate(engine.tokenize(prompt), max_tokens=tokens):
@@ -43,8 +50,13 @@ def generate(
 def serve(
     model: OptionalModelArg = None,
     vram: VramOpt = None,
+    reserve: ReserveOpt = None,
     mode: ModeOpt = "auto",
-    ctx: Annotated[int, typer.Option(min=16, help="Context length in tokens (prompt plus reply).")] = 4096,
+    ctx: CtxOpt = None,
+    batch: BatchOpt = DEFAULT_BATCH,
+    ubatch: UbatchOpt = None,
+    kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
+    flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback exposes the API to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on.")] = 8080,
     api_key: Annotated[
@@ -79,22 +91,21 @@ def serve(
     from ..engine import Engine
     from ..experts.cache import ExpertCache
     from ..inventory import read_inventory
-    from ..plan import DEFAULT_BATCH
-
     from ..units import parse_size
 
     path = resolve_model(model)
     inv = read_inventory(path)
     cache = cache_setting(expert_cache)
-    checkpoint_bytes = parse_size(checkpoint_memory)
+    checkpoint_bytes = parse_size(checkpoint_memory, "--checkpoint-memory")
+    context = context_for(path, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
     sock = serving.listen(host, port)
-    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc, expert_cache=cache,
+    the_plan = plan_or_cpu(path, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, expert_cache=cache,
                            cache_misses=cache_misses, routing_profile=routing_profile)
     placement = the_plan.placement if the_plan else None
     telemetry = _dashboard_telemetry(inv) if dashboard else None
-    with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
+    with Engine.load(path, placement, **context.load_options(), n_threads=threads or None, telemetry=telemetry,
                      expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads),
                      checkpoint_bytes=checkpoint_bytes) as engine:
         options = serving.ServeOptions(model_id=path.name.removesuffix(".gguf"), max_queue=max_queue, api_key=api_key,
@@ -127,8 +138,13 @@ def _dashboard_telemetry(inv):
 def chat(
     model: OptionalModelArg = None,
     vram: VramOpt = None,
+    reserve: ReserveOpt = None,
     mode: ModeOpt = "auto",
-    ctx: Annotated[int, typer.Option(min=16, help="Context length in tokens (the whole conversation).")] = 4096,
+    ctx: CtxOpt = None,
+    batch: BatchOpt = DEFAULT_BATCH,
+    ubatch: UbatchOpt = None,
+    kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
+    flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     rpc: RpcOpt = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one answer may have.")] = 512,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Sampling temperature (0: greedy).")] = 0.7,
@@ -146,16 +162,16 @@ def chat(
     from ..engine import Engine, SamplingParams
     from ..experts.cache import ExpertCache
     from ..inventory import read_inventory
-    from ..plan import DEFAULT_BATCH
 
     path = resolve_model(model)
     inv = read_inventory(path)
+    context = context_for(path, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
     telemetry = _dashboard_telemetry(inv) if routing else None
-    the_plan = plan_or_cpu(path, vram=vram, mode=mode, ctx=ctx, n_batch=DEFAULT_BATCH, rpc=rpc,
+    the_plan = plan_or_cpu(path, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc,
                            expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
                            routing_profile=routing_profile)
     placement = the_plan.placement if the_plan else None
-    with Engine.load(path, placement, n_ctx=ctx, n_threads=threads or None, telemetry=telemetry,
+    with Engine.load(path, placement, **context.load_options(), n_threads=threads or None, telemetry=telemetry,
                      expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads)) as engine:
         dashboard = Dashboard(engine, telemetry=telemetry, plan=the_plan)
         chatting.run(engine, dashboard, out, max_tokens=max_tokens, system=system,

@@ -1,216 +1,21 @@
-"""The planner: where every tensor lives for a VRAM budget. Pure Python, no llama.cpp import.
-
-Policy: everything except the routed experts goes on the accelerator (the token embeddings stay in
-host memory, where llama.cpp always keeps its input layer); then the whole expert tensors of as
-many blocks as the budget allows stay resident on the accelerator, largest blocks first; the rest
-live in host memory and run in one of two modes:
-
-- `cpu`: the CPU computes them during decode (llama.cpp's `--n-cpu-moe` behaviour);
-- `rotary`: each token's experts are streamed to the accelerator and computed there
-  (GGML_OP_OFFLOAD_MIN_BATCH=1, pinned host memory). This needs a GPU backend with offload_op.
-
-The memory model follows llama.cpp's own sizing (src/llama-kv-cache.cpp,
-src/llama-memory-recurrent.cpp, src/llama-context.cpp): weights, KV cache and recurrent state are
-exact; compute buffers and the CUDA runtime reserve are estimates, calibrated against what
-llama.cpp allocates (for the test models and for a header-only model with Qwen3.6-35B-A3B's
-widths). Every figure says whether it is an estimate.
-
-With an expert cache, each host block also keeps `slots` accelerator slots, each holding one of
-its experts (every expert tensor of the block). Its misses are either computed by the CPU while
-the accelerator computes the hits (`split`, the default: one more all-zero slot per block, and
-uploads between tokens), or uploaded before the block runs (`upload`, for fast links). A slot
-count chooses the resident blocks around the cache. `auto` with split weighs every slot count
-against the resident blocks the same memory would hold, by the decode-time model of
-`decode_cost`, and keeps the fastest (resident blocks only, when nothing beats them); `auto` with
-upload fills what the resident blocks leave.
-
-The output, a `Plan`, turns into a `Placement`: what the engine hands to llama.cpp (the device
-list, the tensor_buft_overrides as pattern -> buffer type name, first match wins, and load options).
-"""
+"""The placement policy: resident expert blocks and the expert cache for a budget, and the `Plan`
+that results (see the package's docstring)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from functools import cached_property
+from dataclasses import dataclass, field
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-from . import arch as names
-from .decode_cost import (CPU_HOP_LATENCY_S, DEFAULT_CPU_EXPERT_BYTES_PER_S, HostBlock, field_hit_rate,
-                          host_expert_seconds, profile_hit_rates)
-from .errors import UserError
-from .inventory import Inventory
-from .units import human_bytes
-
-HOST_MODES = ("cpu", "rotary")
-EXPERT_CACHE_SETTINGS = ("auto", "off")  # or a number of slots per host block
-CACHE_MISSES = ("split", "upload")  # what a cache miss does: computed on the CPU meanwhile, or uploaded first
-# `auto` makes no cache smaller than this many times the experts a token uses: a miss costs an
-# upload where the CPU would have computed the expert in place, and replayed routing traces hit
-# only 18-47% at slots = used (test and demo models) against 43-88% at twice that.
-AUTO_CACHE_MIN_USED_MULTIPLE = 2
-HOST_BUFFER_TYPE = "CPU"  # llama.cpp's plain host buffer type (it may pick a repacked or pinned variant)
-ROTARY_OFFLOAD_MIN_BATCH = 1  # every decode step streams the used host experts to the GPU
-CUDA_OFFLOAD_MIN_BATCH = 32  # CUDA's default: batches this large run host-expert ops on the GPU
-CTX_PADDING = 256  # llama.cpp pads the context (and so the KV cache) to a multiple of this
-CUDA_RUNTIME_RESERVE = 256 * 2**20  # CUDA memory pools and cuBLAS workspace: outside llama.cpp's buffers (estimate)
-DEFAULT_CTX = 4096
-DEFAULT_BATCH = 512
-KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
-# Per-copy cost of streaming one run of experts (launch + PCIe latency): an assumption of the
-# mode-choice model, not a measurement.
-COPY_LATENCY_S = 10e-6
-
-
-@dataclass(frozen=True)
-class Accelerator:
-    """The device the plan fills, as the planner needs to know it."""
-
-    name: str  # ggml device name, e.g. "CUDA0", "RPC0"
-    buffer_type: str  # its buffer type name as llama.cpp names it, e.g. "CUDA0", "RPC0[127.0.0.1:50052]"
-    pinned_host_buffer_type: str | None  # page-locked host memory for fast uploads ("CUDA_Host"), if any
-    free_bytes: int | None  # free memory the device reports; None when it is not on this machine
-    streams_host_ops: bool  # a GPU backend with offload_op: can run host-resident expert ops (rotary)
-    runtime_reserve: int  # memory it uses outside llama.cpp's buffers (estimate)
-    present: bool = True
-
-    @classmethod
-    def planned_cuda(cls) -> "Accelerator":
-        """A CUDA GPU this machine does not have: plan for it, from the budget alone."""
-        return cls("CUDA0", "CUDA0", "CUDA_Host", None, True, CUDA_RUNTIME_RESERVE, present=False)
-
-    @property
-    def kind(self) -> str:
-        if not self.present:
-            return "planned"
-        return "gpu" if self.streams_host_ops else "rpc"
-
-
-@dataclass(frozen=True)
-class ModelFigures:
-    """What the planner needs to know about a model: the bytes of every tensor llama.cpp loads and
-    the hyperparameters that size the KV cache, recurrent state and compute buffers."""
-
-    name: str
-    arch: str
-    n_layer: int  # blocks llama.cpp runs (a NextN/MTP head it skips is not counted)
-    tensors: tuple[tuple[str, int], ...]  # (name, bytes) of every tensor llama.cpp loads
-    attention: tuple[str, ...]  # per block: "full" (KV cache) or "linear" (recurrent state)
-    n_vocab: int
-    n_embd: int
-    n_expert: int
-    n_expert_used: int
-    n_ff_exp: int
-    n_head: int
-    n_head_kv: int
-    head_dim_k: int
-    head_dim_v: int
-    recurrent_conv: int = 0  # conv-state floats per linear-attention block and sequence (n_embd_r)
-    recurrent_ssm: int = 0  # ssm-state floats per linear-attention block and sequence (n_embd_s)
-    recurrent_width: int = 0  # widest per-token activation of a linear-attention block, in floats
-
-    @classmethod
-    def from_inventory(cls, inv: Inventory) -> "ModelFigures":
-        """The figures of a GGUF file, from its header."""
-        if not inv.is_moe:
-            raise UserError(f"{inv.path.name} is not a Mixture-of-Experts model: there are no expert tensors to place")
-        n_mtp = inv.hparam("nextn_predict_layers")
-        n_layer = inv.n_layer - n_mtp  # llama.cpp skips the NextN head's tensors unless asked for it
-        tensors = tuple(
-            (t.name, t.nbytes) for t in inv.tensors if t.layer is None or t.layer < n_layer
-        )
-        n_head = inv.hparam("attention.head_count")
-        head_dim_k = inv.hparam("attention.key_length", inv.n_embd // max(n_head, 1))
-        d_conv, d_inner = inv.hparam("ssm.conv_kernel"), inv.hparam("ssm.inner_size")
-        n_group, d_state = inv.hparam("ssm.group_count"), inv.hparam("ssm.state_size")
-        n_v_heads = inv.hparam("ssm.time_step_rank")
-        conv_channels = d_inner + 2 * n_group * d_state
-        embd = inv.by_name.get("token_embd.weight")
-        return cls(
-            name=inv.path.name,
-            arch=inv.arch,
-            n_layer=n_layer,
-            tensors=tensors,
-            attention=tuple(inv.attention_layout()[:n_layer]),
-            n_vocab=embd.shape[1] if embd else 0,
-            n_embd=inv.n_embd,
-            n_expert=inv.n_expert,
-            n_expert_used=inv.n_expert_used,
-            n_ff_exp=inv.n_ff_exp,
-            n_head=n_head,
-            n_head_kv=inv.hparam("attention.head_count_kv", n_head),
-            head_dim_k=head_dim_k,
-            head_dim_v=inv.hparam("attention.value_length", head_dim_k),
-            recurrent_conv=max(d_conv - 1, 0) * conv_channels,
-            recurrent_ssm=d_state * d_inner,
-            # conv input and output, the output gate, and the delta rule's 64-token chunk matrices
-            recurrent_width=2 * conv_channels + d_inner + 4 * 64 * n_v_heads,
-        )
-
-    # --- derived sizes ---------------------------------------------------------------------------
-    @cached_property
-    def expert_tensors(self) -> dict[int, list[int]]:
-        """Per block: the bytes of each routed-expert tensor."""
-        out: dict[int, list[int]] = {}
-        for tensor, nbytes in self.tensors:
-            if names.expert_kind(tensor):
-                out.setdefault(names.block_index(tensor), []).append(nbytes)
-        return out
-
-    def expert_bytes(self, layer: int) -> int:
-        return sum(self.expert_tensors.get(layer, ()))
-
-    @cached_property
-    def base_weight_bytes(self) -> int:
-        """Weights on the accelerator when no expert is: everything but the experts and the token
-        embeddings, plus a copy of the embeddings when the model has no separate output tensor
-        (llama.cpp duplicates them into the output layer)."""
-        by_name = dict(self.tensors)
-        other = sum(n for t, n in self.tensors if not names.expert_kind(t) and t != "token_embd.weight")
-        tied = "output.weight" not in by_name
-        return other + (by_name.get("token_embd.weight", 0) if tied else 0)
-
-    @cached_property
-    def embedding_bytes(self) -> int:
-        return dict(self.tensors).get("token_embd.weight", 0)
-
-    @property
-    def moe_width(self) -> int:
-        """Per-token floats live in one MoE block: router logits and probabilities, the experts'
-        gate/up/activation, and their outputs before the weighted sum."""
-        return 2 * self.n_expert + 3 * self.n_expert_used * self.n_ff_exp + self.n_expert_used * self.n_embd
-
-
-@dataclass(frozen=True)
-class LinkFigures:
-    """Measured speeds that decide the host-expert mode on a GPU machine."""
-
-    upload_bytes_per_s: float  # host -> accelerator, from pinned memory
-    cpu_expert_bytes_per_s: float  # CPU matrix-vector throughput over expert weights
-
-
-@dataclass(frozen=True)
-class DeviceUse:
-    """Predicted bytes of one memory pool, by purpose."""
-
-    weights: int = 0
-    kv_cache: int = 0
-    recurrent_state: int = 0
-    compute: int = 0  # estimate
-    staging: int = 0  # full-size copy of one host expert tensor while its op runs on the GPU
-    output: int = 0  # logits llama.cpp copies out (host)
-    runtime_reserve: int = 0  # estimate
-    expert_cache: int = 0  # the expert cache's slots
-
-    ESTIMATES = ("compute", "runtime_reserve")
-
-    @property
-    def total(self) -> int:
-        return sum(self.parts().values())
-
-    def parts(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+from .. import arch as names
+from ..decode_cost import DEFAULT_CPU_EXPERT_BYTES_PER_S, HostBlock, field_hit_rate, host_expert_seconds, profile_hit_rates
+from ..errors import UserError
+from ..units import human_bytes
+from .figures import Accelerator, ModelFigures
+from .budget import Sizing, estimate_margin, largest_ctx, shrink_advice
+from .memory import DeviceUse, host_compute_bytes, staging_bytes, ubatch_tokens
+from .settings import (AUTO_CACHE_MIN_USED_MULTIPLE, CACHE_MISSES, DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_FLASH_ATTN,
+                       DEFAULT_KV_TYPE, EXPERT_CACHE_SETTINGS, FLASH_ATTN, HOST_BUFFER_TYPE, HOST_MODES,
+                       ROTARY_OFFLOAD_MIN_BATCH)
 
 
 @dataclass(frozen=True)
@@ -263,7 +68,14 @@ class Plan:
     resident: frozenset[int]  # blocks whose expert tensors stay on the accelerator
     accelerator_use: DeviceUse
     host_use: DeviceUse
-    minimum_budget: int  # the accelerator bytes with every expert in host memory
+    minimum_budget: int  # the least budget: every expert in host memory, and the estimate margin
+    n_ubatch: int = DEFAULT_BATCH
+    flash_attn: str = DEFAULT_FLASH_ATTN
+    all_outputs: bool = False  # logits of every token of a micro-batch (routing profiles), else of one
+    reserve: int = 0  # kept off the accelerator before planning (display and driver)
+    reserve_reason: str = ""
+    estimate_margin: int = 0  # kept free for the estimated parts' error
+    largest_ctx: int = 0  # the largest context whose least budget fits
     notes: tuple[str, ...] = ()
     expert_cache: ExpertCachePlan | None = None
     expert_cache_reason: str = ""  # why there is no expert cache (when there is none)
@@ -340,9 +152,14 @@ class Plan:
             "budget_source": self.budget_source,
             "host_expert_mode": self.mode,
             "mode_reason": self.mode_reason,
+            "reserve": {"bytes": self.reserve, "reason": self.reserve_reason},
             "ctx": self.ctx,
+            "largest_ctx": self.largest_ctx,
             "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
             "kv_type": self.kv_type,
+            "flash_attn": self.flash_attn,
+            "all_outputs": self.all_outputs,
             "predicted": {
                 "accelerator_bytes": self.accelerator_use.total,
                 "host_bytes": self.host_use.total,
@@ -351,6 +168,7 @@ class Plan:
                 "estimates": list(DeviceUse.ESTIMATES),
             },
             "margin_bytes": self.margin,
+            "estimate_margin_bytes": self.estimate_margin,
             "minimum_budget": self.minimum_budget,
             "layers": [
                 {
@@ -401,71 +219,6 @@ class Plan:
         return rows
 
 
-# --- the memory model ------------------------------------------------------------------------------
-def padded_ctx(ctx: int) -> int:
-    return -(-ctx // CTX_PADDING) * CTX_PADDING
-
-
-def kv_cache_bytes(model: ModelFigures, ctx: int, kv_type: str = "f16") -> int:
-    """K and V rows of every full-attention block for the padded context (one sequence)."""
-    n_full = model.attention.count("full")
-    per_token = _row_bytes(kv_type, model.n_head_kv * model.head_dim_k) + _row_bytes(kv_type, model.n_head_kv * model.head_dim_v)
-    return n_full * padded_ctx(ctx) * per_token
-
-
-def recurrent_state_bytes(model: ModelFigures) -> int:
-    """Conv and SSM state (f32) of every linear-attention block, for one sequence."""
-    return model.attention.count("linear") * (model.recurrent_conv + model.recurrent_ssm) * 4
-
-
-def ubatch_tokens(ctx: int, n_batch: int) -> int:
-    """The worst-case batch llama.cpp reserves its compute buffers for (a batch is at most the context)."""
-    return min(ctx, n_batch)
-
-
-def accelerator_compute_bytes(model: ModelFigures, ctx: int, n_batch: int) -> int:
-    """Estimate of the accelerator's compute buffer: the KQ mask plus the larger of the output
-    phase (logits for every token of the batch, as llama.cpp reserves by default) and the widest
-    block (attention, MoE or linear attention activations)."""
-    t = ubatch_tokens(ctx, n_batch)
-    mask = 2 * padded_ctx(ctx) * t if "full" in model.attention else 0
-    output_phase = 4 * t * (model.n_vocab + 3 * model.n_embd)
-    attention = 3 * model.n_head * model.head_dim_k + 2 * model.n_head_kv * model.head_dim_k
-    widest = max(attention, model.moe_width, model.recurrent_width if "linear" in model.attention else 0)
-    layer_phase = 4 * t * (3 * model.n_embd + widest)
-    return mask + max(output_phase, layer_phase)
-
-
-def host_compute_bytes(model: ModelFigures, ctx: int, n_batch: int, experts_on_cpu: bool) -> int:
-    """Estimate of the CPU compute buffer: the KQ mask is built there, the embeddings are looked
-    up there, and host experts computed by the CPU keep their activations there."""
-    t = ubatch_tokens(ctx, n_batch)
-    mask = 2 * padded_ctx(ctx) * t if "full" in model.attention else 0
-    return mask + 4 * t * (3 * model.n_embd + (model.moe_width if experts_on_cpu else 0))
-
-
-def staging_bytes(model: ModelFigures, accelerator: Accelerator, host_layers: list[int], mode: str, n_batch: int) -> int:
-    """The full-size accelerator copy llama.cpp makes of one host expert tensor while an op that
-    uses it runs on the GPU: every decode step in rotary mode, prompt batches of 32+ tokens in cpu
-    mode. Only one such copy is live at a time (each starts a new split), so: the largest one."""
-    if not (accelerator.streams_host_ops and host_layers):
-        return 0
-    if mode != "rotary" and n_batch < CUDA_OFFLOAD_MIN_BATCH:
-        return 0
-    return max(max(model.expert_tensors[i]) for i in host_layers)
-
-
-def _row_bytes(type_name: str, n: int) -> int:
-    try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
-    except KeyError:
-        raise UserError(f"unknown KV cache type {type_name!r} (known: {', '.join(KV_TYPES)})") from None
-    if n % block:
-        raise UserError(f"KV cache type {type_name} needs rows that are a multiple of {block}; this model's are {n}")
-    return n // block * size
-
-
-# --- the policy ------------------------------------------------------------------------------------
 def make_plan(
     model: ModelFigures,
     accelerator: Accelerator,
@@ -476,7 +229,12 @@ def make_plan(
     mode_reason: str = "",
     ctx: int = DEFAULT_CTX,
     n_batch: int = DEFAULT_BATCH,
-    kv_type: str = "f16",
+    kv_type: str = DEFAULT_KV_TYPE,
+    n_ubatch: int | None = None,
+    flash_attn: str = DEFAULT_FLASH_ATTN,
+    all_outputs: bool = False,
+    reserve: int = 0,
+    reserve_reason: str = "",
     notes: tuple[str, ...] = (),
     expert_cache: str | int = "off",
     cache_misses: str = "split",
@@ -484,8 +242,9 @@ def make_plan(
     upload_bytes_per_s: float | None = None,
     hit_rates: HitRates | None = None,
 ) -> Plan:
-    """Fill `budget` bytes of `accelerator`: the non-expert part first, then whole expert blocks,
-    largest first (ties: later blocks, like llama.cpp's --n-cpu-moe), as long as they fit.
+    """Fill `budget` bytes of `accelerator` (what is left after `reserve`), less a margin for the
+    estimated parts: the non-expert part first, then whole expert blocks, largest first (ties:
+    later blocks, like llama.cpp's --n-cpu-moe), as long as they fit.
     `expert_cache` is "off", "auto" or a number of slots per host block (the resident blocks fit
     around them); `cache_misses` "split" or "upload" (see the module's docstring). The decode-time
     model uses `cpu_expert_bytes_per_s` where it was measured, and `hit_rates` (a routing
@@ -498,16 +257,17 @@ def make_plan(
         raise UserError(f"unknown host-expert mode {mode!r} (known: {', '.join(HOST_MODES)}, auto)")
     if mode == "rotary" and not accelerator.streams_host_ops:
         raise UserError(f"rotary mode needs a CUDA GPU: {accelerator.name} cannot run host-resident expert ops (no offload_op)")
-    if ctx < 1 or n_batch < 1:
+    n_ubatch = n_batch if n_ubatch is None else n_ubatch
+    if ctx < 1 or n_batch < 1 or n_ubatch < 1:
         raise UserError("the context and batch sizes must be at least 1")
+    if flash_attn not in FLASH_ATTN:
+        raise UserError(f"unknown flash attention setting {flash_attn!r} (known: {', '.join(FLASH_ATTN)})")
     n_batch = ubatch_tokens(ctx, n_batch)
-    fixed = DeviceUse(
-        weights=model.base_weight_bytes,
-        kv_cache=kv_cache_bytes(model, ctx, kv_type),
-        recurrent_state=recurrent_state_bytes(model),
-        compute=accelerator_compute_bytes(model, ctx, n_batch),
-        runtime_reserve=accelerator.runtime_reserve,
-    )
+    n_ubatch = min(n_batch, n_ubatch)
+    sizing = Sizing(ctx, n_ubatch, kv_type, flash_attn != "off", all_outputs)
+    fixed = sizing.fixed_use(model, accelerator)
+    margin = estimate_margin(fixed)
+    room = budget - margin  # what the plan may fill
     layers = [i for i in range(model.n_layer) if model.expert_bytes(i)]
     slot_bytes = {i: sum(n // model.n_expert for n in model.expert_tensors[i]) for i in layers}
 
@@ -519,17 +279,17 @@ def make_plan(
         return DeviceUse(
             **{**fixed.parts(),
                "weights": fixed.weights + sum(model.expert_bytes(i) for i in resident),
-               "staging": staging_bytes(model, accelerator, host, mode, n_batch),
+               "staging": staging_bytes(model, accelerator, host, mode, n_ubatch),
                "expert_cache": allocated_slots(slots) * sum(slot_bytes[i] for i in host)}
         )
 
     def residents_around(slots: int) -> set[int] | None:
         """The resident blocks that fit beside `slots` per host block; None if the slots alone do not."""
-        if accelerator_use(set(), slots).total > budget:
+        if accelerator_use(set(), slots).total > room:
             return None
         resident: set[int] = set()
         for i in sorted(layers, key=lambda i: (-model.expert_bytes(i), -i)):
-            if accelerator_use(resident | {i}, slots).total <= budget:
+            if accelerator_use(resident | {i}, slots).total <= room:
                 resident.add(i)
         return resident
 
@@ -539,22 +299,25 @@ def make_plan(
         return predicted_host_seconds(model, [i for i in layers if i not in resident], slots, cpu_bps, hit_rates)
 
     minimum = accelerator_use(set())
-    if minimum.total > budget:
+    if minimum.total > room:
+        reserved = f" after a {human_bytes(reserve)} {reserve_reason}" if reserve else ""
+        shrink = "; ".join(shrink_advice(model, accelerator, mode, sizing))
         raise UserError(
-            f"a VRAM budget of {human_bytes(budget)} is too small for {model.name}: with every expert in host memory "
-            f"the accelerator needs at least {human_bytes(minimum.total)} ({_describe(minimum)}); "
-            f"use --vram {math.ceil(minimum.total / 2**20)}MiB or more, or a smaller --ctx"
+            f"a VRAM budget of {human_bytes(budget)}{reserved} is too small for {model.name}: with every expert in host "
+            f"memory the accelerator needs at least {human_bytes(minimum.total + margin)} ({_describe(minimum)}, "
+            f"margin {human_bytes(margin)}); use --vram {math.ceil((minimum.total + margin + reserve) / 2**20)}MiB or more"
+            + (f", or shrink the need: {shrink}" if shrink else "")
         )
     with_cache = accelerator_use(set(), asked_slots)
-    if with_cache.total > budget:
-        fit = (budget - minimum.total) // sum(slot_bytes.values()) - split
+    if with_cache.total > room:
+        fit = (room - minimum.total) // sum(slot_bytes.values()) - split
         least = 1 if split else model.n_expert_used
         instead = (f"{fit} slots per block fit (--expert-cache {fit})" if fit >= least
                    else f"not even {least} slot{'s' if least > 1 else ''} per block fit (--expert-cache off)")
         raise UserError(
             f"a VRAM budget of {human_bytes(budget)} is too small for {asked_slots} expert cache slots per block: with "
             f"every expert in host memory the accelerator needs {human_bytes(with_cache.total)} ({_describe(with_cache)}); "
-            f"{instead}, or use --vram {math.ceil(with_cache.total / 2**20)}MiB or more"
+            f"{instead}, or use --vram {math.ceil((with_cache.total + margin + reserve) / 2**20)}MiB or more"
         )
     if expert_cache == "auto" and split:
         resident, slots, cache_reason = _fastest_split(model, len(layers), residents_around, decode_seconds,
@@ -562,7 +325,7 @@ def make_plan(
     else:
         resident = residents_around(asked_slots)
         host = [i for i in layers if i not in resident]
-        slots, cache_reason = _cache_size(model, expert_cache, budget - accelerator_use(resident).total,
+        slots, cache_reason = _cache_size(model, expert_cache, room - accelerator_use(resident).total,
                                           len(resident), [slot_bytes[i] for i in host])
     host_layers = [i for i in layers if i not in resident]
     cache_split = split and 0 < slots < model.n_expert
@@ -578,7 +341,7 @@ def make_plan(
     experts_on_cpu = bool(host_layers) and mode == "cpu"
     host_use = DeviceUse(
         weights=model.embedding_bytes + sum(model.expert_bytes(i) for i in host_layers),
-        compute=host_compute_bytes(model, ctx, n_batch, experts_on_cpu),
+        compute=host_compute_bytes(model, ctx, n_ubatch, experts_on_cpu, sizing.flash_attn),
         output=4 * model.n_vocab,
     )
     return Plan(
@@ -594,7 +357,14 @@ def make_plan(
         resident=frozenset(resident),
         accelerator_use=accelerator_use(resident, slots),
         host_use=host_use,
-        minimum_budget=minimum.total,
+        minimum_budget=minimum.total + margin,
+        n_ubatch=n_ubatch,
+        flash_attn=flash_attn,
+        all_outputs=all_outputs,
+        reserve=reserve,
+        reserve_reason=reserve_reason,
+        estimate_margin=margin,
+        largest_ctx=largest_ctx(model, accelerator, budget, mode, sizing),
         notes=notes,
         expert_cache=cache,
         expert_cache_reason="" if cache else cache_reason,
@@ -709,36 +479,3 @@ def _describe(use: DeviceUse) -> str:
         f"{labels.get(k, k)} {human_bytes(v)}" + (" (estimate)" if k in DeviceUse.ESTIMATES else "")
         for k, v in use.parts().items() if v
     )
-
-
-# --- the host-expert mode --------------------------------------------------------------------------
-def choose_mode(requested: str, accelerator: Accelerator, plan: Plan | None = None,
-                link: LinkFigures | None = None) -> tuple[str, str]:
-    """The host-expert mode and why. `auto` compares the predicted per-token time of the host
-    experts in both modes from measured speeds (`link`), for the host blocks of `plan`."""
-    if requested != "auto":
-        return requested, f"{requested} mode was asked for"
-    if not accelerator.streams_host_ops:
-        why = "RPC has none" if accelerator.kind == "rpc" else f"{accelerator.name} has none"
-        return "cpu", f"no CUDA device: rotary streaming needs a GPU's offload_op; {why}"
-    if not accelerator.present or plan is None or link is None:
-        return "cpu", f"{accelerator.name} is not on this machine, so nothing could be measured; pass --mode rotary to plan for streaming"
-    if not plan.host_layers:
-        return "cpu", "every expert block fits on the accelerator: no host experts to run"
-    cpu_s, rotary_s = predicted_token_seconds(plan, link)
-    faster = "rotary" if rotary_s < cpu_s else "cpu"
-    return faster, (
-        f"host experts per token: cpu {cpu_s * 1e3:.2f} ms (CPU at {link.cpu_expert_bytes_per_s / 1e9:.1f} GB/s) vs "
-        f"rotary {rotary_s * 1e3:.2f} ms (uploads at {link.upload_bytes_per_s / 1e9:.1f} GB/s); {faster} is faster"
-    )
-
-
-def predicted_token_seconds(plan: Plan, link: LinkFigures) -> tuple[float, float]:
-    """(cpu, rotary) seconds a decoded token spends on its host experts: the bytes of its used
-    experts over the CPU's or the upload link's speed, plus per-block and per-copy latencies."""
-    nbytes = plan.host_expert_bytes_per_token
-    n_host = len(plan.host_layers)
-    copies = sum(len(plan.model.expert_tensors[i]) for i in plan.host_layers) * plan.model.n_expert_used
-    cpu = nbytes / link.cpu_expert_bytes_per_s + n_host * CPU_HOP_LATENCY_S
-    rotary = nbytes / link.upload_bytes_per_s + copies * COPY_LATENCY_S
-    return cpu, rotary
