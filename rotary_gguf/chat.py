@@ -133,10 +133,10 @@ def answer(engine: Engine, dashboard: Dashboard, console: Console, messages: lis
     return "".join(parts), stats
 
 
-def summary(stats: GenerationStats) -> str:
+def summary(stats: GenerationStats, limit: str = "--max-tokens") -> str:
     """One line about an answer: its length, speeds, and why it ended if not by itself."""
     text = f"{stats.completion_tokens} tokens · {stats.decode_tps:.1f} t/s · prompt {stats.prompt_tps:.0f} t/s"
     if stats.cached_prompt_tokens:
         text += f" ({stats.cached_prompt_tokens} reused)"
-    ending = {"cancelled": "stopped", "length": "cut at --max-tokens"}.get(stats.finish_reason or "")
+    ending = {"cancelled": "stopped", "length": f"cut at {limit}"}.get(stats.finish_reason or "")
     return text + (f" · {ending}" if ending else "")

@@ -109,3 +109,18 @@ def test_chat_without_a_model_uses_the_demo_model():
     result = subprocess.run([CLI, "chat", "--max-tokens", "4"], input="/exit\n", capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and f"chatting with {DEMO_MODEL.name}" in result.stdout
+
+
+def test_decode_speed_is_the_engines_own_time(test_model):
+    """A front end that takes its time with each token (printing it, drawing a dashboard) does not
+    lower the decode speed it reports: generate, chat and serve read the same figure."""
+    from rotary_gguf.engine import Engine
+
+    with Engine.load(test_model(), n_ctx=256, n_threads=1) as engine:
+        events = 0
+        for event in engine.generate(engine.tokenize("Hello"), max_tokens=10):
+            time.sleep(0.05)
+            events += 1
+        stats = event.stats
+    assert events == 10 and stats.completion_tokens == 10
+    assert 0 < stats.decode_seconds < 0.2, stats  # the consumer held the tokens for 0.45 s of it

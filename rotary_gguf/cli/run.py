@@ -26,7 +26,8 @@ def generate(
     flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     threads: ThreadsOpt = 0,
 ) -> None:
-    """Greedily continue a prompt and print the text with prompt and decode speed."""
+    """Greedily continue a prompt and print the text, then the same speed summary as chat's."""
+    from ..chat import summary
     from ..demo import resolve_model
     from ..engine import Engine
 
@@ -40,10 +41,7 @@ def generate(
             stats = event.stats
         out.print()
         if stats:
-            out.print(
-                f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prompt_tps:.1f} t/s, "
-                f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} t/s[/]"
-            )
+            out.print(f"[dim]{stats.prompt_tokens} prompt tokens · {summary(stats, limit='--tokens')}[/]", highlight=False)
 
 
 @app.command()
