@@ -282,3 +282,59 @@ def test_resident_cells_follow_the_heat_map_grouping_and_rate_bars():
     assert resident_cells(None, [0, 1], rows=2, columns=4) == []
     assert rate_bars([0.0, 0.5, 1.0], 10) == "▁▅█" and rate_bars([0.0, 1.0, 1.0, 1.0], 2) == "▅█"  # averaged to fit
     assert rate_bars([], 4) == "" and rate_bars([1.0], 0) == ""
+
+
+# --- the layout at fixed terminal sizes ------------------------------------------------------------
+# (width, height, dashboard height): whole terminals, and the part chat gives it below an answer
+SIZES = [(80, 24, None), (60, 15, None), (120, 40, None), (80, 24, 14), (60, 15, 8)]
+# Phrases the dashboard prints whole or not at all.
+PHRASES = ["placed on RPC0", "this process", "in flight", "queued", "req/min", "prompt tokens cached",
+           "fallback calls", "expert cache", "resident", "everything on the CPU"]
+COLUMN_STARTS = ("decode", "prompt", "tokens", "hottest")
+
+
+def assert_laid_out(lines: list[str], width: int, height: int) -> None:
+    """Fits the area; no value runs into the next one or the next column; no phrase cut mid-word."""
+    screen = "\n".join(lines)
+    assert len(lines) <= height and max(map(len, lines)) <= width, screen
+    assert not re.search(r"(?:[KMG]iB|t/s|%)[A-Za-z]", screen), screen  # e.g. "23.5 GiBtokens"
+    for start in COLUMN_STARTS:  # the right-hand columns start after a blank or a border
+        assert not re.search(rf"[^\s│]{start}", screen), (start, screen)
+    for line in lines:  # the hottest list never touches the heat map
+        if (m := HOTTEST_ROW.search(line)) and m.start() > 0:
+            assert line[m.start() - 2 : m.start()] in ("  ", "│ "), line
+    for phrase in PHRASES:
+        for k in range(3, len(phrase)):
+            if phrase[k - 1] != " " and phrase[k] != " ":
+                assert not re.search(re.escape(phrase[:k]) + r"(?:[\s│…]|$)", screen, flags=re.M), (phrase, screen)
+    assert "…" not in screen, screen
+
+
+@pytest.mark.parametrize("width,height,rows", SIZES)
+def test_layout_on_the_cpu(skewed, width, height, rows):
+    engine, telemetry, dashboard = skewed
+    dashboard.height = rows
+    try:
+        lines = render(dashboard, width, height)
+    finally:
+        dashboard.height = None
+    assert_laid_out(lines, width, rows or height)
+    text = "\n".join(lines)
+    assert "decode" in text and "RAM" in text and "routing" in text
+    assert ("hottest" in text) == (width >= 64)
+
+
+@pytest.mark.parametrize("width,height,rows", SIZES)
+def test_layout_on_the_simulated_accelerator_with_an_expert_cache(test_model, rpc_endpoint, width, height, rows):
+    path = test_model(arch="qwen3moe", router_skew=1.5)
+    telemetry = RoutingTelemetry.for_model(path)
+    with cached_engine(path, rpc_endpoint, telemetry, slots=telemetry.n_expert // 4) as engine:
+        engine.greedy(engine.tokenize(PROMPT), 16)
+        dashboard = Dashboard(engine, telemetry=telemetry, serving=True, height=rows)
+        lines = render(dashboard, width, height)
+        snap = dashboard.reading.cache
+    assert_laid_out(lines, width, rows or height)
+    text = "\n".join(lines)
+    assert "RPC0" in text and f"hits {snap['hit_rate']:.1%}" in text and "in flight" in text
+    if width >= 120:
+        assert "placed on RPC0" in text

@@ -167,10 +167,10 @@ class Dashboard:
     def _make_layout(self) -> Layout:
         layout = Layout(name="dashboard")
         figures = Layout(name="figures")
-        figures.split_row(Layout(Section(MemoryView(self)), name="memory"),
+        figures.split_row(Layout(Section(MemoryView(self), gutter=2), name="memory"),
                           Layout(Section(SpeedView(self)), name="speed"))
         routing = Layout(name="routing")
-        routing.split_row(Layout(Section(HeatMapView(self)), name="heatmap"),
+        routing.split_row(Layout(Section(HeatMapView(self), gutter=2), name="heatmap"),
                           Layout(Section(HottestView(self)), name="hottest", size=18))
         layout.split_column(
             Layout(HeaderView(self), name="header", size=1),

@@ -100,3 +100,19 @@ def runs(levels: list[int], width: int) -> list[tuple[int, int]]:
     stretched = np.asarray(levels)[np.arange(width) * len(levels) // width]
     starts = np.flatnonzero(np.diff(stretched, prepend=-1))
     return list(zip(stretched[starts].tolist(), np.diff(starts, append=width).tolist()))
+
+
+Part = tuple[str, str]  # (text, style)
+
+
+def fit(width: int, first: Sequence[Part], *more: Sequence[Part]) -> Text:
+    """One line of at most `width` characters: `first` (cut with an ellipsis only if it alone is
+    too long), then each group of `more` that still fits, whole, in order: a label never runs
+    into the next column and no value is cut mid-word."""
+    text = Text.assemble(*first, no_wrap=True, overflow="ellipsis")
+    for group in more:
+        length = sum(len(part) for part, _ in group)
+        if text.cell_len + length <= width:
+            text.append_text(Text.assemble(*group))
+    text.truncate(width, overflow="ellipsis")
+    return text

@@ -12,8 +12,8 @@ from rich.segment import Segment
 from rich.text import Text
 
 from ..units import human_bytes
-from .cells import (HEAT_CHARS, HEAT_STYLES, RESIDENT_CHARS, RESIDENT_MARK, RESIDENT_STYLES, bar, heat_rows, hottest,
-                    rate_bars, resident_cells, runs, sparkline)
+from .cells import (HEAT_CHARS, HEAT_STYLES, RESIDENT_CHARS, RESIDENT_MARK, RESIDENT_STYLES, bar, fit, heat_rows,
+                    hottest, rate_bars, resident_cells, runs, sparkline)
 
 if TYPE_CHECKING:
     from .board import Dashboard
@@ -26,13 +26,21 @@ class Section:
     """A titled part of the dashboard: framed when there is room, else its lines under nothing.
     The frame is drawn here rather than by rich's Panel, which costs several times more."""
 
-    def __init__(self, body: "View"):
-        self.body, self.boxed = body, True
+    def __init__(self, body: "View", gutter: int = 0):
+        self.body, self.boxed, self.gutter = body, True, gutter  # blank columns on its right when unframed
         body.section = self
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if not self.boxed:
-            yield self.body
+            if not self.gutter:
+                yield self.body
+                return
+            gap, new_line = Segment(" " * self.gutter), Segment.line()
+            inner = options.update(width=max(1, options.max_width - self.gutter))
+            for line in console.render_lines(self.body, inner, pad=True):
+                yield from line
+                yield gap
+                yield new_line
             return
         width, height = options.max_width, options.height or console.height
         if width < 5 or height < 3:
@@ -54,8 +62,9 @@ class Section:
 
 
 def sections(layout: Layout) -> list[Section]:
+    """The sections in `layout`, hidden ones too (they may show at the next size)."""
     found = [layout.renderable] if isinstance(layout.renderable, Section) else []
-    for child in layout.children:
+    for child in layout._children:  # `children` leaves out the hidden ones
         found += sections(child)
     return found
 
@@ -79,16 +88,12 @@ class HeaderView(View):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         d = self.dashboard
         inv = d.engine.inventory
-        text = Text.assemble(("rotary-gguf ", "bold"), (d.title or d.engine.path.name, "bold cyan"))
-        text.append(" · generating" if d.reading.generating else " · idle",
-                    style="bold green" if d.reading.generating else "dim")
-        text.append(f" · {inv.arch} · {inv.n_layer} blocks")
-        if inv.n_expert:
-            text.append(f" · {inv.n_expert} experts, top {inv.n_expert_used}")
+        state = (" · generating", "bold green") if d.reading.generating else (" · idle", "dim")
         uptime = int(d.reading.at - d.started)
-        text.append(f" · up {uptime // 3600}:{uptime // 60 % 60:02d}:{uptime % 60:02d}", style="dim")
-        text.truncate(options.max_width, overflow="ellipsis")
-        yield text
+        experts = [(f" · {inv.n_expert} experts, top {inv.n_expert_used}", "")] if inv.n_expert else []
+        yield fit(options.max_width, [("rotary-gguf ", "bold"), (d.title or d.engine.path.name, "bold cyan"), state],
+                  [(f" · {inv.arch} · {inv.n_layer} blocks", "")], experts,
+                  [(f" · up {uptime // 3600}:{uptime // 60 % 60:02d}:{uptime % 60:02d}", "dim")])
 
 
 class MemoryView(View):
@@ -97,34 +102,42 @@ class MemoryView(View):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         r = self.dashboard.reading
         acc = r.accelerator
+        width = options.max_width
         if acc is None:
-            yield Text.assemble(("VRAM ", "bold"), ("none: everything on the CPU", "dim"))
+            yield fit(width, [("VRAM ", "bold")], [("none: everything on the CPU", "dim")])
         else:
-            where = f"placed on {acc.name}" if acc.source == "placed" else acc.name
-            yield self._usage("VRAM ", acc.used, acc.total, where, options.max_width)
-        yield self._usage("RAM  ", r.ram_used, r.ram_total, "", options.max_width)
+            notes = (f"placed on {acc.name}", acc.name) if acc.source == "placed" else (acc.name,)
+            yield self._usage("VRAM ", acc.used, acc.total, notes, width)
+        yield self._usage("RAM  ", r.ram_used, r.ram_total, (), width)
         c = r.checkpoints  # a hybrid model's prompt checkpoints, in this process's memory
         held = f" · checkpoints {human_bytes(c['bytes'])} / {human_bytes(c['max_bytes'])} ({c['count']})" if c else " this process"
-        yield Text.assemble(("RSS  ", "bold"), human_bytes(r.rss), (held, "dim"), no_wrap=True)
+        yield fit(width, [("RSS  ", "bold"), (human_bytes(r.rss), "")], [(held, "dim")])
 
     @staticmethod
-    def _usage(label: str, used: int, total: int, note: str, width: int) -> Text:
-        figures = f" {human_bytes(used)} / {human_bytes(total)} "
-        bar_width = max(4, min(20, width - len(label) - len(figures) - len(note)))
-        return Text.assemble((label, "bold"), bar(used, total, bar_width), figures, (note, "dim"), no_wrap=True)
+    def _usage(label: str, used: int, total: int, notes: tuple[str, ...], width: int) -> Text:
+        """label, a bar of 4 to 20 columns, the figures and the longest of `notes` that fits; the
+        bar goes before the figures do."""
+        figures = f" {human_bytes(used)} / {human_bytes(total)}"
+        for note in (*notes, ""):
+            room = width - len(label) - len(figures) - (len(note) + 1 if note else 0)
+            if room >= 4:
+                return Text.assemble((label, "bold"), bar(used, total, min(20, room)), figures,
+                                     (f" {note}" if note else "", "dim"), no_wrap=True)
+        return fit(width, [(label, "bold"), (figures.lstrip(), "")])
 
 
 class SpeedView(View):
     name = "speed"
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        r = self.dashboard.reading
-        spark = max(0, options.max_width - 31)
-        yield Text.assemble(("decode ", "bold"), f"{r.decode_tps:>7.1f} t/s", (f" avg {r.avg_decode_tps:<7.1f} ", "dim"),
-                            (sparkline(r.decode_history, spark), "green"), no_wrap=True)
-        yield Text.assemble(("prompt ", "bold"), f"{r.prompt_tps:>7.0f} t/s", (f" avg {r.avg_prompt_tps:<7.0f} ", "dim"),
-                            (sparkline(r.prompt_history, spark), "cyan"), no_wrap=True)
-        yield Text.assemble(("tokens ", "bold"), f"{r.tokens:>7,}", (f"     {r.prompt_tokens:,} in · {r.completion_tokens:,} out", "dim"), no_wrap=True)
+        r, width = self.dashboard.reading, options.max_width
+        for label, now, avg, history, style in (("decode ", f"{r.decode_tps:>7.1f}", f"{r.avg_decode_tps:<7.1f}", r.decode_history, "green"),
+                                                ("prompt ", f"{r.prompt_tps:>7.0f}", f"{r.avg_prompt_tps:<7.0f}", r.prompt_history, "cyan")):
+            text = fit(width, [(label, "bold"), (f"{now} t/s", "")], [(f" avg {avg} ", "dim")])
+            text.append(sparkline(history, width - text.cell_len), style)
+            yield text
+        yield fit(width, [("tokens ", "bold"), (f"{r.tokens:>7,}", "")],
+                  [(f"     {r.prompt_tokens:,} in · {r.completion_tokens:,} out", "dim")])
 
 
 class PlanView(View):
@@ -136,9 +149,9 @@ class PlanView(View):
         if plan is not None:
             layers = [i for i in range(plan.model.n_layer) if plan.model.expert_bytes(i)]
             resident = [i for i in layers if i in plan.resident]
-            text = Text.assemble(
-                ("experts ", "bold"), f"{len(resident)}/{len(layers)} blocks resident · host: ",
-                (plan.mode, "bold"), f" · budget {human_bytes(plan.budget)} · margin {human_bytes(plan.margin)}")
+            text = fit(options.max_width, [("experts ", "bold"), (f"{len(resident)}/{len(layers)} blocks resident", "")],
+                       [(" · host: ", ""), (plan.mode, "bold")], [(f" · budget {human_bytes(plan.budget)}", "")],
+                       [(f" · margin {human_bytes(plan.margin)}", "")])
             strip = Text("".join("■" if i in plan.resident else "□" for i in layers), style="magenta")
             yield Group(text, strip) if options.height and options.height > 1 else text
             return
@@ -146,7 +159,9 @@ class PlanView(View):
             yield Text("everything on the CPU (no accelerator)", style="dim")
             return
         host = ", ".join(f"{pattern} -> {buft}" for pattern, buft in placement.overrides) or "none"
-        yield Text(f"on {', '.join(placement.devices)}; host overrides: {host}", overflow="ellipsis", no_wrap=True)
+        n = len(placement.overrides)
+        yield fit(options.max_width, [(f"on {', '.join(placement.devices)}", "")], [(f"; host overrides: {host}", "")]
+                  if len(host) + 20 <= options.max_width else [(f"; {n} host override{'s' * (n != 1)}", "")])
 
 
 class ServingView(View):
@@ -155,12 +170,13 @@ class ServingView(View):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         r = self.dashboard.reading
         s = r.live
-        yield Text.assemble(
-            ("" if self.boxed else "serving ", "bold"), (f"{s.in_flight}", "bold"), " in flight · ", (f"{s.queue_length}", "bold"), " queued · ",
-            (f"{r.requests_per_minute:.1f}", "bold"), " req/min · ", f"{s.requests_total} done",
-            (f" · {s.rejected} turned away" if s.rejected else "", "yellow"),
-            (f" · {r.cached_prompt_tokens:,} prompt tokens cached", "dim"), no_wrap=True,
-        )
+        yield fit(options.max_width,
+                  [("" if self.boxed else "serving ", "bold"), (f"{s.in_flight}", "bold"), (" in flight · ", ""),
+                   (f"{s.queue_length}", "bold"), (" queued", "")],
+                  [(" · ", ""), (f"{r.requests_per_minute:.1f}", "bold"), (" req/min", "")],
+                  [(f" · {s.requests_total} done", "")],
+                  [(f" · {s.rejected} turned away" if s.rejected else "", "yellow")],
+                  [(f" · {r.cached_prompt_tokens:,} prompt tokens cached", "dim")])
 
 
 class HeatMapView(View):
@@ -231,20 +247,17 @@ class CacheView(View):
                        overflow="ellipsis")
             return
         if c.get("split"):  # hits ran on the accelerator, misses on the CPU worker at the same time
-            yield Text.assemble(
-                ("" if self.boxed else "split ", "bold"),
-                ("on accel ", "bold"), (f"{c['hit_rate']:.1%}", "bold green"), (" · CPU ", "dim"), f"{1 - c['hit_rate']:.1%}",
-                (" · CPU worker ", "dim"), f"{c['cpu_seconds_per_token'] * 1e3:.2f} ms/token",
-                (f" (waited {c['cpu_wait_seconds_per_token'] * 1e3:.2f})", "dim"),
-                (" · uploads ", "dim"), f"{human_bytes(c['uploaded_bytes_per_token'])}/token",
-                no_wrap=True, overflow="ellipsis")
+            yield fit(width, [("" if self.boxed else "split ", "bold"), ("on accel ", "bold"), (f"{c['hit_rate']:.1%}", "bold green")],
+                      [(" · CPU ", "dim"), (f"{1 - c['hit_rate']:.1%}", "")],
+                      [(" · CPU worker ", "dim"), (f"{c['cpu_seconds_per_token'] * 1e3:.2f} ms/token", "")],
+                      [(f" (waited {c['cpu_wait_seconds_per_token'] * 1e3:.2f})", "dim")],
+                      [(" · uploads ", "dim"), (f"{human_bytes(c['uploaded_bytes_per_token'])}/token", "")])
         else:
-            yield Text.assemble(
-                ("" if self.boxed else "cache ", "bold"),
-                ("hits ", "bold"), (f"{c['hit_rate']:.1%}", "bold green"), (" · recent ", "dim"), f"{c['recent_hit_rate']:.1%}",
-                (" · uploads ", "dim"), f"{human_bytes(c['uploaded_bytes_per_s'])}/s",
-                (f" ({human_bytes(c['uploaded_bytes'])})", "dim"), (" · fallback calls ", "dim"), f"{c['fallback_calls']:,}",
-                no_wrap=True, overflow="ellipsis")
+            yield fit(width, [("" if self.boxed else "cache ", "bold"), ("hits ", "bold"), (f"{c['hit_rate']:.1%}", "bold green")],
+                      [(" · recent ", "dim"), (f"{c['recent_hit_rate']:.1%}", "")],
+                      [(" · uploads ", "dim"), (f"{human_bytes(c['uploaded_bytes_per_s'])}/s", "")],
+                      [(f" ({human_bytes(c['uploaded_bytes'])})", "dim")],
+                      [(" · fallback calls ", "dim"), (f"{c['fallback_calls']:,}", "")])
         if not self.boxed:
             return
         rates = dict(sorted(c["layer_hit_rate"].items()))
@@ -252,7 +265,9 @@ class CacheView(View):
         named = " · worst " + ", ".join(f"L{layer} {rates[layer]:.0%}" for layer in worst) if len(rates) > 1 else ""
         legend = [(" · ", "dim"), (RESIDENT_MARK, RESIDENT_STYLES[0]), (" in a slot", "dim")] if d.telemetry is not None else []
         prefix = "per block "
+        if len(prefix) + 4 + len(named) > width:
+            named, legend = "", []
         room = width - len(prefix) - len(named) - sum(len(part) for part, _ in legend)
-        yield Text.assemble((prefix, "bold"), (rate_bars(list(rates.values()), room), "green"), named, *legend,
-                            no_wrap=True, overflow="ellipsis")
-
+        if room < 4:
+            legend, room = [], width - len(prefix) - len(named)
+        yield fit(width, [(prefix, "bold"), (rate_bars(list(rates.values()), room), "green"), (named, "")], legend)
