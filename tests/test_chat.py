@@ -24,18 +24,26 @@ class Terminal:
         self._tmux("new-session", "-d", "-x", str(width), "-y", str(height), f"{command}; echo EXIT=$?; sleep 600")
 
     def _tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True).stdout
+        # A COLUMNS/LINES inherited from the test run would override the pane's own size.
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True,
+                              env=env).stdout
 
     def screen(self) -> str:
         return self._tmux("capture-pane", "-p", "-S", "-200")
 
+    def visible(self) -> str:
+        """What the terminal shows now (no scrollback)."""
+        return self._tmux("capture-pane", "-p")
+
     def send(self, *keys: str) -> None:
         self._tmux("send-keys", *keys)
 
-    def wait_for(self, predicate, timeout: float = 60) -> str:
+    def wait_for(self, predicate, timeout: float = 60, visible: bool = False) -> str:
+        """The screen (with its scrollback, or only what is `visible`) once `predicate` holds."""
         deadline = time.monotonic() + timeout
         while True:
-            screen = self.screen()
+            screen = self.visible() if visible else self.screen()
             if predicate(screen):
                 return screen
             if time.monotonic() > deadline:
@@ -77,6 +85,39 @@ def test_chat_in_a_terminal_answers_streams_and_survives_ctrl_c(test_model):
         term.wait_for(lambda s: "hottest" in s and "blocks" in s and prompts_shown(s) == 5)
         term.send("/exit", "Enter")
         term.wait_for(lambda s: "EXIT=0" in s, timeout=30)
+    finally:
+        term.close()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux to read chat's screen in a real terminal")
+@pytest.mark.parametrize("width,height", [(80, 24), (60, 15)])
+def test_chat_screen_at_small_sizes_and_ctrl_c_mid_answer(test_model, width, height):
+    """The screen as a person sees it: the live dashboard laid out below the answer while it
+    streams; after Ctrl-C the answer's lines each once, then its figures and the machine's."""
+    from test_dashboard import assert_laid_out
+
+    model = test_model(layers=40)
+    term = Terminal(f"{CLI} chat {model} --threads 1 --temperature 0 --max-tokens 800 --ctx 4096", width, height)
+    try:
+        term.wait_for(lambda s: prompts_shown(s) == 1)
+        term.send("Tell me a long story", "Enter")
+        live = term.wait_for(lambda s: "\nrotary-gguf " in s and re.search(r"^L\d+-\d+ ", s, re.M)
+                             and re.search(r"decode +[\d.]+ t/s", s), visible=True)
+        screen = live.splitlines()
+        dashboard = screen[next(i for i, line in enumerate(screen) if line.startswith("rotary-gguf ")):]
+        assert_laid_out([line.rstrip() for line in dashboard], width, height)
+        assert "RAM" in live and "L0" in live
+        time.sleep(0.5)
+        term.send("C-c")
+        done = term.wait_for(lambda s: "· stopped" in s and prompts_shown(s) == 2)
+        assert "routing" not in done and "decode" not in done, "the live view leaves when the answer ends"
+        lines = [line for line in done.splitlines() if line.strip()]
+        answer = lines[lines.index(next(line for line in lines if line.startswith("model ›"))):]
+        answer = answer[: next(i for i, line in enumerate(answer) if SUMMARY.search(line))]
+        assert answer and len(answer) == len(set(answer)), f"a streamed line shows twice:\n{done}"
+        figures = lines[next(i for i, line in enumerate(lines) if SUMMARY.search(line)) + 1]
+        assert re.match(r"CPU only · RAM [\d.]+ [KMG]iB / [\d.]+ [KMG]iB · avg [\d.]+ t/s", figures), done
+        assert max(map(len, done.splitlines())) <= width
     finally:
         term.close()
 

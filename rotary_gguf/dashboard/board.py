@@ -18,8 +18,8 @@ from rich.segment import Segment
 
 from ..stats import Snapshot
 from .memory import AcceleratorMemory, MemoryProbe
-from .views import (CacheView, HeaderView, HeatMapView, HottestView, MemoryView, PlanView, Section, ServingView,
-                    SpeedView, sections)
+from .views import (CacheView, CompactView, HeaderView, HeatMapView, HottestView, MemoryView, PlanView, Section,
+                    ServingView, SpeedView, sections)
 
 SAMPLE_SECONDS = 0.5  # a new reading (and drawing) twice a second
 LIVE_REFRESH_PER_SECOND = 4  # redraws of a line streamed above the dashboard (its drawing is reused)
@@ -219,6 +219,10 @@ class Dashboard:
         for line in self._frame:
             yield from line
             yield new_line
+
+    def compact(self) -> CompactView:
+        """The latest reading in one line (memory, average speed, cache hits): see `CompactView`."""
+        return CompactView(self)
 
     # --- running ---------------------------------------------------------------------------------
     def live(self, console: Console, *, above: object = None, transient: bool = False) -> Live:

@@ -104,7 +104,7 @@ class MemoryView(View):
         acc = r.accelerator
         width = options.max_width
         if acc is None:
-            yield fit(width, [("VRAM ", "bold")], [("none: everything on the CPU", "dim")])
+            yield fit(width, [("VRAM ", "bold"), ("none", "dim")], [(": everything on the CPU", "dim")])
         else:
             notes = (f"placed on {acc.name}", acc.name) if acc.source == "placed" else (acc.name,)
             yield self._usage("VRAM ", acc.used, acc.total, notes, width)
@@ -271,3 +271,23 @@ class CacheView(View):
         if room < 4:
             legend, room = [], width - len(prefix) - len(named)
         yield fit(width, [(prefix, "bold"), (rate_bars(list(rates.values()), room), "green"), (named, "")], legend)
+
+
+class CompactView(View):
+    """The dashboard in one line, left on screen after each chat answer: memory, the average decode
+    speed and the expert cache's hit rate (parts that do not fit are left out, last first)."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        r = self.dashboard.reading
+        acc, c = r.accelerator, r.cache
+        if acc is None:
+            first = [("CPU only", "bold")]
+        else:
+            first = [(f"{acc.name} ", "bold"), (f"{human_bytes(acc.used)} / {human_bytes(acc.total)}", "")]
+        cache = []
+        if c is not None:
+            cache = ([(" · cache hits ", "dim"), (f"{c['hit_rate']:.1%}", "bold green"), (f" (recent {c['recent_hit_rate']:.1%})", "dim")]
+                     if c["enabled"] else [(" · expert cache off", "dim")])
+        yield fit(options.max_width, first, [(" · RAM ", "dim"), (f"{human_bytes(r.ram_used)} / {human_bytes(r.ram_total)}", "")],
+                  [(" · avg ", "dim"), (f"{r.avg_decode_tps:.1f} t/s", "")], cache,
+                  [(" · RSS ", "dim"), (human_bytes(r.rss), "")])
