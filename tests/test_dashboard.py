@@ -150,21 +150,37 @@ def test_heat_levels_and_sparkline():
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux to watch the dashboard in a real terminal")
-def test_serve_dashboard_follows_the_requests(test_model):
-    port = free_port()
-    term = Terminal(f"{CLI} serve {test_model(router_skew=1.0)} --dashboard --port {port} --threads 1", 100, 30)
+def test_serve_dashboard_follows_the_requests(test_model, tmp_path):
+    """With stderr in a file the dashboard still draws on the terminal; the access log is quiet
+    there, the dashboard showing the last request instead."""
+    port, errors = free_port(), tmp_path / "serve.err"
+    term = Terminal(f"{CLI} serve {test_model(router_skew=1.0)} --dashboard --port {port} --threads 1 2>{errors}", 100, 30)
     try:
         term.wait_for(lambda s: f"at http://127.0.0.1:{port}/v1 · idle" in s and "0 done" in s)
         for _ in range(2):
             reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
                                json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16})
             assert reply.status_code == 200
+        usage = reply.json()["usage"]
         screen = term.wait_for(lambda s: "2 done" in s and re.search(r"0 in flight · 0 queued · [1-9][\d.]* req/min", s))
         assert "routing · last" in screen and "L0" in screen and "decode" in screen
+        last = f"last POST /v1/chat/completions 200 prompt={usage['prompt_tokens']} completion={usage['completion_tokens']} "
+        term.wait_for(lambda s: last in s)
         term.send("C-c")
         term.wait_for(lambda s: "EXIT=0" in s, timeout=30)
     finally:
         term.close()
+    assert "/v1/chat/completions" not in errors.read_text()
+
+
+def test_serve_dashboard_without_a_terminal_is_one_line(test_model):
+    """Nothing to draw on (stdout and stderr redirected, no controlling terminal): said before loading."""
+    import subprocess
+
+    result = subprocess.run([CLI, "serve", str(test_model()), "--dashboard", "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: --dashboard needs a terminal") and len(result.stderr.strip().splitlines()) == 1
 
 
 # --- the expert cache ------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class Reading:
     cached_prompt_tokens: int = 0  # prompt tokens reused from the context instead of evaluated
     checkpoints: dict | None = None  # the prompt checkpoints' snapshot (CheckpointStore.snapshot())
     resident: np.ndarray | None = None  # [n_layer, n_expert] bool by original id: holds a cache slot
+    last_request: str = ""  # the server's latest access-log line
 
     @property
     def tokens(self) -> int:
@@ -63,13 +64,14 @@ class Reading:
 
 class Dashboard:
     """The dashboard of one engine. `telemetry` (a RoutingTelemetry) feeds the heat map, `plan`
-    the plan view; `serving` adds the request figures; the engine's expert cache, when it has
-    one, its own view and the resident marks on the heat map. `height` limits it to that many
-    lines (default: the terminal's)."""
+    the plan view; `serving` adds the request figures and the last of `requests` (access-log
+    lines); the engine's expert cache, when it has one, its own view and the resident marks on
+    the heat map. `height` limits it to that many lines (default: the terminal's)."""
 
-    def __init__(self, engine, *, telemetry=None, plan=None, serving: bool = False, title: str = "",
+    def __init__(self, engine, *, telemetry=None, plan=None, serving: bool = False, title: str = "", requests=(),
                  height: int | None = None):
         self.engine, self.telemetry, self.plan, self.serving = engine, telemetry, plan, serving
+        self.requests = requests  # the server's access-log lines, newest last (access_log.Recent)
         self.title = title
         self.height = height
         self.memory = MemoryProbe(engine, plan)
@@ -151,6 +153,7 @@ class Dashboard:
             resident=self._resident(cache),
             cached_prompt_tokens=cached_prompt_tokens,
             checkpoints=self.engine.checkpoints.snapshot() if self.engine.checkpoints is not None else None,
+            last_request=self.requests[-1] if self.requests else "",
         )
         return self.reading
 
@@ -191,7 +194,7 @@ class Dashboard:
             section.boxed = boxed
         self.layout["figures"].size = 3 + frame
         self.layout["plan"].size = (2 if self.plan is not None and width >= 100 else 1) + frame
-        self.layout["serving"].size = 1 + frame
+        self.layout["serving"].size = (2 if self.reading.last_request else 1) + frame
         cache = self.reading.cache  # on: two framed lines, or one unframed; off: one line saying why
         cache_framed = boxed and cache is not None and cache["enabled"]
         self.layout["cache"].visible = cache is not None

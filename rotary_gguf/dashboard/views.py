@@ -177,6 +177,8 @@ class ServingView(View):
                   [(f" · {s.requests_total} done", "")],
                   [(f" · {s.rejected} turned away" if s.rejected else "", "yellow")],
                   [(f" · {r.cached_prompt_tokens:,} prompt tokens cached", "dim")])
+        if r.last_request and (options.height or 1) > 1:
+            yield Text.assemble(("last ", "bold"), (r.last_request, "dim"), no_wrap=True, overflow="ellipsis")
 
 
 class HeatMapView(View):
