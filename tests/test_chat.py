@@ -142,7 +142,7 @@ def test_chat_on_a_dense_model_has_no_heat_map(test_model):
 
 def test_chat_bad_input_is_one_line(test_model, tmp_path):
     assert_one_line_error(run_cli("chat", tmp_path / "missing.gguf"), "no such file")
-    assert_one_line_error(run_cli("chat", test_model(), "--vram", "1GiB"), "no GPU")
+    assert_one_line_error(run_cli("chat", test_model(), "--vram", "8GiB"), "no GPU")
 
 
 @pytest.mark.skipif(not DEMO_MODEL.exists(), reason="the built-in demo model is not built")
