@@ -1,9 +1,12 @@
 """`rotary-gguf chat`: a multi-turn terminal chat in the model's chat template. Answers stream
-above the live dashboard; Ctrl-C stops the answer, not the chat."""
+above the live dashboard, which then leaves two lines: the answer's figures and the machine's
+(memory, average speed, cache hits). Ctrl-C stops the answer, not the chat."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -14,7 +17,7 @@ from .dashboard import Dashboard
 from .engine import Engine, GenerationStats, PromptError, SamplingParams
 from .errors import UserError
 
-COMMANDS = {"/reset": "start a new conversation", "/stats": "show the dashboard", "/exit": "leave (or Ctrl-D)"}
+COMMANDS = {"/reset": "start a new conversation", "/stats": "show the whole dashboard", "/exit": "leave (or Ctrl-D)"}
 ANSWER_LABEL = ("model › ", "bold magenta")
 PROMPT_LABEL = "[bold green]you › [/]"
 
@@ -102,6 +105,9 @@ def run(engine: Engine, dashboard: Dashboard, console: Console, *, max_tokens: i
         else:
             messages.append({"role": "assistant", "content": reply})
         console.print(f"[dim]{summary(stats)}[/]")
+        if console.is_terminal:  # the live view may have come and gone too fast to be read
+            dashboard.sample()
+            console.print(dashboard.compact())
 
 
 def answer(engine: Engine, dashboard: Dashboard, console: Console, messages: list[dict], *, max_tokens: int,
@@ -118,7 +124,7 @@ def answer(engine: Engine, dashboard: Dashboard, console: Console, messages: lis
     stats = GenerationStats(prompt_tokens=len(prompt))
     dashboard.height = dashboard_height(console)
     try:
-        with dashboard.live(console, above=stream, transient=True) as live:
+        with _no_echo(), dashboard.live(console, above=stream, transient=True) as live:
             for event in engine.generate(prompt, max_tokens=max_tokens, sampling=sampling, cancel=cancel,
                                          checkpoint_at=engine.turn_start(messages, prompt)):
                 parts.append(event.text)
@@ -133,10 +139,33 @@ def answer(engine: Engine, dashboard: Dashboard, console: Console, messages: lis
     return "".join(parts), stats
 
 
-def summary(stats: GenerationStats) -> str:
+@contextlib.contextmanager
+def _no_echo() -> Iterator[None]:
+    """The terminal does not echo keys (Ctrl-C's "^C" above all) while an answer streams: an echo
+    moves the cursor under the live display, which then erases the wrong lines when it ends and
+    leaves a copy of the last streamed line on the screen."""
+    try:
+        import termios
+    except ImportError:  # Windows
+        termios = None
+    if termios is None or not sys.stdin.isatty():
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def summary(stats: GenerationStats, limit: str = "--max-tokens") -> str:
     """One line about an answer: its length, speeds, and why it ended if not by itself."""
     text = f"{stats.completion_tokens} tokens · {stats.decode_tps:.1f} t/s · prompt {stats.prompt_tps:.0f} t/s"
     if stats.cached_prompt_tokens:
         text += f" ({stats.cached_prompt_tokens} reused)"
-    ending = {"cancelled": "stopped", "length": "cut at --max-tokens"}.get(stats.finish_reason or "")
+    ending = {"cancelled": "stopped", "length": f"cut at {limit}"}.get(stats.finish_reason or "")
     return text + (f" · {ending}" if ending else "")

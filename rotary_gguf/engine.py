@@ -57,7 +57,7 @@ class GenerationStats:
     cached_prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    decode_seconds: float = 0.0  # the engine's own time after the first token (not its consumer's)
     ttft_seconds: float = 0.0
     finish_reason: str | None = None
 
@@ -487,6 +487,7 @@ class Engine:
             stats.cached_prompt_tokens = self.prepare(prompt, checkpoint_at)
             stats.prompt_seconds = time.perf_counter() - t0
             t_decode = time.perf_counter()
+            held = 0.0  # seconds the consumer held tokens (printing, sending): not the engine's time
             while True:
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
@@ -514,8 +515,10 @@ class Engine:
                 elif stats.completion_tokens >= budget:
                     stats.finish_reason = "length"
                     text += text_filter.flush(decoder.decode(b"", final=True))
-                stats.decode_seconds = time.perf_counter() - t_decode
+                handed = time.perf_counter()
+                stats.decode_seconds = handed - t_decode - held
                 yield TokenEvent(token, text, stats, logprob)
+                held += time.perf_counter() - handed
                 if stats.finish_reason:
                     return
                 # Evaluated once the consumer asks for the next token: it can hand this one on first

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import log
+from .access_log import AccessLog, record_job
 from .api import anthropic as messages_api
 from .api import openai as oai
 from .engine import Engine, GenerationStats, PromptError, SamplingParams, TokenLogprob
@@ -381,6 +382,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     if options.api_key is not None:
         app.add_middleware(_RequireApiKey, api_key=options.api_key)
+    app.add_middleware(AccessLog)  # outermost: refused requests are logged too
     api = APIRouter()
     created = int(time.time())
 
@@ -548,6 +550,7 @@ def _submit(worker: Worker, engine: Engine, body: _Body, prompt: list[int], max_
         checkpoint_at=checkpoint_at,
     )
     worker.submit(job)
+    record_job(job)
     return job
 
 
@@ -671,6 +674,7 @@ def run(engine: Engine, options: ServeOptions, sock: socket.socket) -> None:
     uvicorn_logger.propagate = False
     uvicorn_logger.setLevel(logging.WARNING)
     protocol = functools.partial(_TimedHttpProtocol, read_timeout=options.read_timeout)
+    # uvicorn's access log is off: ours (access_log.py, set up by the caller) carries the tokens.
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=10,
                             http=protocol, timeout_keep_alive=IDLE_TIMEOUT_SECONDS)
     server = _Server(config, app.state.worker)

@@ -150,21 +150,37 @@ def test_heat_levels_and_sparkline():
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux to watch the dashboard in a real terminal")
-def test_serve_dashboard_follows_the_requests(test_model):
-    port = free_port()
-    term = Terminal(f"{CLI} serve {test_model(router_skew=1.0)} --dashboard --port {port} --threads 1", 100, 30)
+def test_serve_dashboard_follows_the_requests(test_model, tmp_path):
+    """With stderr in a file the dashboard still draws on the terminal; the access log is quiet
+    there, the dashboard showing the last request instead."""
+    port, errors = free_port(), tmp_path / "serve.err"
+    term = Terminal(f"{CLI} serve {test_model(router_skew=1.0)} --dashboard --port {port} --threads 1 2>{errors}", 100, 30)
     try:
         term.wait_for(lambda s: f"at http://127.0.0.1:{port}/v1 · idle" in s and "0 done" in s)
         for _ in range(2):
             reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
                                json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16})
             assert reply.status_code == 200
+        usage = reply.json()["usage"]
         screen = term.wait_for(lambda s: "2 done" in s and re.search(r"0 in flight · 0 queued · [1-9][\d.]* req/min", s))
         assert "routing · last" in screen and "L0" in screen and "decode" in screen
+        last = f"last POST /v1/chat/completions 200 prompt={usage['prompt_tokens']} completion={usage['completion_tokens']} "
+        term.wait_for(lambda s: last in s)
         term.send("C-c")
         term.wait_for(lambda s: "EXIT=0" in s, timeout=30)
     finally:
         term.close()
+    assert "/v1/chat/completions" not in errors.read_text()
+
+
+def test_serve_dashboard_without_a_terminal_is_one_line(test_model):
+    """Nothing to draw on (stdout and stderr redirected, no controlling terminal): said before loading."""
+    import subprocess
+
+    result = subprocess.run([CLI, "serve", str(test_model()), "--dashboard", "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: --dashboard needs a terminal") and len(result.stderr.strip().splitlines()) == 1
 
 
 # --- the expert cache ------------------------------------------------------------------------------
@@ -282,3 +298,59 @@ def test_resident_cells_follow_the_heat_map_grouping_and_rate_bars():
     assert resident_cells(None, [0, 1], rows=2, columns=4) == []
     assert rate_bars([0.0, 0.5, 1.0], 10) == "▁▅█" and rate_bars([0.0, 1.0, 1.0, 1.0], 2) == "▅█"  # averaged to fit
     assert rate_bars([], 4) == "" and rate_bars([1.0], 0) == ""
+
+
+# --- the layout at fixed terminal sizes ------------------------------------------------------------
+# (width, height, dashboard height): whole terminals, and the part chat gives it below an answer
+SIZES = [(80, 24, None), (60, 15, None), (120, 40, None), (80, 24, 14), (60, 15, 8)]
+# Phrases the dashboard prints whole or not at all.
+PHRASES = ["placed on RPC0", "this process", "in flight", "queued", "req/min", "prompt tokens cached",
+           "fallback calls", "expert cache", "resident", "everything on the CPU"]
+COLUMN_STARTS = ("decode", "prompt", "tokens", "hottest")
+
+
+def assert_laid_out(lines: list[str], width: int, height: int) -> None:
+    """Fits the area; no value runs into the next one or the next column; no phrase cut mid-word."""
+    screen = "\n".join(lines)
+    assert len(lines) <= height and max(map(len, lines)) <= width, screen
+    assert not re.search(r"(?:[KMG]iB|t/s|%)[A-Za-z]", screen), screen  # e.g. "23.5 GiBtokens"
+    for start in COLUMN_STARTS:  # the right-hand columns start after a blank or a border
+        assert not re.search(rf"[^\s│]{start}", screen), (start, screen)
+    for line in lines:  # the hottest list never touches the heat map
+        if (m := HOTTEST_ROW.search(line)) and m.start() > 0:
+            assert line[m.start() - 2 : m.start()] in ("  ", "│ "), line
+    for phrase in PHRASES:
+        for k in range(3, len(phrase)):
+            if phrase[k - 1] != " " and phrase[k] != " ":
+                assert not re.search(re.escape(phrase[:k]) + r"(?:[\s│…]|$)", screen, flags=re.M), (phrase, screen)
+    assert "…" not in screen, screen
+
+
+@pytest.mark.parametrize("width,height,rows", SIZES)
+def test_layout_on_the_cpu(skewed, width, height, rows):
+    engine, telemetry, dashboard = skewed
+    dashboard.height = rows
+    try:
+        lines = render(dashboard, width, height)
+    finally:
+        dashboard.height = None
+    assert_laid_out(lines, width, rows or height)
+    text = "\n".join(lines)
+    assert "decode" in text and "RAM" in text and "routing" in text
+    assert ("hottest" in text) == (width >= 64)
+
+
+@pytest.mark.parametrize("width,height,rows", SIZES)
+def test_layout_on_the_simulated_accelerator_with_an_expert_cache(test_model, rpc_endpoint, width, height, rows):
+    path = test_model(arch="qwen3moe", router_skew=1.5)
+    telemetry = RoutingTelemetry.for_model(path)
+    with cached_engine(path, rpc_endpoint, telemetry, slots=telemetry.n_expert // 4) as engine:
+        engine.greedy(engine.tokenize(PROMPT), 16)
+        dashboard = Dashboard(engine, telemetry=telemetry, serving=True, height=rows)
+        lines = render(dashboard, width, height)
+        snap = dashboard.reading.cache
+    assert_laid_out(lines, width, rows or height)
+    text = "\n".join(lines)
+    assert "RPC0" in text and f"hits {snap['hit_rate']:.1%}" in text and "in flight" in text
+    if width >= 120:
+        assert "placed on RPC0" in text

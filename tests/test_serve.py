@@ -519,3 +519,61 @@ def test_metrics_show_the_expert_cache(test_model, rpc_endpoint):
     assert {k: v for k, v in served.items() if "expert_cache" in k and k not in moving} == {
         k: v for k, v in expected.items() if k not in moving}
     assert served["rotary_gguf_completion_tokens_total"] == 48
+
+
+# --- the access log ----------------------------------------------------------------------------------
+ACCESS_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d 127\.0\.0\.1 (\S+) (\S+) (\d+|-) prompt=(\d+|-) completion=(\d+|-) (\d+) ms$", re.M)
+
+
+def access_lines(text: str) -> list[tuple[str, ...]]:
+    """(method, path, status, prompt tokens, completion tokens, ms) of each line, but the start-up's /health polls."""
+    return [line for line in ACCESS_LINE.findall(text) if line[1] != "/health"]
+
+
+def wait_for_lines(path, n: int, timeout: float = 10) -> list[tuple[str, ...]]:
+    deadline = time.monotonic() + timeout
+    while len(lines := access_lines(path.read_text())) < n:
+        assert time.monotonic() < deadline, path.read_text()
+        time.sleep(0.05)
+    return lines
+
+
+def test_access_log_has_a_line_per_request_with_its_tokens(server):
+    """On stderr by default: method, path, status, the generation's tokens and the time taken."""
+    seen = len(access_lines(server.log.read_text()))
+    whole = server.client().chat.completions.create(model="m", messages=MESSAGES, max_tokens=7, temperature=0)
+    stream = server.client().chat.completions.create(model="m", messages=MESSAGES, max_tokens=5, stream=True,
+                                                     stream_options={"include_usage": True})
+    usage = [chunk.usage for chunk in stream if chunk.usage][0]
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401  # no key
+    assert server.post("/v1/nowhere", json={}).status_code == 404
+    lines = wait_for_lines(server.log, seen + 4)[seen:]
+    assert [line[:3] for line in lines] == [("POST", "/v1/chat/completions", "200"), ("POST", "/v1/chat/completions", "200"),
+                                            ("GET", "/v1/models", "401"), ("POST", "/v1/nowhere", "404")]
+    assert lines[0][3:5] == (str(whole.usage.prompt_tokens), str(whole.usage.completion_tokens))
+    assert lines[1][3:5] == (str(usage.prompt_tokens), str(usage.completion_tokens))
+    assert lines[2][3:5] == lines[3][3:5] == ("-", "-")  # no generation ran
+    assert all(int(line[5]) >= 0 for line in lines)
+
+
+def test_access_log_to_a_file_or_off(tmp_path, model):
+    log_file = tmp_path / "access.log"
+    for setting in (str(log_file), "off"):
+        server = Server(tmp_path, model, "--ctx", str(CTX), "--access-log", setting)
+        try:
+            reply = server.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+            assert reply.status_code == 200
+            if setting != "off":
+                usage = reply.json()["usage"]
+                lines = wait_for_lines(log_file, 1)
+                assert lines == [("POST", "/v1/completions", "200", str(usage["prompt_tokens"]),
+                                  str(usage["completion_tokens"]), lines[0][5])]
+        finally:
+            server.stop()
+        assert not access_lines(server.log.read_text())  # nothing on stderr either way
+    assert [line[1] for line in access_lines(log_file.read_text())].count("/v1/completions") == 1  # off wrote none
+
+
+def test_access_log_file_that_cannot_be_written_is_one_line(model, tmp_path):
+    assert_one_line_error(run_cli("serve", model, "--access-log", str(tmp_path / "missing" / "access.log")),
+                          "--access-log")

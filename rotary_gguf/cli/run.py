@@ -26,7 +26,8 @@ def generate(
     flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     threads: ThreadsOpt = 0,
 ) -> None:
-    """Greedily continue a prompt and print the text with prompt and decode speed."""
+    """Greedily continue a prompt and print the text, then the same speed summary as chat's."""
+    from ..chat import summary
     from ..demo import resolve_model
     from ..engine import Engine
 
@@ -40,10 +41,7 @@ def generate(
             stats = event.stats
         out.print()
         if stats:
-            out.print(
-                f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prompt_tps:.1f} t/s, "
-                f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} t/s[/]"
-            )
+            out.print(f"[dim]{stats.prompt_tokens} prompt tokens · {summary(stats, limit='--tokens')}[/]", highlight=False)
 
 
 @app.command()
@@ -83,9 +81,15 @@ def serve(
         float,
         typer.Option(min=0.1, max=3600, help="Seconds a client has to send a request's headers, and again its body; slower connections are closed."),
     ] = 10.0,
+    access_log: Annotated[
+        Optional[str],
+        typer.Option(metavar="FILE|-|off", help="One line per request (method, path, status, prompt and completion tokens, ms): "
+                     "appended to FILE, '-' for stderr, or off. Default: stderr, or off with --dashboard (it shows the requests)."),
+    ] = None,
 ) -> None:
     """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /metrics)
     and the Anthropic Messages API (/v1/messages)."""
+    from .. import access_log as access
     from .. import serve as serving
     from ..demo import resolve_model
     from ..engine import Engine
@@ -98,6 +102,8 @@ def serve(
     cache = cache_setting(expert_cache)
     checkpoint_bytes = parse_size(checkpoint_memory, "--checkpoint-memory")
     context = context_for(path, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
+    screen = _dashboard_console() if dashboard else None
+    access.configure(access_log or ("off" if dashboard else "-"))
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
     sock = serving.listen(host, port)
@@ -116,8 +122,30 @@ def serve(
         from ..dashboard import Dashboard
 
         title = f"{path.name} at http://{host}:{sock.getsockname()[1]}/v1"
-        with Dashboard(engine, telemetry=telemetry, plan=the_plan, serving=True, title=title).live(log.stderr):
+        recent = access.Recent()
+        access.logger.addHandler(recent)
+        board = Dashboard(engine, telemetry=telemetry, plan=the_plan, serving=True, title=title, requests=recent.lines)
+        with board.live(screen):
             serving.run(engine, options, sock)
+
+
+def _dashboard_console():
+    """Where serve's dashboard draws: stderr when it is a terminal (log lines then print above it),
+    else stdout, else the controlling terminal; with none of them (a service, a pipe) there is
+    nothing to draw on, and saying so beats drawing escape codes into a log file."""
+    import sys
+
+    from rich.console import Console
+
+    if log.stderr.is_terminal:
+        return log.stderr
+    if sys.stdout.isatty():
+        return Console(file=sys.stdout, highlight=False)
+    try:
+        return Console(file=open("/dev/tty", "w"), highlight=False)  # noqa: SIM115 (open while serving)
+    except OSError:
+        raise UserError("--dashboard needs a terminal to draw on: stdout and stderr are redirected and there is "
+                        "no controlling terminal (/metrics has the same figures)") from None
 
 
 def _dashboard_telemetry(inv):
