@@ -105,6 +105,7 @@ class Weights:
 NODES_PER_BLOCK = {"full": 55, "linear": 95}
 NODES_OUTSIDE_BLOCKS = 6
 GRAPH_INPUTS = 6  # tensors set before every decode graph (token, position, mask, KV indices, ...)
+SPLIT_SYNCS = 3  # graph syncs split compute adds per cached block (its eval callback reads three nodes)
 
 
 def estimated_nodes(attention: list[str]) -> int:
@@ -166,8 +167,10 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
             continue
         on_cpu = weights.used_seconds(i, cpu, phase, 1.0 - hit)
         parts["host experts"] += max(on_cpu, weights.used_seconds(i, main, phase, hit))
+        if layout.slots:  # split compute syncs three more times per block: routing, weights, the weighted sum
+            parts["splits"] += SPLIT_SYNCS * main.graph_seconds / batch
     split = main.graph_seconds + cpu.graph_seconds + 2 * main.copy_seconds
-    parts["splits"] = len(layout.host) * split / batch
+    parts["splits"] += len(layout.host) * split / batch
     return parts
 
 
