@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
-from .speed_model import DeviceSpeeds
+from .speed_model import REFERENCE_GPU, DeviceSpeeds, PlanSpeeds, Weights
 from .user_cache import cache_dir
 
 CALIBRATION_FORMAT = 2
@@ -147,7 +147,8 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
     counts = sorted({1, max(1, threads // 2), threads})
     for name, ggml_type in types.items():
         if name not in by_threads:
-            step(f"CPU: {name} at {', '.join(map(str, counts))} threads")
+            if counts != [threads]:
+                step(f"CPU: {name} at {', '.join(map(str, counts))} threads")
             by_threads[name] = {n: cpu.decode[name] if n == threads else
                                 measure.matvec_bytes_per_s(native.cpu_device(), ggml_type, n_embd, n, DECODE_WEIGHT_BYTES)
                                 for n in counts}
@@ -155,3 +156,18 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
     result = Calibration(cpu, acc, threads, by_threads, seconds, path)
     _save(result, path)
     return result
+
+
+def plan_speeds(inv, accelerator_name: str | None, threads: int, *, refresh: bool = False,
+                on_step: Callable[[str], None] | None = None) -> tuple[PlanSpeeds, Calibration]:
+    """What the planner predicts `inv`'s speed from: this machine's calibration for the model's
+    weight types (measured the first time, or again with `refresh`), with published figures of a
+    laptop GPU (`REFERENCE_GPU`) for an accelerator that is not on this machine."""
+    types = {t.type_name: t.ggml_type for t in inv.tensors}
+    cal = calibrate(types, inv.n_embd, threads, accelerator_name, refresh=refresh, on_step=on_step)
+    where = f"CPU at {threads} thread{'s' if threads > 1 else ''}"
+    if cal.accelerator is not None:
+        source = f"calibrated: {where}, {cal.accelerator.name}"
+    else:
+        source = f"calibrated: {where}; {REFERENCE_GPU.name} for the GPU"
+    return PlanSpeeds(Weights.from_inventory(inv), cal.cpu, cal.accelerator or REFERENCE_GPU, source), cal

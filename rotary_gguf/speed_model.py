@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from . import arch as names
 
 
+ANY_TYPE = "*"  # a rate for every weight type (published figures know no per-type speeds)
+
+
 @dataclass(frozen=True)
 class DeviceSpeeds:
     """One device's calibrated speeds. Rates are weight bytes per second (at batch 1 for decode;
@@ -39,6 +42,8 @@ class DeviceSpeeds:
         rates = self.decode if phase == "decode" else self.prompt
         if type_name in rates:
             return rates[type_name]
+        if ANY_TYPE in rates:
+            return rates[ANY_TYPE]
         return min(rates.values()) if rates else 1e9
 
     def to_json(self) -> dict:
@@ -100,6 +105,7 @@ class Weights:
 NODES_PER_BLOCK = {"full": 55, "linear": 95}
 NODES_OUTSIDE_BLOCKS = 6
 GRAPH_INPUTS = 6  # tensors set before every decode graph (token, position, mask, KV indices, ...)
+SPLIT_SYNCS = 3  # graph syncs split compute adds per cached block (its eval callback reads three nodes)
 
 
 def estimated_nodes(attention: list[str]) -> int:
@@ -161,9 +167,45 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
             continue
         on_cpu = weights.used_seconds(i, cpu, phase, 1.0 - hit)
         parts["host experts"] += max(on_cpu, weights.used_seconds(i, main, phase, hit))
+        if layout.slots:  # split compute syncs three more times per block: routing, weights, the weighted sum
+            parts["splits"] += SPLIT_SYNCS * main.graph_seconds / batch
     split = main.graph_seconds + cpu.graph_seconds + 2 * main.copy_seconds
-    parts["splits"] = len(layout.host) * split / batch
+    parts["splits"] += len(layout.host) * split / batch
     return parts
+
+
+@dataclass(frozen=True)
+class PlanSpeeds:
+    """What the planner predicts speed from: the model's weights, the CPU's and the accelerator's
+    speeds, and where they come from (shown with the predictions)."""
+
+    weights: Weights
+    cpu: DeviceSpeeds
+    accelerator: DeviceSpeeds
+    source: str
+
+    def predict(self, layout: Layout) -> Prediction:
+        return predict(self.weights, layout, self.cpu, self.accelerator)
+
+
+# A GPU that is not on this machine (plan --vram on a machine without one) is predicted as an
+# 8 GB laptop card, an RTX 4060 Laptop: 256 GB/s of memory bandwidth read at 80% by decode's
+# matrix-vector kernels; about 20 TFLOPS in batched quantized matrix multiplies (prompts: 2 flops
+# per weight and token, ~0.56 bytes per Q4_K weight); PCIe 4.0 x8 at 11 GB/s from pinned memory;
+# 2.8 us per graph op, the launch cost that makes tools/predict_split.py's model meet the published
+# 42.3 t/s of an RTX 3060 with --n-cpu-moe; 20 us per graph and copy.
+REFERENCE_GPU = DeviceSpeeds(
+    name="RTX 4060 Laptop (published figures)",
+    description="8 GB, 256 GB/s, PCIe 4.0 x8",
+    decode={ANY_TYPE: 0.8 * 256e9},
+    prompt={ANY_TYPE: 20e12 / 2 * 0.56},
+    batch=512,
+    graph_seconds=20e-6,
+    op_seconds=2.8e-6,
+    copy_seconds=20e-6,
+    upload_pinned=11e9,
+    upload_pageable=6e9,
+)
 
 
 def _download_rate(device: DeviceSpeeds) -> float:

@@ -55,7 +55,7 @@ def bench(
     context = context_for(model, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
     cpu_plan = plan_or_cpu(model, vram=vram, reserve=reserve, mode="cpu", context=context, rpc=rpc,
                            expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
-                           routing_profile=routing_profile)
+                           routing_profile=routing_profile, threads=threads)
     notes: list[str] = []
     if cpu_plan is None:
         cands = [benching.Candidate("cpu-only", Placement.all_cpu(), "cpu-only", "everything on the CPU")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from .. import log
 from ..errors import UserError
 from ..units import human_bytes
 from .app import misses_setting
@@ -50,11 +51,13 @@ def budget_for(accelerator, vram: Optional[str], reserve: Optional[str]) -> tupl
 
 def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optional[str], reserve: Optional[str] = None,
              expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None,
-             all_outputs: bool = False):
+             all_outputs: bool = False, threads: int = 0, calibrate: bool = False, on_calibration=None):
     """The plan for `model` on this machine's accelerator (or the RPC device at `rpc`, or a GPU
     this machine lacks, sized by `vram`) with the context settings `context`, and the expert cache
     `expert_cache` ("auto", "off" or slots per block). Decides the host-expert mode before loading
-    anything."""
+    anything. In cpu mode the speed model weighs the candidates, from this machine's calibration
+    (measured on first use, again with `calibrate`; `on_calibration` gets it) at `threads` CPU
+    threads (0: the engine's default)."""
     import os
 
     from .. import native
@@ -95,14 +98,26 @@ def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optio
         chosen, reason = choose_mode(mode, accelerator, cpu_plan, link)
     else:
         chosen, reason = choose_mode(mode, accelerator)
-    return make_plan(figures, accelerator, budget, mode=chosen, mode_reason=reason, expert_cache=expert_cache,
-                     cache_misses=cache_misses, cpu_expert_bytes_per_s=link.cpu_expert_bytes_per_s if link else None,
-                     upload_bytes_per_s=link.upload_bytes_per_s if link else None, hit_rates=hit_rates, **options)
+    speeds = None
+    plan_options = dict(mode=chosen, mode_reason=reason, expert_cache=expert_cache, cache_misses=cache_misses,
+                        cpu_expert_bytes_per_s=link.cpu_expert_bytes_per_s if link else None,
+                        upload_bytes_per_s=link.upload_bytes_per_s if link else None, hit_rates=hit_rates, **options)
+    if chosen == "cpu":
+        make_plan(figures, accelerator, budget, **plan_options)  # a budget that cannot hold it fails before measuring
+        from ..calibration import plan_speeds
+        from ..engine import default_threads
+
+        speeds, calibration = plan_speeds(inv, accelerator.name if accelerator.present else None,
+                                          threads or default_threads(), refresh=calibrate,
+                                          on_step=lambda step: log.logger.info("calibrating: %s", step))
+        if on_calibration is not None:
+            on_calibration(calibration)
+    return make_plan(figures, accelerator, budget, speeds=speeds, **plan_options)
 
 
 def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, context, rpc: Optional[str], reserve: Optional[str] = None,
                 expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None,
-                all_outputs: bool = False):
+                all_outputs: bool = False, threads: int = 0):
     """The plan for MoE `model` when there is an accelerator to fill (a GPU, or the RPC device at
     `rpc`), else None: everything runs on the CPU (always so for a dense model)."""
     from .. import native
@@ -115,7 +130,8 @@ def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, context, rpc: Op
     if vram is None and rpc is None and mode != "rotary" and not any(d.is_local_gpu for d in native.devices()):
         return None
     the_plan = plan_for(model, vram=vram, context=context, mode=mode, rpc=rpc, reserve=reserve, expert_cache=expert_cache,
-                        cache_misses=cache_misses, routing_profile=routing_profile, all_outputs=all_outputs)
+                        cache_misses=cache_misses, routing_profile=routing_profile, all_outputs=all_outputs,
+                        threads=threads)
     if not the_plan.accelerator.present:
         raise UserError(f"there is no GPU on this machine to fill with --vram {vram}; use --rpc HOST:PORT for a simulated one")
     return the_plan

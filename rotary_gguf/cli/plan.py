@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..units import human_bytes
 from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
 from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModeOpt, ModelSourceArg,
-                  ProfileOpt, ReserveOpt, RpcOpt, UbatchOpt, VramOpt, app, cache_setting, out)
+                  ProfileOpt, ReserveOpt, RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
 from .placement import context_for, plan_for
 
 
@@ -32,22 +32,34 @@ def plan(
     expert_cache: CacheOpt = "auto",
     cache_misses: MissesOpt = "split",
     routing_profile: ProfileOpt = None,
+    threads: ThreadsOpt = 0,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate", help="Measure this machine's speeds again (seconds; kept in the cache folder, "
+                           "measured on first use otherwise) and show them.")
+    ] = False,
     check: Annotated[
         bool, typer.Option("--check", help="Also load the model with the plan and show what llama.cpp allocated.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Decide where every tensor lives for a VRAM budget, and predict each device's memory."""
+    """Decide where every tensor lives for a VRAM budget, predict each device's memory, and predict
+    the prompt and decode speed of the candidates weighed (from this machine's calibration)."""
     context = context_for(model, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
+    calibrations = []
     the_plan = plan_for(model, vram=vram, reserve=reserve, context=context, mode=mode, rpc=rpc,
-                        expert_cache=cache_setting(expert_cache), cache_misses=cache_misses, routing_profile=routing_profile)
+                        expert_cache=cache_setting(expert_cache), cache_misses=cache_misses, routing_profile=routing_profile,
+                        threads=threads, calibrate=calibrate, on_calibration=calibrations.append)
     rows = _check_plan(model, the_plan) if check else None
     if as_json:
         summary = the_plan.to_json()
+        if calibrate and calibrations:
+            summary["calibration"] = calibrations[0].to_json()
         if rows is not None:
             summary["check"] = [{"device": d, "purpose": p, "predicted": pr, "actual": a} for d, p, pr, a in rows]
         print(json.dumps(summary, indent=2))
         return
+    if calibrate and calibrations:
+        _print_calibration(calibrations[0])
     _print_plan(the_plan)
     if rows is not None:
         _print_check(rows, the_plan)
@@ -125,10 +137,41 @@ def _print_plan(p) -> None:
         f"(at least {human_bytes(p.estimate_margin)} kept for the ~ estimates: {ESTIMATE_MARGIN_SHARE:.0%} of them); "
         f"{resident} of {resident + len(p.host_layers)} expert blocks resident (minimum budget {human_bytes(p.minimum_budget)})"
     )
+    _print_predictions(p)
     for pattern, buft in p.overrides:
         out.print(f"override: {pattern} -> {buft}", markup=False)
     for note in p.notes:
         out.print(f"[yellow]note:[/] {note}")
+
+
+def _print_predictions(p) -> None:
+    if not p.predictions:
+        return
+    table = Table(title=f"predicted speed ({p.speeds_source})", title_justify="left", box=None, pad_edge=False)
+    for col in ("candidate", "prompt t/s", "decode t/s", "decode ms: weights", "experts", "host experts", "graph", "splits"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for name, pred in p.predictions:
+        parts = pred.decode_parts
+        table.add_row(name, f"{pred.prompt_tps:.0f}", f"{pred.decode_tps:.1f}",
+                      *(f"{parts[k] * 1e3:.2f}" for k in ("weights", "resident experts", "host experts", "graph", "splits")))
+    out.print(table)
+
+
+def _print_calibration(cal) -> None:
+    """This machine's calibration: throughput per weight type and the fixed costs, per device."""
+    table = Table(title=f"calibration ({cal.seconds:.1f} s of measuring, kept in {cal.path})", title_justify="left",
+                  box=None, pad_edge=False)
+    for col in ("device", "type", "decode GB/s", "prompt GB/s", "graph us", "op us", "copy us", "upload GB/s"):
+        table.add_column(col, justify="left" if col in ("device", "type") else "right")
+    for dev in (d for d in (cal.cpu, cal.accelerator) if d is not None):
+        upload = "/".join(f"{v / 1e9:.1f}" for v in (dev.upload_pinned, dev.upload_pageable) if v) or "-"
+        for i, name in enumerate(sorted(dev.decode)):
+            fixed = (f"{dev.graph_seconds * 1e6:.1f}", f"{dev.op_seconds * 1e6:.2f}", f"{dev.copy_seconds * 1e6:.1f}", upload)
+            table.add_row(dev.name if i == 0 else "", name, f"{dev.decode[name] / 1e9:.1f}",
+                          f"{dev.prompt.get(name, 0) / 1e9:.1f}", *(fixed if i == 0 else ("",) * 4))
+    out.print(table)
+    for name, by_threads in sorted(cal.cpu_decode_by_threads.items()):
+        out.print(f"CPU {name} decode by threads: " + ", ".join(f"{n}: {v / 1e9:.1f} GB/s" for n, v in sorted(by_threads.items())))
 
 
 def _print_check(rows: list[tuple[str, str, int, int]], the_plan) -> None:

@@ -108,7 +108,7 @@ def serve(
         log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
     sock = serving.listen(host, port)
     the_plan = plan_or_cpu(path, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, expert_cache=cache,
-                           cache_misses=cache_misses, routing_profile=routing_profile)
+                           cache_misses=cache_misses, routing_profile=routing_profile, threads=threads)
     placement = the_plan.placement if the_plan else None
     telemetry = _dashboard_telemetry(inv) if dashboard else None
     with Engine.load(path, placement, **context.load_options(), n_threads=threads or None, telemetry=telemetry,
@@ -197,7 +197,7 @@ def chat(
     telemetry = _dashboard_telemetry(inv) if routing else None
     the_plan = plan_or_cpu(path, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc,
                            expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
-                           routing_profile=routing_profile)
+                           routing_profile=routing_profile, threads=threads)
     placement = the_plan.placement if the_plan else None
     with Engine.load(path, placement, **context.load_options(), n_threads=threads or None, telemetry=telemetry,
                      expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads)) as engine:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from .. import arch as names
 from ..decode_cost import DEFAULT_CPU_EXPERT_BYTES_PER_S, HostBlock, field_hit_rate, host_expert_seconds, profile_hit_rates
 from ..errors import UserError
+from ..speed_model import Layout, PlanSpeeds, Prediction
 from ..units import human_bytes
 from .figures import Accelerator, ModelFigures
 from .budget import Sizing, estimate_margin, largest_ctx, shrink_advice
@@ -80,6 +81,8 @@ class Plan:
     expert_cache: ExpertCachePlan | None = None
     expert_cache_reason: str = ""  # why there is no expert cache (when there is none)
     hit_rates: HitRates | None = field(default=None, repr=False)  # from a routing profile, per block
+    predictions: tuple[tuple[str, Prediction], ...] = ()  # the candidates weighed, this plan first
+    speeds_source: str = ""  # where the predictions' speeds come from
 
     @property
     def host_layers(self) -> list[int]:
@@ -188,6 +191,8 @@ class Plan:
                 "repack": self.placement.repack,
             },
             **self._expert_cache_json(),
+            "predictions": {"speeds": self.speeds_source,
+                            "candidates": [{"name": name, **p.to_json()} for name, p in self.predictions]},
             "notes": list(self.notes),
         }
 
@@ -241,6 +246,7 @@ def make_plan(
     cpu_expert_bytes_per_s: float | None = None,
     upload_bytes_per_s: float | None = None,
     hit_rates: HitRates | None = None,
+    speeds: PlanSpeeds | None = None,
 ) -> Plan:
     """Fill `budget` bytes of `accelerator` (what is left after `reserve`), less a margin for the
     estimated parts: the non-expert part first, then whole expert blocks, largest first (ties:
@@ -248,7 +254,9 @@ def make_plan(
     `expert_cache` is "off", "auto" or a number of slots per host block (the resident blocks fit
     around them); `cache_misses` "split" or "upload" (see the module's docstring). The decode-time
     model uses `cpu_expert_bytes_per_s` where it was measured, and `hit_rates` (a routing
-    profile's, `HitRates.from_profile`) where there is one; else published field figures."""
+    profile's, `HitRates.from_profile`) where there is one; else published field figures. With
+    `speeds` (this machine's calibration), the speed model weighs the candidates instead, and the
+    plan carries the predicted prompt and decode t/s of those it weighed."""
     if cache_misses not in CACHE_MISSES:
         raise UserError(f"unknown cache-miss handling {cache_misses!r} (known: {', '.join(CACHE_MISSES)})")
     split = cache_misses == "split"
@@ -295,8 +303,16 @@ def make_plan(
 
     cpu_bps = cpu_expert_bytes_per_s or DEFAULT_CPU_EXPERT_BYTES_PER_S
 
+    def layout(host: list[int], slots: int = 0, misses: str = cache_misses) -> Layout:
+        rates = {i: hit_rates.rate(i, slots, model.n_expert) if hit_rates else field_hit_rate(slots, model.n_expert)
+                 for i in host} if slots else {}
+        return Layout(tuple(host), slots=slots, hit_rates=rates, misses=misses, streams_prompt=accelerator.streams_host_ops)
+
     def decode_seconds(resident: set[int], slots: int) -> float:
-        return predicted_host_seconds(model, [i for i in layers if i not in resident], slots, cpu_bps, hit_rates)
+        host = [i for i in layers if i not in resident]
+        if speeds is not None:
+            return 1.0 / speeds.predict(layout(host, slots)).decode_tps
+        return predicted_host_seconds(model, host, slots, cpu_bps, hit_rates)
 
     minimum = accelerator_use(set())
     if minimum.total > room:
@@ -321,7 +337,7 @@ def make_plan(
         )
     if expert_cache == "auto" and split:
         resident, slots, cache_reason = _fastest_split(model, len(layers), residents_around, decode_seconds,
-                                                       cpu_expert_bytes_per_s, hit_rates)
+                                                       cpu_expert_bytes_per_s, hit_rates, speeds)
     else:
         resident = residents_around(asked_slots)
         host = [i for i in layers if i not in resident]
@@ -369,7 +385,23 @@ def make_plan(
         expert_cache=cache,
         expert_cache_reason="" if cache else cache_reason,
         hit_rates=hit_rates,
+        predictions=_weighed(speeds, layout, layers, host_layers, slots if cache else 0, residents_around) if speeds else (),
+        speeds_source=speeds.source if speeds else "",
     )
+
+
+def _weighed(speeds: PlanSpeeds, layout, layers: list[int], host: list[int], slots: int,
+             residents_around) -> tuple[tuple[str, Prediction], ...]:
+    """Predicted speeds of the plan and of what it was weighed against: the resident blocks the
+    same budget holds without a cache, llama.cpp's --cpu-moe, and the CPU alone."""
+    out = [("this plan", speeds.predict(layout(host, slots)))]
+    if slots:
+        plain = residents_around(0) or set()
+        out.append(("resident blocks only", speeds.predict(layout([i for i in layers if i not in plain]))))
+    if len(host) < len(layers):
+        out.append(("--cpu-moe", speeds.predict(layout(layers))))
+    out.append(("CPU only", speeds.predict(Layout(accelerator=False))))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -427,7 +459,7 @@ SPLIT_SLOT_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 /
 
 
 def _fastest_split(model: ModelFigures, n_moe_layers: int, residents_around, decode_seconds,
-                   measured_cpu, hit_rates: HitRates | None) -> tuple[set[int], int, str]:
+                   measured_cpu, hit_rates: HitRates | None, speeds: PlanSpeeds | None = None) -> tuple[set[int], int, str]:
     """`auto` for split compute: for each candidate slot count, the resident blocks that fit around
     it, and the predicted host-expert time of a decoded token; the fastest wins, resident blocks
     only (no cache) on ties. Returns (resident blocks, slots, why)."""
@@ -444,7 +476,8 @@ def _fastest_split(model: ModelFigures, n_moe_layers: int, residents_around, dec
     seconds, slots, resident = best
     cpu = "measured" if measured_cpu else f"assumed {DEFAULT_CPU_EXPERT_BYTES_PER_S / 1e9:.0f} GB/s"
     rates = f"hit rates from {hit_rates.source}" if hit_rates else "field hit rates"
-    basis = f"predicted host-expert time per token (CPU {cpu}, {rates})"
+    basis = (f"predicted time per token (speed model, {speeds.source}, {rates})" if speeds
+             else f"predicted host-expert time per token (CPU {cpu}, {rates})")
     plain_s = decode_seconds(plain, 0)
     if not slots:
         return plain, 0, (f"auto: no slot count beat {len(plain)} resident blocks alone "
