@@ -24,7 +24,7 @@ from .errors import UserError
 from .speed_model import REFERENCE_GPU, DeviceSpeeds, PlanSpeeds, Weights
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 2
+CALIBRATION_FORMAT = 3
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
 DECODE_WEIGHT_BYTES = 32 * 2**20  # weight bytes per decode measurement: more than the CPU's caches hold
 PROMPT_WEIGHT_BYTES = 2 * 2**20
@@ -66,7 +66,7 @@ class Calibration:
 
     def covers(self, type_names: Iterable[str]) -> bool:
         devices = [self.cpu] + ([self.accelerator] if self.accelerator else [])
-        return all(t in dev.decode and t in dev.prompt for dev in devices for t in type_names)
+        return all(t in dev.decode and t in dev.prompt and t in dev.experts for dev in devices for t in type_names)
 
 
 def calibration_path(cpu_name: str, accelerator, threads: int) -> Path:
@@ -103,10 +103,11 @@ def _save(calibration: Calibration, path: Path) -> None:
 
 
 def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name: str | None = None, *,
-              refresh: bool = False, on_step: Callable[[str], None] | None = None) -> Calibration:
-    """This machine's calibration for weight `types` (name -> ggml type) at rows of `n_embd`,
-    from the cache folder where it has them, else measured now (and kept). `refresh` measures
-    everything again."""
+              refresh: bool = False, on_step: Callable[[str], None] | None = None,
+              expert_shape: tuple[int, int] = (512, 8)) -> Calibration:
+    """This machine's calibration for weight `types` (name -> ggml type) at rows of `n_embd`, and
+    for experts of `expert_shape` (FFN width, experts a token uses), from the cache folder where it
+    has them, else measured now (and kept). `refresh` measures everything again."""
     from . import native
     from .doctor import host_cpu
     from .native import measure
@@ -121,16 +122,20 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
 
     def device_speeds(dev, previous: DeviceSpeeds | None, n_threads: int | None) -> DeviceSpeeds:
         decode, prompt = dict(previous.decode) if previous else {}, dict(previous.prompt) if previous else {}
+        experts = dict(previous.experts) if previous else {}
         for name, ggml_type in types.items():
             if name not in decode:
                 step(f"{dev.name}: {name} matrix-vector")
                 decode[name] = measure.matvec_bytes_per_s(dev, ggml_type, n_embd, n_threads, DECODE_WEIGHT_BYTES)
+            if name not in experts:
+                step(f"{dev.name}: {name} experts")
+                experts[name] = measure.expert_bytes_per_s(dev, ggml_type, n_embd, *expert_shape, n_threads, DECODE_WEIGHT_BYTES)
             if name not in prompt:
                 step(f"{dev.name}: {name} at batch {PROMPT_BATCH}")
                 prompt[name] = PROMPT_BATCH * measure.matvec_bytes_per_s(dev, ggml_type, n_embd, n_threads,
                                                                          PROMPT_WEIGHT_BYTES, batch=PROMPT_BATCH)
         if previous is not None:
-            return replace(previous, decode=decode, prompt=prompt)
+            return replace(previous, decode=decode, prompt=prompt, experts=experts)
         step(f"{dev.name}: graph and copy latency")
         uploads = {}
         if dev.type != "cpu":
@@ -139,7 +144,7 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
             if dev.host_buffer_type:
                 uploads["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
         return DeviceSpeeds(dev.name, dev.description, decode, prompt, PROMPT_BATCH, measure.graph_seconds(dev, n_threads),
-                            measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), **uploads)
+                            measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), experts=experts, **uploads)
 
     cpu = device_speeds(native.cpu_device(), known.cpu if known else None, threads)
     acc = device_speeds(acc_dev, known.accelerator if known else None, None) if acc_dev else None
@@ -164,7 +169,8 @@ def plan_speeds(inv, accelerator_name: str | None, threads: int, *, refresh: boo
     weight types (measured the first time, or again with `refresh`), with published figures of a
     laptop GPU (`REFERENCE_GPU`) for an accelerator that is not on this machine."""
     types = {t.type_name: t.ggml_type for t in inv.tensors}
-    cal = calibrate(types, inv.n_embd, threads, accelerator_name, refresh=refresh, on_step=on_step)
+    cal = calibrate(types, inv.n_embd, threads, accelerator_name, refresh=refresh, on_step=on_step,
+                    expert_shape=(inv.n_ff_exp or 512, inv.n_expert_used or 8))
     where = f"CPU at {threads} thread{'s' if threads > 1 else ''}"
     if cal.accelerator is not None:
         source = f"calibrated: {where}, {cal.accelerator.name}"

@@ -35,6 +35,13 @@ class DeviceSpeeds:
     copy_seconds: float = 0.0  # the fixed cost of one small host <-> device copy
     upload_pinned: float | None = None  # host -> device bytes per second, from page-locked memory
     upload_pageable: float | None = None  # from ordinary host memory
+    experts: dict[str, float] = field(default_factory=dict)  # decode's expert op (MUL_MAT_ID), per type
+
+    def expert_rate(self, phase: str, type_name: str) -> float:
+        """Bytes per second of the experts' own op at decode, else the plain matrix-vector rate."""
+        if phase == "decode" and type_name in self.experts:
+            return self.experts[type_name]
+        return self.rate(phase, type_name)
 
     def rate(self, phase: str, type_name: str) -> float:
         """Bytes per second for `type_name` in `phase` ("decode" or "prompt"); a type that was not
@@ -96,7 +103,7 @@ class Weights:
     def used_seconds(self, layer: int, device: DeviceSpeeds, phase: str, share: float = 1.0) -> float:
         """Seconds `device` spends on `share` of the experts a token selects in `layer`."""
         per_expert = self.expert.get(layer, {})
-        return share * sum(self.n_expert_used * n / device.rate(phase, t) for t, n in per_expert.items())
+        return share * sum(self.n_expert_used * n / device.expert_rate(phase, t) for t, n in per_expert.items())
 
 
 # Ops per block in llama.cpp's decode graph, counted in its log ("graph: nodes = N") for our test

@@ -69,7 +69,7 @@ def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     first = calibration.calibrate({"Q4_K": Q4_K, "F32": F32}, 256, 1, on_step=steps.append)
     assert first.path is not None and first.path.is_relative_to(cache_home)
     assert first.seconds < 30
-    for rates in (first.cpu.decode, first.cpu.prompt):
+    for rates in (first.cpu.decode, first.cpu.prompt, first.cpu.experts):
         assert set(rates) == {"Q4_K", "F32"} and all(v > 1e6 for v in rates.values())
     assert first.cpu.graph_seconds > 0 and first.accelerator is None
     assert set(first.cpu_decode_by_threads["Q4_K"]) == {1}

@@ -111,16 +111,15 @@ def _predict(model, results, the_plan, threads: int) -> None:
     """Calibrate this machine (seconds, the first time; kept in the cache folder) and add the speed
     model's predictions to `results`."""
     from .. import bench as benching
-    from ..calibration import calibrate
+    from ..calibration import plan_speeds
     from ..engine import default_threads
     from ..inventory import read_inventory
 
     inv = read_inventory(model)
-    types = {t.type_name: t.ggml_type for t in inv.tensors}
     accelerator = the_plan.accelerator.name if the_plan is not None else None
-    cal = calibrate(types, inv.n_embd, threads or default_threads(), accelerator,
-                    on_step=lambda step: log.logger.info("calibrating: %s", step))
-    benching.add_predictions(results, inv, cal.cpu, cal.accelerator)
+    speeds, _ = plan_speeds(inv, accelerator, threads or default_threads(),
+                            on_step=lambda step: log.logger.info("calibrating: %s", step))
+    benching.add_predictions(results, inv, speeds.cpu, speeds.accelerator if accelerator else None)
 
 
 def _wide_console(table: Table) -> Console:

@@ -113,15 +113,28 @@ def _cpu_proc(name: str) -> int | None:
 @cache
 def cpu_extra_buffer_types() -> tuple[str, ...]:
     """Names of the CPU backend's extra buffer types, in llama.cpp's order of preference."""
+    return tuple(_cpu_extra_buffer_handles())
+
+
+@cache
+def _cpu_extra_buffer_handles() -> dict[str, int]:
     address = _cpu_proc("ggml_backend_dev_get_extra_bufts")
     if address is None:
-        return ()
+        return {}
     get = ctypes.CFUNCTYPE(ctypes.POINTER(c_void_p), c_void_p)(address)
     bufts = get(cpu_device().handle)
-    names: list[str] = []
-    while bufts and bufts[len(names)]:
-        names.append(buffer_type_name(bufts[len(names)]))
-    return tuple(names)
+    handles: dict[str, int] = {}
+    while bufts and bufts[len(handles)]:
+        handles[buffer_type_name(bufts[len(handles)])] = bufts[len(handles)]
+    return handles
+
+
+def cpu_weight_buffer_type() -> int:
+    """The buffer type llama.cpp gives the CPU's weights: its repacked layout ("CPU_REPACK", faster
+    kernels for the types it supports) where the build has it and it is safe, else the plain one."""
+    handles = _cpu_extra_buffer_handles()
+    safe = [h for name, h in handles.items() if name not in unsafe_cpu_buffer_types()]
+    return safe[0] if safe else cpu_device().buffer_type
 
 
 def unsafe_cpu_buffer_types() -> tuple[str, ...]:

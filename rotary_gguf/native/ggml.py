@@ -70,6 +70,7 @@ class _InitParams(ctypes.Structure):
 
 
 _GGML_TYPE_F32 = 0
+_GGML_TYPE_I32 = 26
 _ggml_init = _bind("ggml_init", c_void_p, _InitParams)
 _ggml_free = _bind("ggml_free", None, c_void_p)
 _tensor_overhead = _bind("ggml_tensor_overhead", c_size_t)
@@ -77,6 +78,8 @@ _graph_overhead = _bind("ggml_graph_overhead", c_size_t)
 _new_tensor_2d = _bind("ggml_new_tensor_2d", c_void_p, c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _mul_mat = _bind("ggml_mul_mat", c_void_p, c_void_p, c_void_p, c_void_p)
 _add = _bind("ggml_add", c_void_p, c_void_p, c_void_p, c_void_p)
+_mul_mat_id = _bind("ggml_mul_mat_id", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p)
+_new_tensor_3d = _bind("ggml_new_tensor_3d", c_void_p, c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 _new_graph = _bind("ggml_new_graph", c_void_p, c_void_p)
 _build_forward_expand = _bind("ggml_build_forward_expand", None, c_void_p, c_void_p)
 _row_size = _bind("ggml_row_size", c_size_t, ctypes.c_int, ctypes.c_int64)

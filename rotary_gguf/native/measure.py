@@ -10,10 +10,10 @@ from contextlib import contextmanager
 
 from ..errors import UserError
 from ..plan import Accelerator, LinkFigures
-from .backends import Device, cpu_device, device_by_name
-from .ggml import (_GGML_TYPE_F32, _alloc_ctx_tensors, _backend_free, _buffer_base, _buffer_clear, _buffer_free,
+from .backends import Device, cpu_device, cpu_weight_buffer_type, device_by_name
+from .ggml import (_GGML_TYPE_F32, _GGML_TYPE_I32, _alloc_ctx_tensors, _backend_free, _buffer_base, _buffer_clear, _buffer_free,
                    _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads, _dev_init, _graph_compute,
-                   _metadata_context, _mul_mat, _new_graph, _new_tensor_2d, _row_size, _tensor_get, _tensor_set, _add)
+                   _metadata_context, _mul_mat, _new_graph, _new_tensor_2d, _new_tensor_3d, _row_size, _tensor_get, _tensor_set, _add, _mul_mat_id)
 
 
 def upload_bytes_per_s(dev: Device, nbytes: int = 256 * 2**20, repeats: int = 3, pinned: bool = True) -> float:
@@ -50,20 +50,27 @@ def _backend(dev: Device, n_threads: int | None) -> Iterator[int]:
         _backend_free(backend)
 
 
-def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int) -> float:
-    """Best time of computing the graph `build(ctx)` returns the output of (its weights zeroed)
-    and reading 4 bytes of that output back: the read waits for backends that compute
-    asynchronously (ggml-rpc, CUDA)."""
+def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, fill=None) -> float:
+    """Best time of computing the graph `build(ctx, weights_ctx)` returns the output of (tensors
+    made in `weights_ctx` are weights, zeroed) and reading 4 bytes of that output back: the read
+    waits for backends that compute asynchronously (ggml-rpc, CUDA). The CPU's weights are in the
+    layout llama.cpp gives them (repacked, for the types that have one). `fill()` runs once the
+    tensors have memory (to set inputs that must not be zero)."""
     out = ctypes.create_string_buffer(4)
-    with _backend(dev, n_threads) as backend, _metadata_context(4 + MAX_CHAIN) as ctx:
-        result = build(ctx)
+    weight_buft = cpu_weight_buffer_type() if dev.type == "cpu" else dev.buffer_type
+    with _backend(dev, n_threads) as backend, _metadata_context(4 + MAX_CHAIN) as ctx, _metadata_context(2) as wctx:
+        result = build(ctx, wctx)
         graph = _new_graph(ctx)
         _build_forward_expand(graph, result)
-        buf = _alloc_ctx_tensors(ctx, dev.buffer_type)
-        if not buf:
-            raise UserError(f"could not allocate test tensors on {dev.name} to measure it")
+        bufs = [_alloc_ctx_tensors(c, buft) for c, buft in ((ctx, dev.buffer_type), (wctx, weight_buft))]
         try:
-            _buffer_clear(buf, 0)  # zero blocks are valid in every format
+            if not bufs[0]:
+                raise UserError(f"could not allocate test tensors on {dev.name} to measure it")
+            for buf in bufs:
+                if buf:  # a context without tensors gets no buffer
+                    _buffer_clear(buf, 0)  # zero blocks are valid in every format
+            if fill is not None:
+                fill()
 
             def run() -> None:
                 _graph_compute(backend, graph)
@@ -71,7 +78,9 @@ def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int) -> flo
 
             return _best_time(repeats, run)
         finally:
-            _buffer_free(buf)
+            for buf in bufs:
+                if buf:
+                    _buffer_free(buf)
 
 
 MAX_CHAIN = 64  # ops in the longest graph `op_seconds` times
@@ -81,8 +90,31 @@ def matmul_seconds(dev: Device, ggml_type: int, n_embd: int, rows: int, batch: i
                    repeats: int = 5) -> float:
     """Best time of `dev` multiplying a [n_embd, rows] weight of `ggml_type` by `batch` activation
     vectors (1: what decode does, more: prompt processing), one graph computed and synchronised."""
-    return _timed_graph(dev, n_threads, lambda ctx: _mul_mat(ctx, _new_tensor_2d(ctx, ggml_type, n_embd, rows),
-                                                             _new_tensor_2d(ctx, _GGML_TYPE_F32, n_embd, batch)), repeats)
+    return _timed_graph(dev, n_threads, lambda ctx, wctx: _mul_mat(ctx, _new_tensor_2d(wctx, ggml_type, n_embd, rows),
+                                                                   _new_tensor_2d(ctx, _GGML_TYPE_F32, n_embd, batch)), repeats)
+
+
+def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_used: int, n_threads: int | None = None,
+                       nbytes: int = 64 * 2**20, batch: int = 1) -> float:
+    """Expert weight bytes per second `dev` reads in the op a MoE block runs its experts with
+    (MUL_MAT_ID): `batch` tokens each selecting `n_used` distinct experts of [n_embd, n_ff], from
+    enough experts to fill `nbytes`. Decode's speed for experts at batch 1."""
+    expert = _row_size(ggml_type, n_embd) * n_ff
+    n_expert = max(n_used, nbytes // expert)
+    tensors = {}
+
+    def build(ctx, wctx):
+        tensors["ids"] = _new_tensor_2d(ctx, _GGML_TYPE_I32, n_used, batch)
+        weights = _new_tensor_3d(wctx, ggml_type, n_embd, n_ff, n_expert)
+        return _mul_mat_id(ctx, weights, _new_tensor_3d(ctx, _GGML_TYPE_F32, n_embd, 1, batch), tensors["ids"])
+
+    def fill() -> None:  # each token's experts spread over the tensor, as a router's are
+        step = n_expert // n_used
+        ids = (ctypes.c_int32 * (n_used * batch))(*((j * step + t) % n_expert for t in range(batch) for j in range(n_used)))
+        _tensor_set(tensors["ids"], ids, 0, ctypes.sizeof(ids))
+
+    seconds = _timed_graph(dev, n_threads, build, 5, fill)
+    return min(n_used * batch, n_expert) * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 
 def op_seconds(dev: Device, n_threads: int | None = None) -> float:
@@ -90,7 +122,7 @@ def op_seconds(dev: Device, n_threads: int | None = None) -> float:
     CPU, a kernel launch on a GPU): a chain of MAX_CHAIN additions against a single one."""
 
     def chain(n: int):
-        def build(ctx):
+        def build(ctx, _weights_ctx):
             x = _new_tensor_2d(ctx, _GGML_TYPE_F32, 64, 1)
             y = x
             for _ in range(n):
