@@ -16,6 +16,20 @@ from .ggml import (_GGML_TYPE_F32, _GGML_TYPE_I32, _alloc_ctx_tensors, _backend_
                    _metadata_context, _mul_mat, _new_graph, _new_tensor_2d, _new_tensor_3d, _row_size, _tensor_get, _tensor_set, _add, _mul_mat_id)
 
 
+@contextmanager
+def _device_tensor(dev: Device, nbytes: int) -> Iterator[int]:
+    """A tensor of `nbytes` in `dev`'s memory, for timing copies into it."""
+    with _metadata_context(1) as ctx:
+        tensor = _new_tensor_2d(ctx, _GGML_TYPE_F32, nbytes // 4, 1)
+        buf = _alloc_ctx_tensors(ctx, dev.buffer_type)
+        if not buf:
+            raise UserError(f"could not allocate {nbytes} bytes on {dev.name} to measure copies to it")
+        try:
+            yield tensor
+        finally:
+            _buffer_free(buf)
+
+
 def upload_bytes_per_s(dev: Device, nbytes: int = 256 * 2**20, repeats: int = 3, pinned: bool = True) -> float:
     """Measured host -> device copy speed, from the device's pinned host memory where it has one
     (and `pinned`), else from ordinary (pageable) host memory."""
@@ -24,15 +38,8 @@ def upload_bytes_per_s(dev: Device, nbytes: int = 256 * 2**20, repeats: int = 3,
     if not src:
         raise UserError(f"could not allocate {nbytes} bytes of host memory to measure uploads to {dev.name}")
     try:
-        with _metadata_context(1) as ctx:
-            tensor = _new_tensor_2d(ctx, _GGML_TYPE_F32, nbytes // 4, 1)
-            dst = _alloc_ctx_tensors(ctx, dev.buffer_type)
-            if not dst:
-                raise UserError(f"could not allocate {nbytes} bytes on {dev.name} to measure uploads")
-            try:
-                return nbytes / _best_time(repeats, lambda: _tensor_set(tensor, _buffer_base(src), 0, nbytes))
-            finally:
-                _buffer_free(dst)
+        with _device_tensor(dev, nbytes) as tensor:
+            return nbytes / _best_time(repeats, lambda: _tensor_set(tensor, _buffer_base(src), 0, nbytes))
     finally:
         _buffer_free(src)
 
@@ -158,15 +165,8 @@ def cpu_matvec_bytes_per_s(ggml_type: int, n_embd: int, n_threads: int, nbytes: 
 def copy_seconds(dev: Device, nbytes: int = 16 * 1024, repeats: int = 20) -> float:
     """The cost of one small host -> device copy (an activation crossing between devices)."""
     src = bytes(nbytes)
-    with _metadata_context(1) as ctx:
-        tensor = _new_tensor_2d(ctx, _GGML_TYPE_F32, nbytes // 4, 1)
-        buf = _alloc_ctx_tensors(ctx, dev.buffer_type)
-        if not buf:
-            raise UserError(f"could not allocate {nbytes} bytes on {dev.name} to measure copies")
-        try:
-            return _best_time(repeats, lambda: _tensor_set(tensor, src, 0, nbytes))
-        finally:
-            _buffer_free(buf)
+    with _device_tensor(dev, nbytes) as tensor:
+        return _best_time(repeats, lambda: _tensor_set(tensor, src, 0, nbytes))
 
 
 def graph_seconds(dev: Device, n_threads: int | None = None) -> float:
