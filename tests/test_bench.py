@@ -32,7 +32,7 @@ def half_resident_budget(path, endpoint) -> int:
 def test_json_has_every_candidate_and_figure_and_one_output(test_model, rpc_endpoint):
     path = test_model()
     budget = half_resident_budget(path, rpc_endpoint)
-    result = run_cli("bench", path, "--rpc", rpc_endpoint, "--vram", f"{budget}B", *QUICK, "--json")
+    result = run_cli("bench", path, "--rpc", rpc_endpoint, "--vram", f"{budget}B", "--expert-cache", "off", *QUICK, "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     by_name = {c["name"]: c for c in doc["candidates"]}

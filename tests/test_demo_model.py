@@ -115,7 +115,7 @@ def test_tiny_training_run_exports_a_model_llama_cpp_runs(tmp_path):
 
     inv = read_inventory(out)
     assert (inv.arch, inv.n_layer, inv.n_expert, inv.n_expert_used, inv.n_embd) == ("qwen3moe", 2, 4, 2, 32)
-    with Engine.load(out, n_ctx=64, n_threads=1) as engine:
+    with Engine.load(out, n_ctx=32, n_threads=1) as engine:
         assert engine.n_vocab == 400
         assert len(engine.greedy(engine.tokenize("The"), 4)) > 0
 

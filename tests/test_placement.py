@@ -23,6 +23,8 @@ from rotary_gguf import native
 from rotary_gguf.engine import Engine
 from rotary_gguf.errors import UserError
 from rotary_gguf.inventory import read_inventory
+from rotary_gguf.calibration import plan_speeds
+from rotary_gguf.engine import default_threads
 from rotary_gguf.plan import Placement, ModelFigures, choose_mode, make_plan
 
 MiB, GiB = 2**20, 2**30
@@ -120,15 +122,18 @@ def test_plan_json_is_the_planners_and_stable(test_model, rpc_endpoint):
     path = test_model(arch="qwen35moe")
     accelerator = native.find_accelerator(rpc_endpoint)
     half = plans(path, accelerator)["half"]
-    args = ("plan", path, "--rpc", rpc_endpoint, "--vram", f"{half.budget}B", "--ctx", CTX, "--batch", BATCH, "--json")
+    args = ("plan", path, "--rpc", rpc_endpoint, "--vram", f"{half.budget}B", "--ctx", CTX, "--batch", BATCH,
+            "--expert-cache", "off", "--json")
     first, second = run_cli(*args), run_cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
     s = json.loads(first.stdout)
     _, reason = choose_mode("auto", accelerator)
     assert s["reserve"]["bytes"] == 0 and "an RPC device drives no display" in s["reserve"]["reason"]
+    # the speeds the CLI predicted from: this machine's calibration, kept by its first run
+    speeds, _ = plan_speeds(read_inventory(path), accelerator.name, default_threads())
     expected = make_plan(half.model, accelerator, half.budget, mode="cpu", mode_reason=reason, ctx=CTX, n_batch=BATCH,
-                         expert_cache="auto", reserve_reason=s["reserve"]["reason"])  # the CLI's default
+                         reserve_reason=s["reserve"]["reason"], speeds=speeds)
     assert s == json.loads(json.dumps(expected.to_json()))
     assert s["host_expert_mode"] == "cpu" and "no CUDA device" in s["mode_reason"]
     assert [layer["experts"] for layer in s["layers"]] == ["host", "host", "accelerator", "accelerator"]

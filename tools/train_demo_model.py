@@ -709,7 +709,7 @@ def logit_check(path: pathlib.Path, model: DemoMoE, tokens: list[int]) -> dict:
     from rotary_gguf.engine import Engine
 
     ref = model(torch.tensor([tokens]))[0][0].numpy()
-    with Engine.load(path, n_ctx=max(64, len(tokens)), n_threads=1) as engine:
+    with Engine.load(path, n_ctx=len(tokens), n_threads=1) as engine:  # within the model's trained context
         got = []
         for t in tokens:
             engine.eval([t])
@@ -730,7 +730,7 @@ def samples(path: pathlib.Path, prompts: list[str], n_tokens: int, seed: int) ->
     from rotary_gguf.engine import Engine, SamplingParams
 
     out = []
-    with Engine.load(path, n_ctx=512, n_threads=1) as engine:
+    with Engine.load(path, n_threads=1) as engine:  # the model's own context
         def run(prompt: str, sampling: SamplingParams) -> str:
             events = engine.generate(engine.tokenize(prompt), max_tokens=n_tokens, sampling=sampling)
             return "".join(e.text for e in events)
@@ -748,7 +748,7 @@ def tokenizer_agreement(path: pathlib.Path, tok: Tokenizer, texts: list[str]) ->
     """Does llama.cpp tokenize the held-out documents exactly as the trainer does?"""
     from rotary_gguf.engine import Engine
 
-    with Engine.load(path, n_ctx=64, n_threads=1) as engine:
+    with Engine.load(path, n_ctx=16, n_threads=1) as engine:  # tokenizing only: the least context
         mismatched = [i for i, t in enumerate(texts) if engine.tokenize(t, add_special=False) != tok.encode(t)]
     return {"documents": len(texts), "mismatched": len(mismatched)}
 
