@@ -1,0 +1,168 @@
+"""Multi-token prediction (MTP) drafts: the model's own NextN head proposes the next few tokens and
+the model checks them all in one batch, so one pass over the host-resident experts can yield
+several tokens.
+
+The head runs in a second llama.cpp context of type MTP on the same model. It reads the target's
+hidden state at position p-1 next to the token at p (llama.cpp's NextN layout), so every target
+batch is mirrored into the head's own KV cache (`MtpDrafter.follow`). A draft round (`Speculation`)
+takes the head's argmax `n` times, evaluates [token, drafts...] on the target with logits for every
+row, and samples each next token from those rows: a draft is accepted while the target's own pick
+equals it. The drafts are the head's argmax (a one-hot draft distribution), for which the standard
+speculative-sampling rule (accept with probability min(1, p/q), else resample from max(0, p - q))
+is exactly this: each token is a sample of the target's distribution, drawn by the same sampler
+chain as without drafts, so greedy and seeded output are the same token for token.
+
+Rejected drafts leave the target's memory by `llama_memory_seq_rm`: hybrid models (Gated
+DeltaNet) keep `n_rs_seq` per-token snapshots of their recurrent state for that rollback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import llama_cpp
+import numpy as np
+
+from . import native
+from .errors import UserError
+
+DRAFT_MODES = ("off", "mtp")
+DEFAULT_DRAFT_MAX = 3  # drafts per round at most; the round's length adapts to acceptance below it
+MAX_DRAFT_MAX = 16
+
+
+def check_mtp(inv, draft_max: int) -> None:
+    """UserError unless the model file `inv` (an Inventory) carries an MTP block llama.cpp runs."""
+    if not 1 <= draft_max <= MAX_DRAFT_MAX:
+        raise UserError(f"--draft-max must be between 1 and {MAX_DRAFT_MAX} (got {draft_max})")
+    if inv.hparam("nextn_predict_layers") < 1:
+        raise UserError(f"{inv.path.name} has no multi-token-prediction (MTP) block; use --draft off")
+    if inv.arch not in ("qwen35", "qwen35moe"):
+        raise UserError(f"MTP drafts are not supported for arch {inv.arch} (only qwen35/qwen35moe); use --draft off")
+    if not native.nextn_available():
+        raise UserError("this llama.cpp build has no NextN (MTP) API; use --draft off")
+
+
+class MtpDrafter:
+    """The MTP head's context on a loaded model, and the target hidden states it reads."""
+
+    def __init__(self, model, target_ctx, cparams, n_max: int):
+        cparams.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
+        cparams.cb_eval = type(cparams.cb_eval)()  # no eval callback: the expert cache watches the target only
+        cparams.cb_eval_user_data = None
+        cparams.n_rs_seq = 0
+        self._ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not self._ctx:
+            raise UserError("llama.cpp could not create the MTP head's context")
+        self._target = target_ctx
+        self.n_max = n_max
+        self.n_embd = llama_cpp.llama_model_n_embd(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        native.set_embeddings_nextn(target_ctx, True, False)  # a hidden state for every batch token
+        native.set_embeddings_nextn(self._ctx, True, True)
+        self._batch = llama_cpp.llama_batch_ext_init(self._ctx)
+        self._rows = np.zeros((0, self.n_embd), dtype=np.float32)  # target hidden states of the last batch
+        self._rows_start = 0  # the position of its first row
+
+    def close(self) -> None:
+        if self._batch:
+            llama_cpp.llama_batch_ext_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    def follow(self, tokens: Sequence[int], start: int) -> None:
+        """Mirror the target batch just decoded (`tokens` at positions from `start`) into the head's
+        KV cache, each token next to the target's hidden state one position before it."""
+        n = len(tokens)
+        rows = np.ctypeslib.as_array(native.embeddings_nextn(self._target), shape=(n, self.n_embd)).copy()
+        inputs = np.concatenate([self._hidden(start - 1)[None, :], rows[:-1]])
+        self._rows, self._rows_start = rows, start
+        self._decode(tokens, start, inputs, output_last=False)
+
+    def draft(self, token: int, pos: int, n: int) -> list[int]:
+        """The head's `n` likeliest next tokens in turn after `token`, which goes at `pos` (the
+        target has evaluated every position before it)."""
+        hidden = self._hidden(pos - 1)
+        drafts: list[int] = []
+        for i in range(n):
+            self._decode([token], pos + i, hidden[None, :], output_last=True)
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+            token = int(np.argmax(logits))
+            drafts.append(token)
+            hidden = np.ctypeslib.as_array(native.embeddings_nextn_ith(self._ctx, -1), shape=(self.n_embd,)).copy()
+        return drafts
+
+    def _hidden(self, pos: int) -> np.ndarray:
+        """The target's hidden state at `pos`, where the last batch has it; zeros elsewhere (the
+        first position, or after the memory was rewound past it: a weaker draft, never a wrong token)."""
+        i = pos - self._rows_start
+        return self._rows[i] if 0 <= i < len(self._rows) else np.zeros(self.n_embd, dtype=np.float32)
+
+    def _decode(self, tokens: Sequence[int], start: int, hidden: np.ndarray, output_last: bool) -> None:
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, start, -1)
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        batch = self._batch
+        llama_cpp.llama_batch_ext_clear(batch)
+        for i, token in enumerate(tokens):
+            idx = llama_cpp.llama_batch_ext_add_token(batch, 0, token)
+            pos = llama_cpp.llama_pos(start + i)
+            row = hidden[i].ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            if (idx != i or not llama_cpp.llama_batch_ext_set_pos(batch, idx, ctypes.byref(pos))
+                    or not llama_cpp.llama_batch_ext_set_embd_token(batch, idx, llama_cpp.llama_embd(row, 1, self.n_embd))):
+                raise RuntimeError(f"llama.cpp refused token {i} of an MTP batch")
+            llama_cpp.llama_batch_ext_set_output_logits(batch, idx, output_last and i == len(tokens) - 1)
+        rc = llama_cpp.llama_process(self._ctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_process on the MTP context failed with code {rc}")
+
+
+class Speculation:
+    """One generation's draft rounds on `engine`: where the next token's logits are, and what
+    happens once a token is chosen (`advance`, in place of evaluating it)."""
+
+    def __init__(self, engine, stats):
+        self._engine, self._stats = engine, stats
+        self._drafter: MtpDrafter = engine.drafter
+        self._pending: list[int] = []  # drafts evaluated on the target, not yet checked
+        self._length = self._drafter.n_max  # this round's draft length, adapted to acceptance
+        self.row = -1  # logits row of the next token in the last target batch
+
+    def advance(self, token: int, room: int) -> None:
+        """`token` was chosen from row `row`: accept it as the next draft, or evaluate it with a new
+        round of at most `room` - 1 drafts (`room`: tokens the generation may still use)."""
+        stats = self._stats
+        if self._pending and token == self._pending[0]:
+            self._pending.pop(0)
+            stats.draft_accepted += 1
+            self.row += 1
+            if not self._pending:
+                self._length = min(self._length + 1, self._drafter.n_max)
+            return
+        if self._pending:
+            self._length = max(1, self._length - 1)
+            if not self._drop_pending():
+                raise RuntimeError("llama.cpp could not roll the rejected drafts back")
+        engine = self._engine
+        n = max(0, min(self._length, room - 1, engine.n_ctx - len(engine._cached) - 1))
+        drafts = self._drafter.draft(token, len(engine._cached), n) if n else []
+        engine.eval([token, *drafts], every_row=bool(drafts))
+        self._pending = drafts
+        self.row = 0 if drafts else -1
+        stats.draft_rounds += bool(drafts)
+        stats.drafted_tokens += len(drafts)
+
+    def finish(self) -> None:
+        """Drop the drafts still unchecked when the generation ends (they count as rejected)."""
+        if self._pending and not self._drop_pending():
+            self._engine.reset()  # the next generation starts over rather than from a wrong state
+
+    def _drop_pending(self) -> bool:
+        """Take the unchecked drafts out of the target's memory; False where it cannot."""
+        engine = self._engine
+        self._stats.draft_rejected += len(self._pending)
+        dropped = engine._trim(len(engine._cached) - len(self._pending))
+        self._pending = []
+        return dropped
