@@ -1,0 +1,116 @@
+"""Multi-token-prediction drafts on real llama.cpp: qwen35moe test models with an MTP block, whose
+greedy and seeded output must be the same token for token as without drafts, on the CPU, with the
+experts on the host next to the simulated accelerator, and through the expert cache."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from rotary_gguf import native
+from rotary_gguf.engine import Engine, SamplingParams
+from rotary_gguf.errors import UserError
+from rotary_gguf.experts.cache import ExpertCache
+from rotary_gguf.inventory import read_inventory
+from rotary_gguf.plan import ModelFigures
+from test_expert_cache import FOLLOW_UP, PROMPT, host_experts
+
+MIRROR = dict(arch="qwen35moe", mtp="mirror", router_skew=1.5)  # a head the model often agrees with
+RANDOM = dict(arch="qwen35moe", mtp="random")  # a head whose drafts are nearly all rejected
+N = 40
+
+
+def turns(engine: Engine, sampling: SamplingParams | None = None) -> tuple[list[list[int]], list]:
+    """Two turns (the second reuses the first's context) and their stats."""
+    prompt = engine.tokenize(PROMPT)
+    out, stats = [], []
+    for _ in range(2):
+        events = list(engine.generate(prompt, max_tokens=N, sampling=sampling))
+        out.append([e.token for e in events if e.token is not None])
+        stats.append(events[-1].stats)
+        prompt = prompt + out[-1] + engine.tokenize(FOLLOW_UP, add_special=False)
+    return out, stats
+
+
+def assert_stats_add_up(stats) -> None:
+    assert stats.drafted_tokens == stats.draft_accepted + stats.draft_rejected
+    assert stats.draft_rounds > 0 and stats.drafted_tokens >= stats.draft_rounds
+    assert stats.mean_accepted == pytest.approx(stats.draft_accepted / stats.draft_rounds)
+
+
+@pytest.mark.parametrize("model", ["mirror", "random"])
+@pytest.mark.parametrize("draft_max", [1, 3])
+def test_greedy_output_is_the_same_with_drafts_on_the_cpu(test_model, model, draft_max):
+    path = test_model(**(MIRROR if model == "mirror" else RANDOM))
+    with Engine.load(path, n_ctx=256, n_threads=1) as engine:
+        reference, _ = turns(engine)
+    with Engine.load(path, n_ctx=256, n_threads=1, draft="mtp", draft_max=draft_max) as engine:
+        got, stats = turns(engine)
+    assert got == reference
+    for s in stats:
+        assert_stats_add_up(s)
+        assert s.drafted_tokens <= draft_max * s.draft_rounds
+    if model == "mirror":  # both accepted and rejected drafts were exercised
+        assert sum(s.draft_accepted for s in stats) > 0 and sum(s.draft_rejected for s in stats) > 0
+
+
+def test_greedy_output_is_the_same_with_experts_on_the_host_of_the_rpc_device(test_model, rpc_endpoint):
+    path = test_model(**MIRROR)
+    placement = host_experts(native.add_rpc_device(rpc_endpoint))
+    with Engine.load(path, placement, n_ctx=256, n_threads=1) as engine:
+        reference, _ = turns(engine)
+    with Engine.load(path, placement, n_ctx=256, n_threads=1, draft="mtp") as engine:
+        got, stats = turns(engine)
+    assert got == reference
+    assert_stats_add_up(stats[0])
+
+
+def test_greedy_output_is_the_same_through_the_split_expert_cache(test_model, rpc_endpoint):
+    path = test_model(**MIRROR)
+    rpc = native.add_rpc_device(rpc_endpoint)
+    figures, inv = ModelFigures.from_inventory(read_inventory(path)), read_inventory(path)
+
+    def cache() -> ExpertCache:
+        return ExpertCache(figures.n_layer, inv.n_expert, inv.n_expert_used, inv.n_expert // 2, rpc.buffer_type,
+                           split=True, n_threads=1)
+
+    with Engine.load(path, host_experts(rpc), n_ctx=256, n_threads=1, expert_cache=cache()) as engine:
+        reference, _ = turns(engine)
+    with Engine.load(path, host_experts(rpc), n_ctx=256, n_threads=1, expert_cache=cache(), draft="mtp") as engine:
+        got, stats = turns(engine)
+        snapshot = engine.expert_cache.snapshot()
+    assert got == reference
+    assert snapshot["enabled"] and snapshot["hits"] > 0 and snapshot["misses"] > 0
+    assert stats[0].draft_accepted > 0
+
+
+def test_sampled_output_keeps_the_seed_and_the_distribution(test_model):
+    path = test_model(**MIRROR)
+    sampling = SamplingParams(temperature=0.7, top_k=20, seed=11)
+    with Engine.load(path, n_ctx=256, n_threads=1) as engine:
+        reference, _ = turns(engine, sampling)
+    with Engine.load(path, n_ctx=256, n_threads=1, draft="mtp", draft_max=4) as engine:
+        got, stats = turns(engine, sampling)
+        again, _ = turns(engine, sampling)
+    # each token is drawn by the same sampler chain from the target's own logits: the same seed
+    # gives the same text, draft or not
+    assert got == reference == again
+    assert_stats_add_up(stats[0])
+
+
+def test_logprobs_come_from_the_verified_rows(test_model):
+    path = test_model(**MIRROR)
+    with Engine.load(path, n_ctx=256, n_threads=1) as engine:
+        prompt = engine.tokenize(PROMPT)
+        reference = [e.logprob.logprob for e in engine.generate(prompt, max_tokens=20, logprobs=0)]
+    with Engine.load(path, n_ctx=256, n_threads=1, draft="mtp") as engine:
+        events = list(engine.generate(prompt, max_tokens=20, logprobs=0))
+    assert events[-1].stats.draft_accepted > 0
+    assert [e.logprob.logprob for e in events] == pytest.approx(reference, abs=1e-3)
+
+
+def test_a_model_without_an_mtp_block_is_refused(test_model):
+    with pytest.raises(UserError, match="no multi-token-prediction"):
+        Engine.load(test_model(arch="qwen35moe"), draft="mtp")
+    with pytest.raises(UserError, match="between 1 and"):
+        Engine.load(test_model(**MIRROR), draft="mtp", draft_max=0)
