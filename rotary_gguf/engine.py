@@ -25,7 +25,8 @@ from gguf import GGMLQuantizationType
 
 from . import native
 from .chat_template import render_chat_template
-from .draft import DEFAULT_DRAFT_MAX, MtpDrafter, Speculation, check_mtp
+from .draft import DEFAULT_DRAFT_MAX, DRAFT_MODES, check_mtp
+from .draft.mtp import MtpDrafter, Speculation
 from .errors import PromptError, UserError
 from .inventory import read_inventory
 from .log import logger
@@ -206,7 +207,7 @@ class Engine:
         if draft == "mtp":
             check_mtp(inv, draft_max)
         elif draft != "off":
-            raise UserError(f"unknown draft mode {draft!r} (known: off, mtp)")
+            raise UserError(f"unknown draft mode {draft!r} (known: {', '.join(DRAFT_MODES)})")
         placement = placement or Placement.all_cpu()
         if placement.offload_min_batch is not None:
             native.set_offload_min_batch(placement.offload_min_batch)

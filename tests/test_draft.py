@@ -4,6 +4,8 @@ experts on the host next to the simulated accelerator, and through the expert ca
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import assert_one_line_error, run_cli
 
@@ -114,3 +116,15 @@ def test_a_model_without_an_mtp_block_is_refused(test_model):
         Engine.load(test_model(arch="qwen35moe"), draft="mtp")
     with pytest.raises(UserError, match="between 1 and"):
         Engine.load(test_model(**MIRROR), draft="mtp", draft_max=0)
+
+
+def test_cli_generate_reports_drafts_and_refuses_a_model_without_a_head(test_model):
+    path = test_model(**MIRROR)
+    plain = run_cli("generate", str(path), "-p", PROMPT, "-n", "24")
+    drafted = run_cli("generate", str(path), "-p", PROMPT, "-n", "24", "--draft", "mtp", "--draft-max", "2")
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    text, closing = re.split(r"\n(?=\d+ prompt tokens at)", drafted.stdout)
+    assert re.search(r"\d+ drafted, \d+ accepted \(\d+\.\d\d per round\)", " ".join(closing.split())), closing
+    assert text == re.split(r"\n(?=\d+ prompt tokens at)", plain.stdout)[0]
+    assert_one_line_error(run_cli("generate", str(test_model(arch="qwen35moe")), "--draft", "mtp"), "no multi-token-prediction")
+    assert_one_line_error(run_cli("generate", str(path), "--draft", "eagle"), "unknown draft mode")

@@ -24,30 +24,16 @@ from collections.abc import Sequence
 import llama_cpp
 import numpy as np
 
-from . import native
-from .errors import UserError
-
-DRAFT_MODES = ("off", "mtp")
-DEFAULT_DRAFT_MAX = 3  # drafts per round at most; the round's length adapts to acceptance below it
-MAX_DRAFT_MAX = 16
-
-
-def check_mtp(inv, draft_max: int) -> None:
-    """UserError unless the model file `inv` (an Inventory) carries an MTP block llama.cpp runs."""
-    if not 1 <= draft_max <= MAX_DRAFT_MAX:
-        raise UserError(f"--draft-max must be between 1 and {MAX_DRAFT_MAX} (got {draft_max})")
-    if inv.hparam("nextn_predict_layers") < 1:
-        raise UserError(f"{inv.path.name} has no multi-token-prediction (MTP) block; use --draft off")
-    if inv.arch not in ("qwen35", "qwen35moe"):
-        raise UserError(f"MTP drafts are not supported for arch {inv.arch} (only qwen35/qwen35moe); use --draft off")
-    if not native.nextn_available():
-        raise UserError("this llama.cpp build has no NextN (MTP) API; use --draft off")
+from .. import native
+from ..errors import UserError
 
 
 class MtpDrafter:
     """The MTP head's context on a loaded model, and the target hidden states it reads."""
 
     def __init__(self, model, target_ctx, cparams, n_max: int):
+        if llama_cpp.llama_model_is_hybrid(model) and llama_cpp.llama_n_rs_seq(target_ctx) < n_max:
+            raise UserError(f"this llama.cpp cannot roll {n_max} rejected drafts out of the model's recurrent state")
         cparams.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
         cparams.cb_eval = type(cparams.cb_eval)()  # no eval callback: the expert cache watches the target only
         cparams.cb_eval_user_data = None

@@ -1,0 +1,24 @@
+"""Speculative decoding with drafts from the model itself: the modes, their defaults and the checks
+a model file must pass (light, for the command line); `mtp` runs the drafts."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+
+DRAFT_MODES = ("off", "mtp")
+DEFAULT_DRAFT_MAX = 3  # drafts per round at most; the round's length adapts to acceptance below it
+MAX_DRAFT_MAX = 16
+
+
+def check_mtp(inv, draft_max: int) -> None:
+    """UserError unless the model file `inv` (an Inventory) carries an MTP block llama.cpp runs."""
+    if not 1 <= draft_max <= MAX_DRAFT_MAX:
+        raise UserError(f"--draft-max must be between 1 and {MAX_DRAFT_MAX} (got {draft_max})")
+    if inv.hparam("nextn_predict_layers") < 1:
+        raise UserError(f"{inv.path.name} has no multi-token-prediction (MTP) block; use --draft off")
+    if inv.arch not in ("qwen35", "qwen35moe"):
+        raise UserError(f"MTP drafts are not supported for arch {inv.arch} (only qwen35/qwen35moe); use --draft off")
+    from .. import native
+
+    if not native.nextn_available():
+        raise UserError("this llama.cpp build has no NextN (MTP) API; use --draft off")
