@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 
 from . import native
 from .chat_template import render_chat_template
-from .draft import DEFAULT_DRAFT_MAX, DRAFT_MODES, check_mtp
+from .draft import DEFAULT_DRAFT_MAX, DRAFT_MODES, check_mtp, mtp_expert_overrides
 from .draft.mtp import MtpDrafter, Speculation
 from .errors import PromptError, UserError
 from .inventory import read_inventory
@@ -223,12 +223,13 @@ class Engine:
         dev_array = native.device_array(devs)
         keepalive.append(dev_array)
         mparams.devices = native.address(dev_array)
-        if placement.overrides:
+        overrides = (mtp_expert_overrides(inv, placement) if draft == "mtp" else ()) + tuple(placement.overrides)
+        if overrides:
             bufts = buffer_types()
-            missing = [b for _, b in placement.overrides if b not in bufts]
+            missing = [b for _, b in overrides if b not in bufts]
             if missing:
                 raise UserError(f"unknown buffer type {missing[0]!r} (known: {', '.join(sorted(bufts))})")
-            ov = native.override_array([(p, bufts[b]) for p, b in placement.overrides])
+            ov = native.override_array([(p, bufts[b]) for p, b in overrides])
             keepalive.append(ov)
             mparams.tensor_buft_overrides = native.address(ov)
 

@@ -14,7 +14,7 @@ from rotary_gguf.engine import Engine, SamplingParams
 from rotary_gguf.errors import UserError
 from rotary_gguf.experts.cache import ExpertCache
 from rotary_gguf.inventory import read_inventory
-from rotary_gguf.plan import ModelFigures
+from rotary_gguf.plan import ModelFigures, Placement
 from test_expert_cache import FOLLOW_UP, PROMPT, host_experts
 
 MIRROR = dict(arch="qwen35moe", mtp="mirror", router_skew=1.5)  # a head the model often agrees with
@@ -128,3 +128,22 @@ def test_cli_generate_reports_drafts_and_refuses_a_model_without_a_head(test_mod
     assert text == re.split(r"\n(?=\d+ prompt tokens at)", plain.stdout)[0]
     assert_one_line_error(run_cli("generate", str(test_model(arch="qwen35moe")), "--draft", "mtp"), "no multi-token-prediction")
     assert_one_line_error(run_cli("generate", str(path), "--draft", "eagle"), "unknown draft mode")
+
+
+def test_the_mtp_blocks_experts_stay_in_host_memory_beside_an_accelerator(test_model, rpc_endpoint):
+    path = test_model(**MIRROR)
+    inv = read_inventory(path)
+    head = [t for t in inv.tensors if t.layer == ModelFigures.from_inventory(inv).n_layer]
+    head_experts = sum(t.nbytes for t in head if "_exps." in t.name)
+    everything_on_it = Placement(devices=(native.add_rpc_device(rpc_endpoint).name,), n_gpu_layers=-1, repack=False)
+    with Engine.load(path, everything_on_it, n_ctx=256, n_threads=1) as engine:
+        without = engine.load_report.weight_bytes
+    with Engine.load(path, everything_on_it, n_ctx=256, n_threads=1, draft="mtp") as engine:
+        drafting = engine.load_report.weight_bytes
+        assert engine.greedy(engine.tokenize(PROMPT), 4)
+
+    def accelerator(sizes: dict[str, int]) -> int:  # (a mapped host buffer spans the file, so not the host side)
+        return sum(n for name, n in sizes.items() if not name.startswith("CPU"))
+
+    growth, head_rest = accelerator(drafting) - accelerator(without), sum(t.nbytes for t in head) - head_experts
+    assert 0 < growth <= head_rest + 16 * 1024 and head_rest < head_experts  # the block came, its experts did not

@@ -22,3 +22,14 @@ def check_mtp(inv, draft_max: int) -> None:
 
     if not native.nextn_available():
         raise UserError("this llama.cpp build has no NextN (MTP) API; use --draft off")
+
+
+def mtp_expert_overrides(inv, placement) -> tuple[tuple[str, str], ...]:
+    """The MTP block's routed experts stay in host memory, as the experts of blocks the plan does not
+    keep on the accelerator do (a placement's per-block overrides do not name the MTP block)."""
+    from ..arch import expert_pattern
+    from ..plan import HOST_BUFFER_TYPE
+
+    if placement.n_gpu_layers == 0:
+        return ()
+    return ((expert_pattern([inv.n_layer - inv.hparam("nextn_predict_layers")]), HOST_BUFFER_TYPE),)

@@ -1,0 +1,118 @@
+"""Multi-token-prediction drafts measured: decode speed with and without `--draft mtp` on a qwen35moe
+with Qwen3.6's expert widths (make_test_model --bench-dims: n_embd 2048, 256 experts, top-8, FFN
+512, Q4_K) and an MTP block, its experts in host memory: on the CPU alone, and (with --rpc) with
+everything else on a ggml-rpc device serving this machine's CPU.
+
+The test model's MTP head is the "mirror" kind (it drafts what the trunk predicts from the last
+token alone), not a trained head: its acceptance rate is the model's, not Qwen3.6's, so the figures
+show the cost of a draft round against the tokens it wins at that acceptance. Every run's greedy
+tokens must equal the run without drafts (the script says so and exits 1 otherwise).
+
+    python tools/bench_mtp.py [--layers 4] [--tokens 64] [--runs 2] [--draft-max 1,2,3] [--rpc] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_split import PROMPT, start_rpc  # noqa: E402
+from make_test_model import make_bench_model  # noqa: E402
+from rotary_gguf import native  # noqa: E402
+from rotary_gguf.arch import expert_pattern  # noqa: E402
+from rotary_gguf.engine import Engine  # noqa: E402
+from rotary_gguf.plan import Placement  # noqa: E402
+
+
+def measure(path: Path, placement: Placement, tokens: int, runs: int, threads: int, draft_max: int | None) -> dict:
+    """Median decode t/s over `runs` generations of `tokens` greedy tokens after a warm-up; drafts
+    of at most `draft_max` tokens (None: no drafts)."""
+    draft = dict(draft="mtp", draft_max=draft_max) if draft_max else {}
+    with Engine.load(path, placement, n_ctx=512, n_threads=threads, **draft) as engine:
+        prompt = engine.tokenize(PROMPT)
+        engine.greedy(prompt, 4)  # warm-up: pages the weights in
+        speeds, out, stats = [], None, None
+        for _ in range(runs):
+            engine.reset()
+            events = list(engine.generate(prompt, max_tokens=tokens))
+            stats = events[-1].stats
+            speeds.append(stats.decode_tps)
+            out = [e.token for e in events if e.token is not None]
+    return {
+        "draft_max": draft_max or 0,
+        "decode_tps": statistics.median(speeds),
+        "drafted": stats.drafted_tokens,
+        "accepted": stats.draft_accepted,
+        "acceptance": stats.draft_accepted / stats.drafted_tokens if stats.drafted_tokens else None,
+        "mean_accepted": stats.mean_accepted,
+        "tokens": out,
+    }
+
+
+def format_row(r: dict) -> str:
+    accepted = f"{r['acceptance']:.0%}" if r["acceptance"] is not None else "-"
+    return (f"{r['placement']:24} {r['draft_max'] or 'off':>6} {r['decode_tps']:>11.2f} {r['speedup']:>7.2f}x "
+            f"{accepted:>9} {r['mean_accepted']:>10.2f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=4, help="trunk blocks of the bench model (plus its MTP block)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per generation")
+    ap.add_argument("--runs", type=int, default=2, help="timed generations per setting (median)")
+    ap.add_argument("--draft-max", default="1,2,3", help="draft lengths to measure, comma-separated")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rpc", action="store_true", help="also measure with everything but the experts on a ggml-rpc device")
+    ap.add_argument("--port", type=int, default=50157, help="port of the ggml-rpc server --rpc starts")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    folder = Path(tempfile.gettempdir()) / "rotary-gguf-bench"
+    path = folder / f"bench-mtp-{args.layers}.gguf"
+    if not path.exists():
+        make_bench_model(path, layers=args.layers, mtp="mirror")
+    placements = {"cpu": Placement(repack=False)}
+    server = None
+    if args.rpc:
+        server = start_rpc(args.port)
+        rpc = native.add_rpc_device(f"127.0.0.1:{args.port}")
+        placements["rpc, experts on host"] = Placement(devices=(rpc.name,), n_gpu_layers=-1,
+                                                       overrides=((expert_pattern(), "CPU"),), repack=False)
+    rows, identical = [], True
+    if not args.json:
+        print(f"{path.name}: {args.tokens} tokens, median of {args.runs} runs, {args.threads} threads")
+        print(f"{'placement':24} {'draft':>6} {'decode t/s':>11} {'speedup':>8} {'accepted':>9} {'per round':>10}",
+              flush=True)
+    try:
+        for name, placement in placements.items():
+            base = None
+            for draft_max in [None, *(int(n) for n in args.draft_max.split(","))]:
+                row = {"placement": name, **measure(path, placement, args.tokens, args.runs, args.threads, draft_max)}
+                base = base or row
+                row["speedup"] = row["decode_tps"] / base["decode_tps"]
+                identical &= row["tokens"] == base["tokens"]
+                rows.append(row)
+                if not args.json:
+                    print(format_row(row), flush=True)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
+    for row in rows:
+        del row["tokens"]
+    if args.json:
+        print(json.dumps({"model": path.name, "layers": args.layers, "rows": rows, "outputs_identical": identical}, indent=2))
+    else:
+        print("outputs identical to the run without drafts" if identical else "BUG: outputs differ with drafts")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
