@@ -387,11 +387,22 @@ def test_mtp_block_is_one_more_block_that_llama_cpp_skips_unless_asked(models, k
     assert figures.n_layer == 4 and not any(n.startswith("blk.4.") for n, _ in figures.tensors)
 
 
+def test_trunk_gain_scales_what_blocks_write_and_nothing_else(models):
+    plain = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(models("qwen35moe-f32", arch="qwen35moe", quant="f32"))).tensors}
+    quiet = models("qwen35moe-gain0.25", arch="qwen35moe", quant="f32", trunk_gain=0.25)
+    writes = ("attn_output.weight", "ssm_out.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")
+    for t in gguf.GGUFReader(str(quiet)).tensors:
+        scale = 0.25 if t.name.endswith(writes) else 1.0
+        assert np.allclose(np.asarray(t.data), plain[t.name] * scale, rtol=1e-6, atol=0), t.name
+
+
 def test_mtp_block_rejected_where_llama_cpp_has_none(tmp_path):
     with pytest.raises(ValueError, match="only supported"):
         mtm.make_model(tmp_path / "x.gguf", arch="qwen3moe", mtp="random")
     with pytest.raises(ValueError, match="unknown mtp kind"):
         mtm.make_model(tmp_path / "x.gguf", arch="qwen35moe", mtp="perfect")
+    with pytest.raises(ValueError, match="trunk_gain"):
+        mtm.make_model(tmp_path / "x.gguf", arch="qwen35moe", mtp="mirror", trunk_gain=-1)
     assert list(tmp_path.iterdir()) == []
 
 
