@@ -128,9 +128,10 @@ def test_cli_generate_reports_drafts_and_refuses_a_model_without_a_head(test_mod
     plain = run_cli("generate", str(path), "-p", PROMPT, "-n", "24")
     drafted = run_cli("generate", str(path), "-p", PROMPT, "-n", "24", "--draft", "mtp", "--draft-max", "2")
     assert plain.returncode == drafted.returncode == 0, drafted.stderr
-    text, closing = re.split(r"\n(?=\d+ prompt tokens at)", drafted.stdout)
+    summary = re.compile(r"\n(?=\d+ prompt tokens )")
+    text, closing = summary.split(drafted.stdout)
     assert re.search(r"\d+ drafted, \d+ accepted \(\d+\.\d\d per round\)", " ".join(closing.split())), closing
-    assert text == re.split(r"\n(?=\d+ prompt tokens at)", plain.stdout)[0]
+    assert text == summary.split(plain.stdout)[0]
     assert_one_line_error(run_cli("generate", str(test_model(arch="qwen35moe")), "--draft", "mtp"), "no multi-token-prediction")
     assert_one_line_error(run_cli("generate", str(path), "--draft", "eagle"), "unknown draft mode")
 
