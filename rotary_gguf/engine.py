@@ -205,7 +205,7 @@ class Engine:
         inv = read_inventory(path)  # clear errors for missing/broken files before llama.cpp sees them
         context = context_settings(inv, n_ctx, n_batch, n_ubatch, kv_type, flash_attn)
         if draft == "mtp":
-            check_mtp(inv, draft_max)
+            check_mtp(inv, draft_max, context.n_ubatch)
         elif draft != "off":
             raise UserError(f"unknown draft mode {draft!r} (known: {', '.join(DRAFT_MODES)})")
         placement = placement or Placement.all_cpu()

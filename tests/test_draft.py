@@ -153,3 +153,20 @@ def test_the_mtp_blocks_experts_stay_in_host_memory_beside_an_accelerator(test_m
 
     growth, head_rest = accelerator(drafting) - accelerator(without), sum(t.nbytes for t in head) - head_experts
     assert 0 < growth <= head_rest + 16 * 1024 and head_rest < head_experts  # the block came, its experts did not
+
+
+def test_draft_rounds_stop_at_the_end_of_the_context(test_model):
+    path = test_model(**AGREEABLE)
+    with Engine.load(path, n_ctx=256, n_threads=1) as engine:
+        prompt = engine.tokenize(PROMPT)
+        room = engine.n_ctx - len(prompt)
+        reference = engine.greedy(prompt, room + 8)
+    with Engine.load(path, n_ctx=256, n_batch=8, n_threads=1, draft="mtp", draft_max=4) as engine:
+        events = list(engine.generate(prompt, max_tokens=room + 8))
+    assert len(reference) == room and [e.token for e in events if e.token is not None] == reference
+    assert events[-1].stats.draft_accepted > 0
+
+
+def test_a_micro_batch_too_small_for_a_round_is_refused(test_model):
+    with pytest.raises(UserError, match="--ubatch"):
+        Engine.load(test_model(**MIRROR), n_batch=8, n_ubatch=4, draft="mtp", draft_max=3)

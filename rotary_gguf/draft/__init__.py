@@ -10,10 +10,13 @@ DEFAULT_DRAFT_MAX = 3  # drafts per round at most; the round's length adapts to 
 MAX_DRAFT_MAX = 16
 
 
-def check_mtp(inv, draft_max: int) -> None:
-    """UserError unless the model file `inv` (an Inventory) carries an MTP block llama.cpp runs."""
+def check_mtp(inv, draft_max: int, n_ubatch: int) -> None:
+    """UserError unless the model file `inv` (an Inventory) carries an MTP block llama.cpp runs,
+    with `draft_max` drafts a round in micro-batches of `n_ubatch` tokens."""
     if not 1 <= draft_max <= MAX_DRAFT_MAX:
         raise UserError(f"--draft-max must be between 1 and {MAX_DRAFT_MAX} (got {draft_max})")
+    if n_ubatch <= draft_max + 1:  # a round's token and drafts, and its rollback, need one micro-batch
+        raise UserError(f"--draft-max {draft_max} needs a micro-batch (--ubatch) of more than {draft_max + 1} tokens, not {n_ubatch}")
     if inv.hparam("nextn_predict_layers") < 1:
         raise UserError(f"{inv.path.name} has no multi-token-prediction (MTP) block; use --draft off")
     if inv.arch not in ("qwen35", "qwen35moe"):
