@@ -170,3 +170,29 @@ def test_draft_rounds_stop_at_the_end_of_the_context(test_model):
 def test_a_micro_batch_too_small_for_a_round_is_refused(test_model):
     with pytest.raises(UserError, match="--ubatch"):
         Engine.load(test_model(**MIRROR), n_batch=8, n_ubatch=4, draft="mtp", draft_max=3)
+
+
+def test_the_api_serves_the_same_replies_with_drafts(test_model):
+    from fastapi.testclient import TestClient
+
+    from rotary_gguf.serve import ServeOptions, create_app
+
+    path = test_model(**AGREEABLE, chat_template="qwen3.5")
+    messages = [{"role": "user", "content": "Tell me about the river."}]
+    bodies = [{"messages": messages, "max_tokens": 24, "temperature": 0},
+              {"messages": messages, "max_tokens": 24, "temperature": 0.8, "seed": 5},
+              {"messages": messages, "max_tokens": 24, "temperature": 0, "stream": True}]
+
+    def replies(**draft) -> list[str]:
+        with Engine.load(path, n_ctx=256, n_threads=1, **draft) as engine:
+            with TestClient(create_app(engine, ServeOptions("drafts", max_queue=2))) as client:
+                out = [client.post("/v1/chat/completions", json=body) for body in bodies]
+                assert all(r.status_code == 200 for r in out)
+                return [r.text if body.get("stream") else r.json()["choices"][0]["message"] for r, body in zip(out, bodies)]
+
+    plain, drafted = replies(), replies(draft="mtp")
+    assert drafted[0] == plain[0] and drafted[1] == plain[1]
+    assert any(plain[0].get(key) for key in ("content", "reasoning_content"))
+    # streamed chunks carry ids and timestamps: compare the text they stream
+    text = lambda sse: re.findall(r'"content":"((?:[^"\\]|\\.)*)"', sse)  # noqa: E731
+    assert text(drafted[2]) == text(plain[2]) and text(plain[2])
