@@ -4,7 +4,8 @@ several tokens.
 
 The head runs in a second llama.cpp context of type MTP on the same model. It reads the target's
 hidden state at position p-1 next to the token at p (llama.cpp's NextN layout), so every target
-batch is mirrored into the head's own KV cache (`MtpDrafter.follow`). A draft round (`Speculation`)
+batch is queued for the head's own KV cache (`MtpDrafter.follow`) and read with the next draft,
+less the drafts the target rejected. A draft round (`Speculation`)
 takes the head's argmax `n` times, evaluates [token, drafts...] on the target with logits for every
 row, and samples each next token from those rows: a draft is accepted while the target's own pick
 equals it. The drafts are the head's argmax (a one-hot draft distribution), for which the standard
@@ -48,8 +49,13 @@ class MtpDrafter:
         native.set_embeddings_nextn(target_ctx, True, False)  # a hidden state for every batch token
         native.set_embeddings_nextn(self._ctx, True, True)
         self._batch = llama_cpp.llama_batch_ext_init(self._ctx)
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self._rows = np.zeros((0, self.n_embd), dtype=np.float32)  # target hidden states of the last batch
         self._rows_start = 0  # the position of its first row
+        # target tokens not yet in the head's KV cache, from position _queue_start, with their inputs
+        self._queue: list[int] = []
+        self._queue_inputs = np.zeros((0, self.n_embd), dtype=np.float32)
+        self._queue_start = 0
 
     def close(self) -> None:
         if self._batch:
@@ -60,25 +66,37 @@ class MtpDrafter:
             self._ctx = None
 
     def follow(self, tokens: Sequence[int], start: int) -> None:
-        """Mirror the target batch just decoded (`tokens` at positions from `start`) into the head's
-        KV cache, each token next to the target's hidden state one position before it."""
+        """Queue the target batch just decoded (`tokens` at positions from `start`) for the head's
+        KV cache, each token next to the target's hidden state one position before it. The head
+        reads them at the next draft, by then without the drafts the target rejected."""
         n = len(tokens)
         rows = np.ctypeslib.as_array(native.embeddings_nextn(self._target), shape=(n, self.n_embd)).copy()
         inputs = np.concatenate([self._hidden(start - 1)[None, :], rows[:-1]])
         self._rows, self._rows_start = rows, start
-        self._decode(tokens, start, inputs, output_last=False)
+        kept = start - self._queue_start
+        if not 0 <= kept <= len(self._queue):  # the target rewound before the queue: start it over
+            self._queue_start, kept = start, 0
+        self._queue = self._queue[:kept] + list(tokens)
+        self._queue_inputs = np.concatenate([self._queue_inputs[:kept], inputs])
 
     def draft(self, token: int, pos: int, n: int) -> list[int]:
         """The head's `n` likeliest next tokens in turn after `token`, which goes at `pos` (the
         target has evaluated every position before it)."""
-        hidden = self._hidden(pos - 1)
+        kept = max(0, min(pos - self._queue_start, len(self._queue)))
+        start = pos - kept
+        tokens = self._queue[:kept] + [token]
+        inputs = np.concatenate([self._queue_inputs[:kept], self._hidden(pos - 1)[None, :]])
+        self._queue, self._queue_inputs, self._queue_start = [], inputs[:0], pos
+        while len(tokens) > self.n_batch:  # the queue in batches; `token` ends the last, whose output is a draft
+            self._decode(tokens[: self.n_batch], start, inputs[: self.n_batch], output_last=False)
+            tokens, inputs, start = tokens[self.n_batch :], inputs[self.n_batch :], start + self.n_batch
         drafts: list[int] = []
-        for i in range(n):
-            self._decode([token], pos + i, hidden[None, :], output_last=True)
+        for _ in range(n):
+            self._decode(tokens, start, inputs, output_last=True)
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
-            token = int(np.argmax(logits))
-            drafts.append(token)
-            hidden = np.ctypeslib.as_array(native.embeddings_nextn_ith(self._ctx, -1), shape=(self.n_embd,)).copy()
+            drafts.append(int(np.argmax(logits)))
+            h = np.ctypeslib.as_array(native.embeddings_nextn_ith(self._ctx, -1), shape=(self.n_embd,))
+            tokens, start, inputs = drafts[-1:], start + len(tokens), h[None, :].copy()
         return drafts
 
     def _hidden(self, pos: int) -> np.ndarray:
