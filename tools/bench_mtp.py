@@ -5,14 +5,14 @@ everything else on a ggml-rpc device serving this machine's CPU.
 
 The test model's MTP head is the "mirror" kind (it drafts what the trunk predicts from the last
 token alone), not a trained head: its acceptance rate is set by how much the trunk adds to that
-(`--trunk-gain`: 1 gives a random model's trunk and few accepted drafts; 0.1, the default, about
-two thirds accepted, near what a trained head reaches), so the figures show the cost of a draft
-round against the tokens it wins at that acceptance. The last column is
-how many leading greedy tokens equal the run without drafts: all of them on batch-invariant
-kernels; on this model's f16/Q4_K CPU kernels a batch of tokens rounds differently from the same
+(`--trunk-gain`: 1 gives a random model's trunk and under a tenth of the drafts accepted; 0.1,
+the default, about half at 8 blocks), so the figures show the cost of a draft round against the
+tokens it wins at that acceptance. Settings take turns, one generation each per round, and each
+reports the median of its rounds. The last column is how many leading greedy tokens equal the run
+without drafts: all of them on batch-invariant kernels; on this model's f16/Q4_K CPU kernels a batch of tokens rounds differently from the same
 tokens one at a time, which can flip a near tie (see README, MTP drafts).
 
-    python tools/bench_mtp.py [--layers 8] [--trunk-gain 0.1] [--tokens 64] [--runs 2] [--draft-max 1,2,3] [--rpc] [--json]
+    python tools/bench_mtp.py [--layers 8] [--trunk-gain 0.1] [--tokens 64] [--runs 3] [--draft-max 1,2,3] [--rpc] [--json]
 """
 
 from __future__ import annotations
@@ -35,29 +35,28 @@ from rotary_gguf.engine import Engine  # noqa: E402
 from rotary_gguf.plan import Placement  # noqa: E402
 
 
-def measure(path: Path, placement: Placement, tokens: int, runs: int, threads: int, draft_max: int | None) -> dict:
-    """Median decode t/s over `runs` generations of `tokens` greedy tokens after a warm-up; drafts
-    of at most `draft_max` tokens (None: no drafts)."""
+def measure(path: Path, placement: Placement, tokens: int, threads: int, draft_max: int | None) -> dict:
+    """Decode t/s of one generation of `tokens` greedy tokens after a warm-up; drafts of at most
+    `draft_max` tokens (None: no drafts)."""
     draft = dict(draft="mtp", draft_max=draft_max) if draft_max else {}
     with Engine.load(path, placement, n_ctx=512, n_threads=threads, **draft) as engine:
         prompt = engine.tokenize(PROMPT)
         engine.greedy(prompt, 4)  # warm-up: pages the weights in
-        speeds, out, stats = [], None, None
-        for _ in range(runs):
-            engine.reset()
-            events = list(engine.generate(prompt, max_tokens=tokens))
-            stats = events[-1].stats
-            speeds.append(stats.decode_tps)
-            out = [e.token for e in events if e.token is not None]
+        engine.reset()
+        events = list(engine.generate(prompt, max_tokens=tokens))
+    stats = events[-1].stats
     return {
         "draft_max": draft_max or 0,
-        "decode_tps": statistics.median(speeds),
-        "drafted": stats.drafted_tokens,
-        "accepted": stats.draft_accepted,
+        "decode_tps": stats.decode_tps,
         "acceptance": stats.draft_accepted / stats.drafted_tokens if stats.drafted_tokens else None,
         "mean_accepted": stats.mean_accepted,
-        "tokens": out,
+        "tokens": [e.token for e in events if e.token is not None],
     }
+
+
+def summarize(runs: list[dict]) -> dict:
+    """The median speed of interleaved runs of one setting, with its acceptance (the same every run)."""
+    return {**runs[0], "decode_tps": statistics.median(r["decode_tps"] for r in runs)}
 
 
 def format_row(r: dict) -> str:
@@ -72,7 +71,7 @@ def main() -> int:
     ap.add_argument("--trunk-gain", type=float, default=0.1,
                     help="how much the trunk's blocks write (make_test_model --trunk-gain): sets the acceptance rate")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per generation")
-    ap.add_argument("--runs", type=int, default=2, help="timed generations per setting (median)")
+    ap.add_argument("--runs", type=int, default=3, help="timed generations per setting, interleaved (median)")
     ap.add_argument("--draft-max", default="1,2,3", help="draft lengths to measure, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rpc", action="store_true", help="also measure with everything but the experts on a ggml-rpc device")
@@ -98,10 +97,13 @@ def main() -> int:
               f"{'same tokens':>12}",
               flush=True)
     try:
+        drafts = [None, *(int(n) for n in args.draft_max.split(","))]
         for name, placement in placements.items():
+            # interleaved: every setting once per round, so drift on a busy machine hits them alike
+            runs = [[measure(path, placement, args.tokens, args.threads, d) for d in drafts] for _ in range(args.runs)]
             base = None
-            for draft_max in [None, *(int(n) for n in args.draft_max.split(","))]:
-                row = {"placement": name, **measure(path, placement, args.tokens, args.runs, args.threads, draft_max)}
+            for i in range(len(drafts)):
+                row = {"placement": name, **summarize([r[i] for r in runs])}
                 base = base or row
                 row["speedup"] = row["decode_tps"] / base["decode_tps"]
                 row["same_tokens"] = next((i for i, (a, b) in enumerate(zip(row["tokens"], base["tokens"])) if a != b),
