@@ -11,9 +11,9 @@ from rich.measure import Measurement as RichMeasurement
 from rich.table import Table
 
 from .. import log
+from ..errors import UserError
 from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
 from ..draft import DEFAULT_DRAFT_MAX
-from ..errors import UserError
 from ..units import human_bytes
 from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModelArg, ProfileOpt, ReserveOpt,
                   RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
