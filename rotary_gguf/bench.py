@@ -73,6 +73,7 @@ class Measurement:
     peak_rss_bytes: int
     tokens: list[int]
     cache_hit_rate: float | None = None  # of the expert cache over the run (prompt and decode)
+    draft_acceptance: float | None = None  # share of MTP drafts accepted, with drafts on
 
 
 @dataclass
@@ -238,7 +239,9 @@ def measure(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Measureme
             tokens.append(event.token)
     cache = engine.expert_cache
     hit_rate = cache.summary().hit_rate if cache is not None and cache.enabled else None
-    return Measurement(stats.prompt_tps, stats.decode_tps, stats.ttft_seconds, peak_acc, peak_rss, tokens, hit_rate)
+    acceptance = stats.draft_accepted / stats.drafted_tokens if stats.drafted_tokens else None
+    return Measurement(stats.prompt_tps, stats.decode_tps, stats.ttft_seconds, peak_acc, peak_rss, tokens, hit_rate,
+                       acceptance)
 
 
 @contextmanager

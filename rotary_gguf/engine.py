@@ -25,6 +25,8 @@ from gguf import GGMLQuantizationType
 
 from . import native
 from .chat_template import render_chat_template
+from .draft import DEFAULT_DRAFT_MAX, DRAFT_MODES, check_mtp, mtp_expert_overrides
+from .draft.mtp import MtpDrafter, Speculation
 from .errors import PromptError, UserError
 from .inventory import read_inventory
 from .log import logger
@@ -60,6 +62,15 @@ class GenerationStats:
     decode_seconds: float = 0.0  # the engine's own time after the first token (not its consumer's)
     ttft_seconds: float = 0.0
     finish_reason: str | None = None
+    drafted_tokens: int = 0  # MTP drafts evaluated (draft_accepted + draft_rejected once finished)
+    draft_accepted: int = 0
+    draft_rejected: int = 0
+    draft_rounds: int = 0  # verification batches with drafts
+
+    @property
+    def mean_accepted(self) -> float:
+        """Drafts accepted per verification batch."""
+        return self.draft_accepted / self.draft_rounds if self.draft_rounds else 0.0
 
     @property
     def prompt_tps(self) -> float:
@@ -139,6 +150,7 @@ class Engine:
     output_every_token = False  # needs a context loaded with all_outputs
     all_outputs = False
     expert_cache = None
+    drafter: MtpDrafter | None = None  # the MTP head's context, with draft="mtp"
     before_decode = None  # called with each batch's size before llama_decode (the expert cache)
 
     def __init__(self, path: Path, model, ctx, placement: Placement, keepalive: list,
@@ -175,6 +187,8 @@ class Engine:
         telemetry=None,
         expert_cache=None,
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
+        draft: str = "off",
+        draft_max: int = DEFAULT_DRAFT_MAX,
     ) -> "Engine":
         """Load `path` with `placement` (default: everything on the CPU) and create a context.
         `telemetry` (e.g. a `telemetry.RoutingTelemetry`) is installed as llama.cpp's eval callback:
@@ -184,11 +198,16 @@ class Engine:
         keeps prompt checkpoints within `checkpoint_bytes` of host memory. The context holds `n_ctx`
         tokens, decodes `n_batch` per call in micro-batches of `n_ubatch` (default: `n_batch`), keeps K
         and V as `kv_type`, and returns the logits of one token per batch unless `all_outputs` (every
-        token's: a compute buffer that grows by n_ubatch x n_vocab floats)."""
+        token's: a compute buffer that grows by n_ubatch x n_vocab floats). `draft="mtp"` drafts up
+        to `draft_max` tokens a step with the model's multi-token-prediction head (`draft`)."""
         callback = expert_cache if expert_cache is not None else telemetry
         path = Path(path)
         inv = read_inventory(path)  # clear errors for missing/broken files before llama.cpp sees them
         context = context_settings(inv, n_ctx, n_batch, n_ubatch, kv_type, flash_attn)
+        if draft == "mtp":
+            check_mtp(inv, draft_max, context.n_ubatch)
+        elif draft != "off":
+            raise UserError(f"unknown draft mode {draft!r} (known: {', '.join(DRAFT_MODES)})")
         placement = placement or Placement.all_cpu()
         if placement.offload_min_batch is not None:
             native.set_offload_min_batch(placement.offload_min_batch)
@@ -199,16 +218,18 @@ class Engine:
         mparams.n_gpu_layers = placement.n_gpu_layers
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if placement.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         mparams.use_extra_bufts = placement.repack and not _refuse_unsafe_buffer_types()
+        mparams.load_mtp = draft == "mtp"
         devs = [native.device_by_name(n).handle for n in placement.devices]
         dev_array = native.device_array(devs)
         keepalive.append(dev_array)
         mparams.devices = native.address(dev_array)
-        if placement.overrides:
+        overrides = (mtp_expert_overrides(inv, placement) if draft == "mtp" else ()) + tuple(placement.overrides)
+        if overrides:
             bufts = buffer_types()
-            missing = [b for _, b in placement.overrides if b not in bufts]
+            missing = [b for _, b in overrides if b not in bufts]
             if missing:
                 raise UserError(f"unknown buffer type {missing[0]!r} (known: {', '.join(sorted(bufts))})")
-            ov = native.override_array([(p, bufts[b]) for p, b in placement.overrides])
+            ov = native.override_array([(p, bufts[b]) for p, b in overrides])
             keepalive.append(ov)
             mparams.tensor_buft_overrides = native.address(ov)
 
@@ -219,12 +240,14 @@ class Engine:
             cparams = llama_cpp.llama_context_default_params()
             cparams.n_ctx = context.ctx
             cparams.n_batch, cparams.n_ubatch = context.n_batch, context.n_ubatch
-            cparams.n_outputs_max = 0 if all_outputs else 1  # 0: every token of a batch
+            # 0: every token of a batch; a draft round verifies its token and drafts in one batch
+            cparams.n_outputs_max = 0 if all_outputs else draft_max + 1 if draft == "mtp" else 1
             cparams.type_k = cparams.type_v = GGMLQuantizationType[context.kv_type.upper()].value
             cparams.flash_attn_type = _FLASH_ATTN_TYPES[context.flash_attn]
             threads = n_threads or default_threads()
             cparams.n_threads = cparams.n_threads_batch = threads
             cparams.no_perf = True
+            cparams.n_rs_seq = draft_max if draft == "mtp" else 0  # recurrent snapshots to roll drafts back
             if callback is not None:
                 cparams.cb_eval, cparams.cb_eval_user_data = callback.callback, callback.user_data
                 keepalive.extend((callback, telemetry))
@@ -236,6 +259,12 @@ class Engine:
         engine = cls(path, model, ctx, placement, keepalive, checkpoint_bytes)
         engine.context, engine.all_outputs = context, all_outputs
         engine.load_report = LoadReport.from_log(log_lines)
+        if draft == "mtp":
+            try:
+                engine.drafter = MtpDrafter(model, ctx, cparams, draft_max)
+            except BaseException:
+                engine.close()
+                raise
         if expert_cache is not None:
             engine.expert_cache, engine.before_decode = expert_cache, expert_cache.before_decode
             try:
@@ -248,6 +277,9 @@ class Engine:
         return engine
 
     def close(self) -> None:
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
         if self.expert_cache is not None:  # give the model its host expert tensors back first
             self.expert_cache.close()
             self.expert_cache = None
@@ -355,16 +387,17 @@ class Engine:
         if self.checkpoints is not None:
             self.checkpoints.clear()
 
-    def eval(self, tokens: Sequence[int]) -> None:
-        """Append `tokens` to the context, in batches of n_batch; logits of the last one are kept."""
+    def eval(self, tokens: Sequence[int], every_row: bool = False) -> None:
+        """Append `tokens` to the context, in batches of n_batch; logits of the last one are kept
+        (of every one with `every_row`, within one batch)."""
         if len(self._cached) + len(tokens) > self.n_ctx:
             raise UserError(f"{len(self._cached) + len(tokens)} tokens do not fit the context of {self.n_ctx}")
         for start in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[start : start + self.n_batch])
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)
             batch = llama_cpp.llama_batch_get_one(arr, len(chunk))
-            if self.output_every_token:
-                if not self.all_outputs:  # llama.cpp aborts on more outputs than n_outputs_max
+            if self.output_every_token or every_row:
+                if self.output_every_token and not self.all_outputs:  # llama.cpp aborts on more outputs than n_outputs_max
                     raise RuntimeError("output_every_token needs an engine loaded with all_outputs=True")
                 outputs = (ctypes.c_int8 * len(chunk))(*[1] * len(chunk))
                 batch.logits = ctypes.cast(outputs, type(batch.logits))
@@ -373,16 +406,19 @@ class Engine:
             rc = llama_cpp.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
+            if self.drafter is not None:
+                self.drafter.follow(chunk, len(self._cached))
             self._cached.extend(chunk)
 
-    def logits(self) -> np.ndarray:
-        """A copy of the logits after the last evaluated token."""
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+    def logits(self, row: int = -1) -> np.ndarray:
+        """A copy of the logits after the last evaluated token (after token `row` of the last batch)."""
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, row)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def token_logprob(self, token: int, top: int) -> TokenLogprob:
-        """`token`'s log probability after the last evaluated token, and the `top` likeliest tokens'."""
-        logits = self.logits().astype(np.float64)
+    def token_logprob(self, token: int, top: int, row: int = -1) -> TokenLogprob:
+        """`token`'s log probability after the last evaluated token (or `row`), and the `top`
+        likeliest tokens'."""
+        logits = self.logits(row).astype(np.float64)
         logprobs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
 
         def entry(t: int) -> tuple[str, bytes, float]:
@@ -481,6 +517,8 @@ class Engine:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text_filter = StopFilter(stop)
         budget = min(max_tokens, self.n_ctx - len(prompt))
+        speculation = Speculation(self, stats) if self.drafter is not None else None
+        row = lambda: speculation.row if speculation is not None else -1  # noqa: E731
         self.live.generation_started(stats)
         try:
             t0 = time.perf_counter()
@@ -494,10 +532,10 @@ class Engine:
                     return
                 token = think.forced_token()
                 if token is None:
-                    token = sampler.sample(constrained=not think.active)
+                    token = sampler.sample(constrained=not think.active, row=row())
                 else:
                     sampler.accept(token)
-                logprob = self.token_logprob(token, logprobs) if logprobs is not None else None
+                logprob = self.token_logprob(token, logprobs, row()) if logprobs is not None else None
                 stats.completion_tokens += 1
                 if stats.completion_tokens == 1:
                     stats.ttft_seconds = time.perf_counter() - t0
@@ -523,7 +561,10 @@ class Engine:
                     return
                 # Evaluated once the consumer asks for the next token: it can hand this one on first
                 # (a server thread then sends it while llama.cpp computes).
-                self.eval([token])
+                if speculation is not None:
+                    speculation.advance(token, budget - stats.completion_tokens)
+                else:
+                    self.eval([token])
         except GeneratorExit:  # the consumer stopped reading (perhaps right after the last token)
             stats.finish_reason = stats.finish_reason or "cancelled"
             raise
@@ -532,6 +573,8 @@ class Engine:
             self.reset()  # a failed decode leaves the context memory in an unknown state
             raise
         finally:
+            if speculation is not None and stats.finish_reason != "error":
+                speculation.finish()
             sampler.close()
             self.live.generation_finished(stats)
 
@@ -597,11 +640,11 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def sample(self, constrained: bool = True) -> int:
-        """The next token (from the grammar's chain when there is one and `constrained`); both
-        chains learn it."""
+    def sample(self, constrained: bool = True, row: int = -1) -> int:
+        """The next token after the last batch's token `row` (from the grammar's chain when there
+        is one and `constrained`); both chains learn it."""
         use = self._constrained if constrained and self._constrained else self._chain
-        token = llama_cpp.llama_sampler_sample(use, self._engine._ctx, -1)
+        token = llama_cpp.llama_sampler_sample(use, self._engine._ctx, row)
         if use is not self._chain:
             llama_cpp.llama_sampler_accept(self._chain, token)
         return token

@@ -356,6 +356,56 @@ def test_qwen35moe_layout(models):
         assert list(names[p + "ffn_down_exps.weight"].shape) == [d["ff"], E, 32]
 
 
+@pytest.mark.parametrize("kind", mtm.MTP_KINDS)
+def test_mtp_block_is_one_more_block_that_llama_cpp_skips_unless_asked(models, kind):
+    from rotary_gguf.inventory import read_inventory
+    from rotary_gguf.plan import ModelFigures
+
+    plain = models("qwen35moe-f32", arch="qwen35moe", quant="f32")
+    path = models(f"qwen35moe-mtp-{kind}", arch="qwen35moe", quant="f32", mtp=kind)
+    r = gguf.GGUFReader(str(path))
+    d = mtm.model_dims(arch="qwen35moe")
+    E = d["embd"]
+    names = {t.name: t for t in r.tensors}
+    assert _field(r, "qwen35moe.block_count") == 5
+    assert _field(r, "qwen35moe.nextn_predict_layers") == 1
+    assert list(names["blk.4.nextn.eh_proj.weight"].shape) == [2 * E, E]
+    assert list(names["blk.4.attn_q.weight"].shape) == [E, 2 * d["n_head"] * d["head_dim"]]
+    assert "blk.4.ssm_a" not in names and "blk.4.ffn_gate_exps.weight" in names
+    for n in ("nextn.enorm.weight", "nextn.hnorm.weight", "ffn_gate_inp_shexp.weight"):
+        assert "blk.4." + n in names
+    proj = np.asarray(names["blk.4.nextn.eh_proj.weight"].data).reshape(E, 2 * E)
+    if kind == "mirror":  # the token's embedding straight through, nothing of the hidden state
+        assert np.array_equal(proj, np.concatenate([np.eye(E), np.zeros((E, E))], axis=1))
+        assert not np.asarray(names["blk.4.ffn_down_exps.weight"].data).any()
+    # the trunk is the plain model's, and runs the same without the block
+    plain_names = {t.name: t for t in gguf.GGUFReader(str(plain)).tensors}
+    for name, t in plain_names.items():
+        assert np.array_equal(np.asarray(t.data), np.asarray(names[name].data)), name
+    assert greedy_tokens(path) == greedy_tokens(plain)
+    figures = ModelFigures.from_inventory(read_inventory(path))
+    assert figures.n_layer == 4 and not any(n.startswith("blk.4.") for n, _ in figures.tensors)
+
+
+def test_trunk_gain_scales_what_blocks_write_and_nothing_else(models):
+    plain = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(models("qwen35moe-f32", arch="qwen35moe", quant="f32"))).tensors}
+    quiet = models("qwen35moe-gain0.25", arch="qwen35moe", quant="f32", trunk_gain=0.25)
+    writes = ("attn_output.weight", "ssm_out.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")
+    for t in gguf.GGUFReader(str(quiet)).tensors:
+        scale = 0.25 if t.name.endswith(writes) else 1.0
+        assert np.allclose(np.asarray(t.data), plain[t.name] * scale, rtol=1e-6, atol=0), t.name
+
+
+def test_mtp_block_rejected_where_llama_cpp_has_none(tmp_path):
+    with pytest.raises(ValueError, match="only supported"):
+        mtm.make_model(tmp_path / "x.gguf", arch="qwen3moe", mtp="random")
+    with pytest.raises(ValueError, match="unknown mtp kind"):
+        mtm.make_model(tmp_path / "x.gguf", arch="qwen35moe", mtp="perfect")
+    with pytest.raises(ValueError, match="trunk_gain"):
+        mtm.make_model(tmp_path / "x.gguf", arch="qwen35moe", mtp="mirror", trunk_gain=-1)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dense_qwen3_has_no_experts(models):
     path = models("qwen3-f32", arch="qwen3", quant="f32")
     r = gguf.GGUFReader(str(path))

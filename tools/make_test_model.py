@@ -40,6 +40,10 @@ for ``qwen35moe`` (the qwen3moe loader only reads separate gate/up tensors).
 Control tokens get all-zero output rows so greedy decoding never picks them
 (generation runs to ``max_tokens`` instead of stopping at ``<|im_end|>``).
 
+Multi-token prediction (``--mtp``, ``qwen35moe``): one more block ``blk.<layers>``, a full
+attention + MoE block with the ``nextn.*`` tensors, counted in ``block_count`` and named by
+``qwen35moe.nextn_predict_layers``, as Qwen3.5/3.6 GGUFs carry it.
+
 Benchmark models (``make_bench_model``, ``--bench-dims``): a ``qwen35moe``
 with Qwen3.5/3.6-35B-A3B's expert widths (``embd`` 2048, 256 experts, top-8,
 expert FFN 512) whose experts are random but valid Q4_K blocks written straight
@@ -70,6 +74,7 @@ import gguf
 __all__ = [
     "ARCHS",
     "QUANTS",
+    "MTP_KINDS",
     "BIAS_CHANNEL",
     "BIAS_VALUE",
     "ROUTER_SKEW_GAIN",
@@ -87,6 +92,10 @@ __all__ = [
 
 ARCHS = ("qwen3moe", "qwen35moe", "qwen3")
 QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
+# Multi-token-prediction blocks: "random" weights (its drafts are mostly rejected), or "mirror":
+# the block passes the token's embedding straight to the LM head, so it drafts what the trunk
+# would predict from that token alone, which the model often agrees with.
+MTP_KINDS = ("random", "mirror")
 
 DEFAULT_LAYERS = 4
 DEFAULT_EXPERTS = 32
@@ -381,10 +390,11 @@ def _no_bias_read(w: np.ndarray) -> np.ndarray:
 
 def _tensors(d: Dict[str, object], n_vocab: int, control_ids: Sequence[int],
              seed: int, router_skew: float, fused_gate_up: bool,
-             routed_experts: Callable[[str], Iterator[Tuple[str, object]]] | None = None,
+             routed_experts: Callable[[str, float], Iterator[Tuple[str, object]]] | None = None,
              ) -> Iterator[Tuple[str, np.ndarray]]:
     """Every tensor in file order. ``routed_experts(prefix)``, when given, yields a block's routed
-    expert tensors in place of the random f32 ones (``prefix`` is ``"blk.N."``)."""
+    expert tensors in place of the random f32 ones (``prefix`` is ``"blk.N."``; ``gain`` scales
+    the experts' output)."""
     W = _Weights(seed)
     arch = d["arch"]
     E = int(d["embd"])
@@ -398,11 +408,15 @@ def _tensors(d: Dict[str, object], n_vocab: int, control_ids: Sequence[int],
 
     hot = hot_experts(int(d["layers"]), X, int(d["used"]), seed) if d["moe"] else None
 
-    for il in range(int(d["layers"])):
+    layers, mirror = int(d["layers"]), d.get("mtp") == "mirror"
+    for il in range(layers + int(d.get("nextn", 0))):
         p = f"blk.{il}."
+        nextn = il >= layers  # the MTP block: full attention + MoE, and the nextn tensors
+        # how much the block writes into the residual stream (a mirror head: nothing)
+        gain = (0.0 if mirror else 1.0) if nextn else float(d.get("trunk_gain", 1.0))
         yield p + "attn_norm.weight", W.norm(p + "attn_norm.weight", E)
 
-        if d["recurrent"][il]:
+        if not nextn and d["recurrent"][il]:
             # Gated DeltaNet (linear attention)
             ds, ng, nv, kc = (int(d["ssm_d_state"]), int(d["ssm_n_group"]),
                               int(d["ssm_dt_rank"]), int(d["ssm_d_conv"]))
@@ -417,7 +431,7 @@ def _tensors(d: Dict[str, object], n_vocab: int, control_ids: Sequence[int],
             yield p + "ssm_beta.weight", _no_bias_read(W.linear(p + "ssm_beta.weight", nv, E))
             yield p + "ssm_alpha.weight", _no_bias_read(W.linear(p + "ssm_alpha.weight", nv, E))
             yield p + "ssm_norm.weight", W.norm(p + "ssm_norm.weight", ds)
-            yield p + "ssm_out.weight", _no_bias_write(W.linear(p + "ssm_out.weight", E, value_dim))
+            yield p + "ssm_out.weight", _no_bias_write(W.linear(p + "ssm_out.weight", E, value_dim, gain))
         else:
             if arch == "qwen35moe":
                 # query and output gate interleaved per head: [q_h, gate_h] x n_head
@@ -427,7 +441,7 @@ def _tensors(d: Dict[str, object], n_vocab: int, control_ids: Sequence[int],
             yield p + "attn_q.weight", _no_bias_read(W.linear(p + "attn_q.weight", q_out, E))
             yield p + "attn_k.weight", _no_bias_read(W.linear(p + "attn_k.weight", NKV * HD, E))
             yield p + "attn_v.weight", _no_bias_read(W.linear(p + "attn_v.weight", NKV * HD, E))
-            yield p + "attn_output.weight", _no_bias_write(W.linear(p + "attn_output.weight", E, NH * HD, ATTN_OUT_GAIN))
+            yield p + "attn_output.weight", _no_bias_write(W.linear(p + "attn_output.weight", E, NH * HD, gain * ATTN_OUT_GAIN))
             yield p + "attn_q_norm.weight", W.norm(p + "attn_q_norm.weight", HD)
             yield p + "attn_k_norm.weight", W.norm(p + "attn_k_norm.weight", HD)
 
@@ -445,21 +459,23 @@ def _tensors(d: Dict[str, object], n_vocab: int, control_ids: Sequence[int],
         # router: nothing reads the bias channel except the hot experts' boost
         router = W.linear(p + "ffn_gate_inp.weight", X, E)
         router[:, BIAS_CHANNEL] = 0.0
-        if router_skew:
+        if router_skew and not nextn:
             router[hot[il], BIAS_CHANNEL] = np.float32(router_skew * ROUTER_SKEW_GAIN)
         yield p + "ffn_gate_inp.weight", router
 
         if routed_experts is not None:
-            yield from routed_experts(p)
+            yield from routed_experts(p, gain)
         else:
-            yield from _f32_experts(W, p, X, F, E, fused_gate_up)
+            yield from _f32_experts(W, p, X, F, E, fused_gate_up, gain)
 
         if arch == "qwen35moe":
             FS = int(d["ff_shexp"])
             yield p + "ffn_gate_inp_shexp.weight", _no_bias_read(W.normal(p + "ffn_gate_inp_shexp.weight", (E,), 1.0 / math.sqrt(E)))
             yield p + "ffn_gate_shexp.weight", _no_bias_read(W.linear(p + "ffn_gate_shexp.weight", FS, E))
             yield p + "ffn_up_shexp.weight", _no_bias_read(W.linear(p + "ffn_up_shexp.weight", FS, E))
-            yield p + "ffn_down_shexp.weight", _no_bias_write(W.linear(p + "ffn_down_shexp.weight", E, FS))
+            yield p + "ffn_down_shexp.weight", _no_bias_write(W.linear(p + "ffn_down_shexp.weight", E, FS, gain))
+        if nextn:
+            yield from _nextn_tensors(W, p, E, mirror)
 
     yield "output_norm.weight", W.norm("output_norm.weight", E)
     out = W.linear("output.weight", n_vocab, E)
@@ -470,13 +486,28 @@ def _tensors(d: Dict[str, object], n_vocab: int, control_ids: Sequence[int],
     yield "output.weight", out
 
 
-def _f32_experts(W: _Weights, p: str, X: int, F: int, E: int, fused_gate_up: bool
+def _nextn_tensors(W: _Weights, p: str, E: int, mirror: bool) -> Iterator[Tuple[str, np.ndarray]]:
+    """The MTP block's own tensors (its LM head and norm are the model's). The block's input is
+    eh_proj([enorm(token embedding), hnorm(target hidden state)]); with ``mirror`` it keeps just
+    the token embedding, so the head predicts what the trunk would say from that token alone."""
+    if mirror:
+        proj = np.concatenate([np.eye(E, dtype=np.float32), np.zeros((E, E), dtype=np.float32)], axis=1)
+        enorm = np.ones(E, dtype=np.float32)
+    else:
+        proj = W.linear(p + "nextn.eh_proj.weight", E, 2 * E)
+        enorm = W.norm(p + "nextn.enorm.weight", E)
+    yield p + "nextn.eh_proj.weight", proj
+    yield p + "nextn.enorm.weight", enorm
+    yield p + "nextn.hnorm.weight", W.norm(p + "nextn.hnorm.weight", E)
+
+
+def _f32_experts(W: _Weights, p: str, X: int, F: int, E: int, fused_gate_up: bool, gain: float = 1.0
                  ) -> Iterator[Tuple[str, np.ndarray]]:
-    """One block's routed experts, random f32."""
+    """One block's routed experts, random f32 (their output scaled by ``gain``)."""
     # numpy (n_expert, n_out, n_in) == ggml {n_in, n_out, n_expert}
     gate = _no_bias_read(W.normal(p + "ffn_gate_exps.weight", (X, F, E), 1.0 / math.sqrt(E)))
     up = _no_bias_read(W.normal(p + "ffn_up_exps.weight", (X, F, E), 1.0 / math.sqrt(E)))
-    down = _no_bias_write(W.normal(p + "ffn_down_exps.weight", (X, E, F), 1.0 / math.sqrt(F)))
+    down = _no_bias_write(W.normal(p + "ffn_down_exps.weight", (X, E, F), gain / math.sqrt(F)))
     if fused_gate_up:
         # per expert: rows [0, ff) are gate, rows [ff, 2ff) are up
         yield p + "ffn_gate_up_exps.weight", np.concatenate([gate, up], axis=1)
@@ -511,7 +542,9 @@ def _add_metadata(w: gguf.GGUFWriter, d: Dict[str, object], tok: Dict[str, objec
 
     w.add_context_length(CONTEXT_LENGTH)
     w.add_embedding_length(int(d["embd"]))
-    w.add_block_count(int(d["layers"]))
+    w.add_block_count(int(d["layers"]) + int(d.get("nextn", 0)))
+    if d.get("nextn"):
+        w.add_uint32(f"{arch}.nextn_predict_layers", int(d["nextn"]))
     w.add_head_count(int(d["n_head"]))
     w.add_head_count_kv(int(d["n_head_kv"]))
     w.add_key_length(int(d["head_dim"]))
@@ -554,7 +587,7 @@ def _add_metadata(w: gguf.GGUFWriter, d: Dict[str, object], tok: Dict[str, objec
 def _write_gguf(path: pathlib.Path, d: Dict[str, object], tok: Dict[str, object],
                 seed: int, router_skew: float, fused_gate_up: bool, f16: bool, *,
                 file_type: int | None = None, chat_template: str = "chatml",
-                routed_experts: Callable[[str], Iterator[Tuple[str, object]]] | None = None) -> None:
+                routed_experts: Callable[[str, float], Iterator[Tuple[str, object]]] | None = None) -> None:
     """Every tensor of ``_tensors`` into a GGUF at ``path``: f32, or f16 where ``_keep_f32``
     allows with ``f16``; routed experts from ``routed_experts`` (raw Q4_K) are generated only as
     they are written, one at a time. ``file_type`` defaults to what ``f16`` says."""
@@ -613,6 +646,23 @@ def _tmp_path(folder: pathlib.Path, stem: str, suffix: str) -> pathlib.Path:
     return pathlib.Path(name)
 
 
+def _add_mtp(d: Dict[str, object], mtp: str | None, trunk_gain: float = 1.0) -> None:
+    """Give the model ``d`` one multi-token-prediction (nextn) block of kind ``mtp``, and scale what
+    its trunk blocks write into the residual stream by ``trunk_gain``: below 1 the model leans on
+    the last token alone, as a mirror head does, so more of its drafts are accepted (to measure
+    drafts at a trained head's acceptance rate)."""
+    if not math.isfinite(trunk_gain) or trunk_gain < 0:
+        raise ValueError("trunk_gain must be a finite value >= 0")
+    d["trunk_gain"] = float(trunk_gain)
+    if mtp is None:
+        return
+    if mtp not in MTP_KINDS:
+        raise ValueError(f"unknown mtp kind {mtp!r}; expected one of {MTP_KINDS}")
+    if d["arch"] != "qwen35moe":
+        raise ValueError("an MTP block is only supported for arch 'qwen35moe'")
+    d.update(nextn=1, mtp=mtp)
+
+
 def _router_skew(value) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0:
@@ -634,6 +684,8 @@ def make_model(
     seed: int = 0,
     fused_gate_up: bool = False,
     chat_template: str = "chatml",
+    mtp: str | None = None,
+    trunk_gain: float = 1.0,
 ) -> pathlib.Path:
     """Write a synthetic GGUF model to ``output`` (atomically) and return its path.
 
@@ -642,7 +694,9 @@ def make_model(
     ``ff`` is the dense FFN size. ``fused_gate_up`` writes
     ``ffn_gate_up_exps`` (gate rows then up rows per expert) instead of
     ``ffn_gate_exps`` + ``ffn_up_exps``; llama.cpp only reads the fused tensor
-    for ``qwen35moe``. ``chat_template`` names one of ``CHAT_TEMPLATES``."""
+    for ``qwen35moe``. ``chat_template`` names one of ``CHAT_TEMPLATES``. ``mtp`` (``qwen35moe``)
+    adds a multi-token-prediction block (see ``MTP_KINDS``); ``trunk_gain`` scales what every block
+    writes into the residual stream (see ``_add_mtp``)."""
     chat_template_text(chat_template)  # an unknown name fails before anything is written
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; expected one of {QUANTS}")
@@ -661,6 +715,7 @@ def make_model(
         raise ValueError("router_skew needs a MoE arch")
 
     d = model_dims(arch=arch, layers=layers, experts=experts, used=used, embd=embd, ff=ff)
+    _add_mtp(d, mtp, trunk_gain)
     tok = build_tokenizer()
 
     out = pathlib.Path(output)
@@ -743,17 +798,17 @@ class _Q4KExperts:
         return out.reshape(self.byte_shape)
 
 
-def _q4k_experts(W: _Weights, d: Dict[str, object]) -> Callable[[str], Iterator[Tuple[str, _Q4KExperts]]]:
+def _q4k_experts(W: _Weights, d: Dict[str, object]) -> Callable[[str, float], Iterator[Tuple[str, _Q4KExperts]]]:
     """``_tensors``' routed_experts: separate gate, up and down, all Q4_K, with the f32 weights'
     spread and bias-channel rules."""
     X, F, E = int(d["experts"]), int(d["ff"]), int(d["embd"])
 
-    def block(p: str) -> Iterator[Tuple[str, _Q4KExperts]]:
+    def block(p: str, gain: float) -> Iterator[Tuple[str, _Q4KExperts]]:
         for kind in ("gate", "up"):
             name = p + f"ffn_{kind}_exps.weight"
             yield name, _Q4KExperts(W, name, (X, F, E), 1.0 / math.sqrt(E), no_read=True)
         name = p + "ffn_down_exps.weight"
-        yield name, _Q4KExperts(W, name, (X, E, F), 1.0 / math.sqrt(F), no_write=True)
+        yield name, _Q4KExperts(W, name, (X, E, F), gain / math.sqrt(F), no_write=True)
 
     return block
 
@@ -768,6 +823,8 @@ def make_bench_model(
     ff: int = BENCH_FF,
     router_skew: float = 1.0,
     seed: int = 0,
+    mtp: str | None = None,
+    trunk_gain: float = 1.0,
 ) -> pathlib.Path:
     """Write a ``qwen35moe`` model with real-size Q4_K experts to ``output`` (atomically) and
     return its path: random but valid Q4_K blocks written straight into the file, tensor by
@@ -779,6 +836,7 @@ def make_bench_model(
         raise ValueError(f"embd and ff must be multiples of {Q4_K_WEIGHTS} for Q4_K rows")
     router_skew = _router_skew(router_skew)
     d = model_dims(arch="qwen35moe", layers=layers, experts=experts, used=used, embd=embd, ff=ff)
+    _add_mtp(d, mtp, trunk_gain)
     tok = build_tokenizer()
 
     out = pathlib.Path(output)
@@ -827,6 +885,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="chatml",
                     help="chatml (plain), qwen3.5 (tools as <function=..>, thinking on by default) or qwen3 "
                          "(JSON tool calls)")
+    ap.add_argument("--mtp", choices=MTP_KINDS, default=None,
+                    help="add a multi-token-prediction (nextn) block (qwen35moe): random weights, or 'mirror' "
+                         "(drafts what the trunk predicts from the last token alone, often accepted)")
+    ap.add_argument("--trunk-gain", type=float, default=1.0,
+                    help="scale what every block writes into the residual stream (below 1: the next token depends "
+                         "more on the last one, and a mirror MTP head's drafts are accepted more often)")
     ap.add_argument("--bench-dims", action="store_true",
                     help="make_bench_model: a qwen35moe with Qwen3.5/3.6-35B-A3B's expert widths, its experts "
                          "written straight as random Q4_K blocks (--arch, --quant and --fused-gate-up do not apply)")
@@ -850,6 +914,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ff=_given(args.ff, BENCH_FF),
                 router_skew=_given(args.router_skew, 1.0),
                 seed=args.seed,
+                mtp=args.mtp,
+                trunk_gain=args.trunk_gain,
             )
         else:
             path = make_model(
@@ -865,6 +931,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 fused_gate_up=args.fused_gate_up,
                 chat_template=args.chat_template,
+                mtp=args.mtp,
+                trunk_gain=args.trunk_gain,
             )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

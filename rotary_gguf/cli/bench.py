@@ -13,10 +13,12 @@ from rich.table import Table
 from .. import log
 from ..errors import UserError
 from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
+from ..draft import DEFAULT_DRAFT_MAX
 from ..units import human_bytes
 from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModelArg, ProfileOpt, ReserveOpt,
                   RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
 from .placement import context_for, plan_or_cpu
+from .run import DraftMaxOpt, DraftOpt
 
 
 @app.command()
@@ -38,6 +40,8 @@ def bench(
     routing_profile: ProfileOpt = None,
     threads: ThreadsOpt = 0,
     as_json: JsonOpt = False,
+    draft: DraftOpt = "off",
+    draft_max: DraftMaxOpt = DEFAULT_DRAFT_MAX,
 ) -> None:
     """Measure placements side by side (the plan with and without its expert cache, llama.cpp's
     --cpu-moe and --n-cpu-moe N, all on the accelerator) and recommend one. Identical placements
@@ -71,12 +75,16 @@ def bench(
             label = "warm-up" if run == 0 else f"run {run}/{runs}"
             log.logger.info("%s: %s: decode %.1f t/s", label, cand.name, m.decode_tps)
 
-    load_options = dict(n_ubatch=context.n_ubatch, kv_type=context.kv_type, flash_attn=context.flash_attn)
+    load_options = dict(n_ubatch=context.n_ubatch, kv_type=context.kv_type, flash_attn=context.flash_attn,
+                        draft=draft, draft_max=draft_max)
     results, prompt = benching.run_bench(model, cands, n_ctx=context.ctx, n_batch=context.n_batch, prompt_len=prompt_tokens,
                                          gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress,
                                          load_options=load_options)
     _predict(model, results, cpu_plan, threads)
     best = benching.recommend(results)
+    accepted = [m.draft_acceptance for r in results for m in r.runs if m.draft_acceptance is not None]
+    if accepted:
+        notes.append(f"MTP drafts (at most {draft_max} a round): {sum(accepted) / len(accepted):.0%} of them accepted")
     checks = benching.check_outputs(model, results, prompt, n_ctx=context.ctx, n_batch=context.n_batch,
                                     n_threads=threads or None, load_options=load_options)
     bugs = [c for c in checks if not c.legitimate]

@@ -8,10 +8,15 @@ import typer
 
 from .. import log
 from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
+from ..draft import DEFAULT_DRAFT_MAX, MAX_DRAFT_MAX
 from ..errors import UserError
 from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, KvTypeOpt, MissesOpt, ModeOpt, OptionalModelArg, ProfileOpt,
                   ReserveOpt, RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
 from .placement import context_for, plan_or_cpu
+
+DraftOpt = Annotated[str, typer.Option(
+    help="Draft tokens with the model's multi-token-prediction head and verify them in one batch: mtp or off.")]
+DraftMaxOpt = Annotated[int, typer.Option(min=1, max=MAX_DRAFT_MAX, help="Most tokens one MTP draft round proposes.")]
 
 
 @app.command()
@@ -25,6 +30,8 @@ def generate(
     kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
     flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     threads: ThreadsOpt = 0,
+    draft: DraftOpt = "off",
+    draft_max: DraftMaxOpt = DEFAULT_DRAFT_MAX,
 ) -> None:
     """Greedily continue a prompt and print the text, then the same speed summary as chat's."""
     from ..chat import summary
@@ -33,7 +40,8 @@ def generate(
 
     path = resolve_model(model)
     context = context_for(path, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
-    with Engine.load(path, n_threads=threads or None, **context.load_options()) as engine:
+    with Engine.load(path, n_threads=threads or None, **context.load_options(), draft=draft,
+                     draft_max=draft_max) as engine:
         out.print(f"[bold]{prompt}[/]", end="")
         stats = None
         for event in engine.generate(engine.tokenize(prompt), max_tokens=tokens):
@@ -41,7 +49,9 @@ def generate(
             stats = event.stats
         out.print()
         if stats:
-            out.print(f"[dim]{stats.prompt_tokens} prompt tokens · {summary(stats, limit='--tokens')}[/]", highlight=False)
+            out.print(f"[dim]{stats.prompt_tokens} prompt tokens · {summary(stats, limit='--tokens')}"
+                      + (f" · {stats.drafted_tokens} drafted, {stats.draft_accepted} accepted "
+                         f"({stats.mean_accepted:.2f} per round)" if draft == "mtp" else "") + "[/]", highlight=False)
 
 
 @app.command()
@@ -86,6 +96,8 @@ def serve(
         typer.Option(metavar="FILE|-|off", help="One line per request (method, path, status, prompt and completion tokens, ms): "
                      "appended to FILE, '-' for stderr, or off. Default: stderr, or off with --dashboard (it shows the requests)."),
     ] = None,
+    draft: DraftOpt = "off",
+    draft_max: DraftMaxOpt = DEFAULT_DRAFT_MAX,
 ) -> None:
     """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /metrics)
     and the Anthropic Messages API (/v1/messages)."""
@@ -113,7 +125,7 @@ def serve(
     telemetry = _dashboard_telemetry(inv) if dashboard else None
     with Engine.load(path, placement, **context.load_options(), n_threads=threads or None, telemetry=telemetry,
                      expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads),
-                     checkpoint_bytes=checkpoint_bytes) as engine:
+                     checkpoint_bytes=checkpoint_bytes, draft=draft, draft_max=draft_max) as engine:
         options = serving.ServeOptions(model_id=path.name.removesuffix(".gguf"), max_queue=max_queue, api_key=api_key,
                                        thinking_budget=thinking_budget, read_timeout=read_timeout)
         if not dashboard:
@@ -182,6 +194,8 @@ def chat(
     cache_misses: MissesOpt = "split",
     routing_profile: ProfileOpt = None,
     threads: ThreadsOpt = 0,
+    draft: DraftOpt = "off",
+    draft_max: DraftMaxOpt = DEFAULT_DRAFT_MAX,
 ) -> None:
     """Chat with a model in the terminal: streamed answers above a live dashboard of memory, speed and routing."""
     from .. import chat as chatting
@@ -200,7 +214,8 @@ def chat(
                            routing_profile=routing_profile, threads=threads)
     placement = the_plan.placement if the_plan else None
     with Engine.load(path, placement, **context.load_options(), n_threads=threads or None, telemetry=telemetry,
-                     expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads)) as engine:
+                     expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads), draft=draft,
+                     draft_max=draft_max) as engine:
         dashboard = Dashboard(engine, telemetry=telemetry, plan=the_plan)
         chatting.run(engine, dashboard, out, max_tokens=max_tokens, system=system,
                      sampling=SamplingParams(temperature=temperature, top_p=0.95, seed=None))

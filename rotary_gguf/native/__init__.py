@@ -17,6 +17,7 @@ from .ggml import LIB_DIR
 from .llama import (BuftOverride, address, capture_llama_log, device_array, override_array, route_llama_logs,
                     set_offload_min_batch)
 from .measure import cpu_matvec_bytes_per_s, measure_link, upload_bytes_per_s
+from .nextn import embeddings_nextn, embeddings_nextn_ith, nextn_available, set_embeddings_nextn
 
 __all__ = [name for name in dir() if not name.startswith("_")]
 
