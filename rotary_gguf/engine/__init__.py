@@ -9,135 +9,33 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import functools
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import native
-from .chat_template import render_chat_template
-from .draft import DEFAULT_DRAFT_MAX, DRAFT_MODES, check_mtp, mtp_expert_overrides
-from .draft.mtp import MtpDrafter, Speculation
-from .errors import PromptError, UserError
-from .inventory import read_inventory
-from .log import logger
-from .plan import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE, Placement, context_settings
-from .prompt_cache import DEFAULT_CHECKPOINT_BYTES, CheckpointStore
-from .stats import LiveStats
-from .thinking import Thinking, ThinkTracker
+from .. import native
+from ..chat_template import render_chat_template
+from ..draft import DEFAULT_DRAFT_MAX, DRAFT_MODES, check_mtp, mtp_expert_overrides
+from ..draft.mtp import MtpDrafter, Speculation
+from ..errors import PromptError, UserError
+from ..inventory import read_inventory
+from ..plan import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE, Placement, context_settings
+from ..prompt_cache import DEFAULT_CHECKPOINT_BYTES, CheckpointStore
+from ..stats import LiveStats
+from ..thinking import Thinking, ThinkTracker
+from .events import GenerationStats, LoadReport, SamplingParams, TokenEvent, TokenLogprob
+from .loading import (_FLASH_ATTN_TYPES, _graph_reuse_disabled, _refuse_unsafe_buffer_types, buffer_types,  # noqa: F401
+                      default_threads)
+from .sampling import Sampler, StopFilter, _grammar_sampler
 
-
-@dataclass
-class SamplingParams:
-    """How the next token is chosen. temperature 0 means greedy (argmax)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repeat_last_n: int = 64
-    seed: int | None = None
-
-
-@dataclass
-class GenerationStats:
-    """Per-request figures, updated as tokens stream."""
-
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_seconds: float = 0.0
-    decode_seconds: float = 0.0  # the engine's own time after the first token (not its consumer's)
-    ttft_seconds: float = 0.0
-    finish_reason: str | None = None
-    drafted_tokens: int = 0  # MTP drafts evaluated (draft_accepted + draft_rejected once finished)
-    draft_accepted: int = 0
-    draft_rejected: int = 0
-    draft_rounds: int = 0  # verification batches with drafts
-
-    @property
-    def mean_accepted(self) -> float:
-        """Drafts accepted per verification batch."""
-        return self.draft_accepted / self.draft_rounds if self.draft_rounds else 0.0
-
-    @property
-    def prompt_tps(self) -> float:
-        evaluated = self.prompt_tokens - self.cached_prompt_tokens
-        return evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        # The first generated token comes from the prompt pass; decode speed counts the rest.
-        n = self.completion_tokens - 1
-        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
-
-
-@dataclass
-class TokenLogprob:
-    """A token's log probability under the model (before sampling), with the most likely
-    alternatives when asked for: (token text, its bytes, log probability), best first."""
-
-    text: str
-    data: bytes
-    logprob: float
-    top: list[tuple[str, bytes, float]] = field(default_factory=list)
-
-
-@dataclass
-class TokenEvent:
-    """One generated token: its id, the text it completes (may be '' mid-character), and stats."""
-
-    token: int | None  # None for the closing event of an end-of-generation token
-    text: str
-    stats: GenerationStats
-    logprob: TokenLogprob | None = None  # when the generation was asked for log probabilities
-
-
-@dataclass
-class LoadReport:
-    """What llama.cpp allocated while loading, per buffer name, read from its load log (sizes in MiB
-    with two decimals: each figure is within 5 KiB). A mapped weight buffer ("CPU_Mapped") is the
-    span of the file its tensors lie in, paged in on use, not memory set aside."""
-
-    weight_bytes: dict[str, int] = field(default_factory=dict)
-    kv_bytes: dict[str, int] = field(default_factory=dict)
-    recurrent_bytes: dict[str, int] = field(default_factory=dict)
-    compute_bytes: dict[str, int] = field(default_factory=dict)
-    output_bytes: dict[str, int] = field(default_factory=dict)
-    overridden: dict[str, str] = field(default_factory=dict)  # tensor name -> buffer type an override put it in
-
-    _OVERRIDE = re.compile(r"tensor (?P<tensor>\S+) \(.*\) buffer type overridden to (?P<buffer>\S+)")
-    _LINE = re.compile(r"(?P<buffer>\S+)\s+(?P<kind>model|KV|RS|compute|output) buffer size =\s*(?P<mib>[\d.]+) MiB")
-    _FIELDS = {"model": "weight_bytes", "KV": "kv_bytes", "RS": "recurrent_bytes", "compute": "compute_bytes", "output": "output_bytes"}
-
-    @classmethod
-    def from_log(cls, lines: Sequence[str]) -> "LoadReport":
-        report = cls()
-        for line in lines:
-            o = cls._OVERRIDE.search(line)
-            if o:
-                report.overridden[o["tensor"]] = o["buffer"]
-            m = cls._LINE.search(line)
-            if m:
-                sizes = getattr(report, cls._FIELDS[m["kind"]])
-                sizes[m["buffer"]] = sizes.get(m["buffer"], 0) + round(float(m["mib"]) * 2**20)
-        return report
-
-
-_FLASH_ATTN_TYPES = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                     "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+__all__ = ["Engine", "GenerationStats", "LoadReport", "PromptError", "Sampler", "SamplingParams", "StopFilter",
+           "TokenEvent", "TokenLogprob", "buffer_types", "default_threads"]
 
 
 class Engine:
@@ -590,178 +488,3 @@ class Engine:
     def greedy(self, prompt: Sequence[int], n: int) -> list[int]:
         """The `n` greedy tokens after `prompt` (stops early at end of generation)."""
         return [e.token for e in self.generate(prompt, max_tokens=n) if e.token is not None]
-
-
-class Sampler:
-    """llama.cpp's sampler chain for one request; with a grammar, a second chain that starts with
-    llama.cpp's grammar sampler, used once the caller says the reply is constrained."""
-
-    def __init__(self, engine: Engine, params: SamplingParams, history: Sequence[int], grammar: str | None = None):
-        self._engine = engine
-        self._chain = self._build(params, None)
-        self._constrained = self._build(params, grammar) if grammar is not None else None
-        # Penalties remember the prompt; the grammar must only ever see the reply.
-        for chain in filter(None, (self._chain, self._constrained) if _penalized(params) else ()):
-            penalties = llama_cpp.llama_sampler_chain_get(chain, 1 if chain is self._constrained else 0)
-            for token in history[-params.repeat_last_n :]:
-                llama_cpp.llama_sampler_accept(penalties, token)
-
-    def _build(self, params: SamplingParams, grammar: str | None):
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        if grammar is not None:
-            try:
-                add(_grammar_sampler(self._engine._vocab, grammar))
-            except PromptError:
-                llama_cpp.llama_sampler_free(chain)
-                self.close()
-                raise
-        if _penalized(params):
-            add(
-                llama_cpp.llama_sampler_init_penalties(
-                    self._engine.n_vocab,
-                    params.repeat_last_n,
-                    params.repeat_penalty,
-                    params.frequency_penalty,
-                    params.presence_penalty,
-                )
-            )
-        if params.temperature <= 0:
-            add(llama_cpp.llama_sampler_init_greedy())
-        else:
-            if params.top_k > 0:
-                add(llama_cpp.llama_sampler_init_top_k(params.top_k))
-            if params.top_p < 1.0:
-                add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-            if params.min_p > 0:
-                add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
-            add(llama_cpp.llama_sampler_init_temp(params.temperature))
-            seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
-            add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
-
-    def sample(self, constrained: bool = True, row: int = -1) -> int:
-        """The next token after the last batch's token `row` (from the grammar's chain when there
-        is one and `constrained`); both chains learn it."""
-        use = self._constrained if constrained and self._constrained else self._chain
-        token = llama_cpp.llama_sampler_sample(use, self._engine._ctx, row)
-        if use is not self._chain:
-            llama_cpp.llama_sampler_accept(self._chain, token)
-        return token
-
-    def accept(self, token: int) -> None:
-        """A token written for the model (a closed think block): only the unconstrained chain
-        learns it, since grammars start after thinking."""
-        llama_cpp.llama_sampler_accept(self._chain, token)
-
-    def close(self) -> None:
-        for name in ("_chain", "_constrained"):
-            if getattr(self, name, None):
-                llama_cpp.llama_sampler_free(getattr(self, name))
-                setattr(self, name, None)
-
-
-def _penalized(params: SamplingParams) -> bool:
-    return (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
-
-
-def _grammar_sampler(vocab, grammar: str):
-    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-    if not sampler:
-        raise PromptError("llama.cpp's grammar parser refused the grammar built for this request")
-    return sampler
-
-
-class StopFilter:
-    """Holds back text that could be the start of a stop string; cuts output at the first stop.
-
-    Linear in the text and the stop strings' length: per stop string it keeps how much of it the
-    text ends with (a Knuth-Morris-Pratt state), which each new character advances in amortised
-    constant time, so a long stop string costs its length once, not once per token."""
-
-    def __init__(self, stop: Sequence[str]):
-        self.stop = [s for s in stop if s]
-        self._fallback = [_prefix_function(s) for s in self.stop]
-        self._matched = [0] * len(self.stop)  # per stop string: how much of it the text ends with
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit now, whether a stop string was hit)."""
-        start = len(self.pending)
-        self.pending += text
-        for at, char in enumerate(text, start + 1):
-            for i, stop in enumerate(self.stop):
-                k, fallback = self._matched[i], self._fallback[i]
-                while k and stop[k] != char:
-                    k = fallback[k - 1]
-                k += stop[k] == char
-                if k == len(stop):
-                    out, self.pending = self.pending[: at - k], ""
-                    self._matched = [0] * len(self.stop)
-                    return out, True
-                self._matched[i] = k
-        keep = max(self._matched, default=0)
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(out) :]
-        return out, False
-
-    def flush(self, text: str = "") -> str:
-        out, _ = self.feed(text)
-        out, self.pending = out + self.pending, ""
-        return out
-
-
-def _prefix_function(s: str) -> list[int]:
-    """For each prefix s[:i+1], the length of its longest proper prefix that is also its suffix."""
-    fallback = [0] * len(s)
-    k = 0
-    for i in range(1, len(s)):
-        while k and s[i] != s[k]:
-            k = fallback[k - 1]
-        k += s[i] == s[k]
-        fallback[i] = k
-    return fallback
-
-
-@contextmanager
-def _graph_reuse_disabled(disabled: bool) -> Iterator[None]:
-    """LLAMA_GRAPH_REUSE_DISABLE=1 while a context is created: the expert cache rebinds weights
-    between decode calls, so a graph built before must never be reused after."""
-    previous = os.environ.get("LLAMA_GRAPH_REUSE_DISABLE")
-    if disabled:
-        os.environ["LLAMA_GRAPH_REUSE_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if disabled:
-            if previous is None:
-                os.environ.pop("LLAMA_GRAPH_REUSE_DISABLE", None)
-            else:
-                os.environ["LLAMA_GRAPH_REUSE_DISABLE"] = previous
-
-
-def buffer_types() -> dict[str, int]:
-    """Every buffer type a placement can name: each device's own, and pinned host memory."""
-    out: dict[str, int] = {}
-    for dev in native.devices():
-        out[native.buffer_type_name(dev.buffer_type)] = dev.buffer_type
-        if dev.host_buffer_type:
-            out[native.buffer_type_name(dev.host_buffer_type)] = dev.host_buffer_type
-    return out
-
-
-def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
-@functools.cache
-def _refuse_unsafe_buffer_types() -> bool:
-    """True when this llama.cpp build has a CPU buffer type that crashes (ggml's AMX type): the
-    model then loads without extra buffer types (plain CPU kernels). Said once, at --verbose."""
-    unsafe = native.unsafe_cpu_buffer_types()
-    if unsafe:
-        logger.debug(
-            "this llama.cpp build has ggml's %s buffer type, whose kernels crash in llama.cpp's decode; "
-            "loading weights without extra CPU buffer types (rebuild with scripts/setup.sh to keep the "
-            "repacked CPU kernels)", "/".join(unsafe))
-    return bool(unsafe)
