@@ -7,9 +7,9 @@ Figures come from the engine's stats stream (`LiveStats`), the telemetry and the
 dashboard measures no speed itself.
 """
 
-from .board import Dashboard, Reading
+from .board import SAMPLE_SECONDS, Dashboard, Reading
 from .cells import heat_rows, hottest, rate_bars, resident_cells, sparkline
 from .memory import AcceleratorMemory, MemoryProbe
 
-__all__ = ["AcceleratorMemory", "Dashboard", "MemoryProbe", "Reading", "heat_rows", "hottest", "rate_bars",
+__all__ = ["SAMPLE_SECONDS", "AcceleratorMemory", "Dashboard", "MemoryProbe", "Reading", "heat_rows", "hottest", "rate_bars",
            "resident_cells", "sparkline"]
