@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
-
-
 @dataclass
 class SamplingParams:
     """How the next token is chosen. temperature 0 means greedy (argmax)."""
