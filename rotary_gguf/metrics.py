@@ -34,6 +34,11 @@ def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]],
            [("_sum", s.ttft_seconds_sum), ("_count", s.ttft_count)])
     metric("time_to_first_token_seconds_last", "gauge", "Time to first token of the last generation.",
            [("", s.last_ttft_seconds)])
+    metric("draft_tokens_total", "counter", "Tokens drafted by the MTP head and verified, by outcome.",
+           labelled("outcome", {"accepted": s.draft_accepted, "rejected": s.draft_rejected}))
+    metric("draft_rounds_total", "counter", "Verification batches that carried drafts.", [("", s.draft_rounds)])
+    metric("draft_mean_accepted_length", "gauge", "Drafts accepted per verification batch, over all generations.",
+           [("", s.mean_accepted)])
     metric("queue_length", "gauge", "Requests waiting for the engine.", [("", s.queue_length)])
     metric("requests_in_flight", "gauge", "Generations running now.", [("", s.in_flight)])
     metric("accelerator_memory_used_bytes", "gauge", "Memory in use on each accelerator, as the device reports it.",

@@ -29,6 +29,15 @@ class Snapshot:
     last_ttft_seconds: float = 0.0
     in_flight: int = 0
     queue_length: int = 0
+    drafted_tokens: int = 0  # MTP drafts verified (accepted + rejected)
+    draft_accepted: int = 0
+    draft_rejected: int = 0
+    draft_rounds: int = 0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Drafts accepted per verification round, over every generation so far."""
+        return self.draft_accepted / self.draft_rounds if self.draft_rounds else 0.0
 
     @property
     def requests_total(self) -> int:
@@ -88,6 +97,10 @@ class LiveStats:
                 last_prompt_tps=stats.prompt_tps if stats.prompt_seconds > 0 else s.last_prompt_tps,
                 last_decode_tps=stats.decode_tps if stats.completion_tokens > 1 else s.last_decode_tps,
                 last_ttft_seconds=stats.ttft_seconds if got_token else s.last_ttft_seconds,
+                drafted_tokens=s.drafted_tokens + stats.drafted_tokens,
+                draft_accepted=s.draft_accepted + stats.draft_accepted,
+                draft_rejected=s.draft_rejected + stats.draft_rejected,
+                draft_rounds=s.draft_rounds + stats.draft_rounds,
             )
 
     def request_rejected(self) -> None:

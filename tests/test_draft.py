@@ -15,7 +15,10 @@ from rotary_gguf.errors import UserError
 from rotary_gguf.experts.cache import ExpertCache
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.plan import ModelFigures, Placement
+from test_dashboard import render
 from test_expert_cache import FOLLOW_UP, PROMPT, host_experts
+
+from rotary_gguf.dashboard import Dashboard
 
 MIRROR = dict(arch="qwen35moe", mtp="mirror", router_skew=1.5)  # a head the model often agrees with
 RANDOM = dict(arch="qwen35moe", mtp="random")  # a head whose drafts are nearly all rejected
@@ -183,14 +186,26 @@ def test_the_api_serves_the_same_replies_with_drafts(test_model):
               {"messages": messages, "max_tokens": 24, "temperature": 0.8, "seed": 5},
               {"messages": messages, "max_tokens": 24, "temperature": 0, "stream": True}]
 
+    metrics: dict[str, str] = {}
+
     def replies(**draft) -> list[str]:
         with Engine.load(path, n_ctx=256, n_threads=1, **draft) as engine:
             with TestClient(create_app(engine, ServeOptions("drafts", max_queue=2))) as client:
                 out = [client.post("/v1/chat/completions", json=body) for body in bodies]
                 assert all(r.status_code == 200 for r in out)
+                metrics[draft.get("draft", "off")] = client.get("/metrics").text
+            if draft:  # the dashboard shows the drafts of finished generations
+                lines = render(Dashboard(engine), 120, 40)
+                assert any(re.search(r"drafts \d+% accepted · \d+\.\d/round", line) for line in lines), lines
                 return [r.text if body.get("stream") else r.json()["choices"][0]["message"] for r, body in zip(out, bodies)]
+            return [r.text if body.get("stream") else r.json()["choices"][0]["message"] for r, body in zip(out, bodies)]
 
     plain, drafted = replies(), replies(draft="mtp")
+    figures = {name: float(value) for name, value in re.findall(r'^rotary_gguf_(draft\S*) (\S+)$', metrics["mtp"], re.M)}
+    accepted, rejected = figures['draft_tokens_total{outcome="accepted"}'], figures['draft_tokens_total{outcome="rejected"}']
+    assert accepted > 0 and figures["draft_rounds_total"] > 0
+    assert figures["draft_mean_accepted_length"] == pytest.approx(accepted / figures["draft_rounds_total"])
+    assert 'rotary_gguf_draft_tokens_total{outcome="accepted"} 0' in metrics["off"] and rejected >= 0
     assert drafted[0] == plain[0] and drafted[1] == plain[1]
     assert any(plain[0].get(key) for key in ("content", "reasoning_content"))
     # streamed chunks carry ids and timestamps: compare the text they stream

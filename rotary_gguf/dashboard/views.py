@@ -136,7 +136,10 @@ class SpeedView(View):
             text = fit(width, [(label, "bold"), (f"{now} t/s", "")], [(f" avg {avg} ", "dim")])
             text.append(sparkline(history, width - text.cell_len), style)
             yield text
-        yield fit(width, [("tokens ", "bold"), (f"{r.tokens:>7,}", "")],
+        live = r.live  # MTP drafts: the share accepted and the mean accepted per round, ahead of in/out
+        drafts = ([("  drafts ", "bold"), (f"{live.draft_accepted / live.drafted_tokens:.0%} accepted · "
+                                           f"{live.mean_accepted:.1f}/round", "")] if live.drafted_tokens else [])
+        yield fit(width, [("tokens ", "bold"), (f"{r.tokens:>7,}", "")], drafts,
                   [(f"     {r.prompt_tokens:,} in · {r.completion_tokens:,} out", "dim")])
 
 
