@@ -211,3 +211,13 @@ def test_the_api_serves_the_same_replies_with_drafts(test_model):
     # streamed chunks carry ids and timestamps: compare the text they stream
     text = lambda sse: re.findall(r'"content":"((?:[^"\\]|\\.)*)"', sse)  # noqa: E731
     assert text(drafted[2]) == text(plain[2]) and text(plain[2])
+
+
+def test_inspect_names_the_mtp_block(test_model):
+    import json
+
+    doc = json.loads(run_cli("inspect", test_model(**MIRROR), "--json").stdout)
+    assert doc["n_mtp_layers"] == 1 and doc["attention"]["layers"][-1] == "mtp"
+    assert doc["attention"]["full"] + doc["attention"]["linear"] == doc["n_layer"] - 1
+    plain = json.loads(run_cli("inspect", test_model(arch="qwen35moe"), "--json").stdout)
+    assert plain["n_mtp_layers"] == 0 and "mtp" not in plain["attention"]["layers"]

@@ -27,12 +27,14 @@ def inspect(model: OptionalModelSourceArg = None, as_json: JsonOpt = False) -> N
 
 def inspect_summary(inv, catalog_matches: list[str]) -> dict:
     """The figures `inspect` shows, as one JSON-ready dict."""
-    attention = inv.attention_layout()
+    n_mtp = inv.hparam("nextn_predict_layers")  # multi-token-prediction blocks after the trunk
+    attention = inv.attention_layout()[: inv.n_layer - n_mtp] + ["mtp"] * n_mtp
     expert_per_layer, other_per_layer = inv.layer_expert_bytes(), inv.layer_other_bytes()
     summary = {
         "file": str(inv.path),
         "arch": inv.arch,
         "n_layer": inv.n_layer,
+        "n_mtp_layers": n_mtp,
         "n_expert": inv.n_expert,
         "n_expert_used": inv.n_expert_used,
         "n_embd": inv.n_embd,
@@ -103,7 +105,9 @@ def _print_inspect(s: dict) -> None:
     head.add_column()
     head.add_row("file", s["file"])
     head.add_row("architecture", s["arch"] + (f"  (matches {', '.join(s['catalog'])})" if s["catalog"] else ""))
-    head.add_row("blocks", str(s["n_layer"]))
+    mtp = s["n_mtp_layers"]
+    head.add_row("blocks", str(s["n_layer"]) + (f" ({s['n_layer'] - mtp} and {mtp} multi-token-prediction (MTP) block"
+                                                 f"{'s' if mtp > 1 else ''}: --draft mtp)" if mtp else ""))
     head.add_row("trained context", f"{s['context_length']:,} tokens" if s["context_length"] else "not stated")
     mix = ", ".join(f"{q['type']} {q['share']:.1%}" for q in s["quant_mix"])
     head.add_row("quantization", (f"{s['file_type']}: " if s["file_type"] else "") + mix + " of the tensor bytes")
