@@ -20,9 +20,8 @@ from .engine import Engine
 from .errors import UserError
 from .experts.cache import ExpertCache
 from .inventory import read_inventory
-from .decode_cost import field_hit_rate
 from .plan import HOST_BUFFER_TYPE, Placement, Plan, make_plan
-from .speed_model import DeviceSpeeds, Layout, Prediction, Weights, predict
+from .speed_model import Layout, PlanSpeeds, Prediction
 from .verify import LOGIT_RTOL, logit_trace, max_logit_difference
 
 BASELINE = "--cpu-moe"
@@ -141,12 +140,10 @@ def plan_candidates(p: Plan) -> list[Candidate]:
     first (when a token's experts fit them), the policy for fast links."""
     blocks = f"{len(p.resident)} of {len(p.resident) + len(p.host_layers)} expert blocks resident"
     cache = p.expert_cache
-    host = tuple(p.host_layers)
+    host = p.host_layers
     if cache is None:
-        return [Candidate(f"plan {p.mode}", p.placement, p.mode, blocks, layout=Layout(host))]
-    rates = {i: p.hit_rates.rate(i, cache.slots, p.model.n_expert) if p.hit_rates else field_hit_rate(cache.slots, p.model.n_expert)
-             for i in host}
-    uploading = Layout(host, slots=cache.slots, hit_rates=rates, misses="upload")
+        return [Candidate(f"plan {p.mode}", p.placement, p.mode, blocks, layout=p.speed_layout(host))]
+    uploading = p.speed_layout(host, cache.slots, "upload")
     if not cache.split:
         return [Candidate(f"plan {p.mode}+cache {cache.slots}", p.placement, p.mode,
                           f"{blocks}, {cache.slots} expert cache slots per host block, misses uploaded first",
@@ -154,7 +151,7 @@ def plan_candidates(p: Plan) -> list[Candidate]:
     out = [Candidate(f"plan {p.mode}+split {cache.slots}", p.placement, p.mode,
                      f"{blocks}, {cache.slots} slots per host block, misses computed on the CPU meanwhile",
                      expert_cache_slots=cache.slots, split=True, upload_budget=cache.upload_budget,
-                     layout=Layout(host, slots=cache.slots, hit_rates=rates))]
+                     layout=p.speed_layout(host, cache.slots))]
     if cache.slots >= p.model.n_expert_used:
         out.append(Candidate(f"plan {p.mode}+cache {cache.slots}", p.placement, p.mode,
                              f"{blocks}, the same {cache.slots} slots uploading every miss first",
@@ -179,24 +176,23 @@ def candidates(plans: Sequence[Plan]) -> list[Candidate]:
 
     layers = [i for i in range(model.n_layer) if model.expert_bytes(i)]
     out.append(Candidate(BASELINE, host_experts(None), "cpu", "llama.cpp --cpu-moe: every expert in host memory",
-                         layout=Layout(tuple(layers))))
+                         layout=base.speed_layout(layers)))
     resident_bytes = sum(model.expert_bytes(i) for i in base.resident)
     n = next(k for k in range(len(layers) + 1) if sum(model.expert_bytes(i) for i in layers[k:]) <= resident_bytes)
     if n > 0:  # --n-cpu-moe 0 is the all-accelerator candidate below
         out.append(Candidate(f"--n-cpu-moe {n}", host_experts(layers[:n]), "cpu",
                              f"llama.cpp --n-cpu-moe {n}: the first {n} blocks' experts in host memory",
-                             layout=Layout(tuple(layers[:n]))))
+                             layout=base.speed_layout(layers[:n])))
     if not base.host_layers:
         out.append(Candidate("all-accel", Placement(devices=(device,), n_gpu_layers=-1, repack=repack),
-                             "accelerator", "every layer on the accelerator, no overrides", layout=Layout()))
+                             "accelerator", "every layer on the accelerator, no overrides", layout=base.speed_layout([])))
     return merged(out)
 
 
-def add_predictions(results: Sequence[Result], inv, cpu: DeviceSpeeds, accelerator: DeviceSpeeds | None) -> None:
+def add_predictions(results: Sequence[Result], speeds: PlanSpeeds) -> None:
     """The speed model's prompt and decode t/s for every candidate, beside what was measured."""
-    weights = Weights.from_inventory(inv)
     for r in results:
-        r.prediction = predict(weights, r.candidate.layout, cpu, accelerator)
+        r.prediction = speeds.predict(r.candidate.layout)
 
 
 def merged(cands: Sequence[Candidate]) -> list[Candidate]:

@@ -127,7 +127,7 @@ def _predict(model, results, the_plan, threads: int) -> None:
     accelerator = the_plan.accelerator.name if the_plan is not None else None
     speeds, _ = plan_speeds(inv, accelerator, threads or default_threads(),
                             on_step=lambda step: log.logger.info("calibrating: %s", step))
-    benching.add_predictions(results, inv, speeds.cpu, speeds.accelerator if accelerator else None)
+    benching.add_predictions(results, speeds)
 
 
 def _wide_console(table: Table) -> Console:

@@ -84,6 +84,10 @@ class Plan:
     predictions: tuple[tuple[str, Prediction], ...] = ()  # the candidates weighed, this plan first
     speeds_source: str = ""  # where the predictions' speeds come from
 
+    def speed_layout(self, host, slots: int = 0, misses: str = "split") -> Layout:
+        """A placement of this plan's model and accelerator as the speed model sees it (`speed_layout`)."""
+        return speed_layout(self.model, self.accelerator, self.hit_rates, host, slots, misses)
+
     @property
     def host_layers(self) -> list[int]:
         return [i for i in range(self.model.n_layer) if i not in self.resident and self.model.expert_bytes(i)]
@@ -304,9 +308,7 @@ def make_plan(
     cpu_bps = cpu_expert_bytes_per_s or DEFAULT_CPU_EXPERT_BYTES_PER_S
 
     def layout(host: list[int], slots: int = 0, misses: str = cache_misses) -> Layout:
-        rates = {i: hit_rates.rate(i, slots, model.n_expert) if hit_rates else field_hit_rate(slots, model.n_expert)
-                 for i in host} if slots else {}
-        return Layout(tuple(host), slots=slots, hit_rates=rates, misses=misses, streams_prompt=accelerator.streams_host_ops)
+        return speed_layout(model, accelerator, hit_rates, host, slots, misses)
 
     def decode_seconds(resident: set[int], slots: int) -> float:
         host = [i for i in layers if i not in resident]
@@ -422,17 +424,29 @@ class HitRates:
         return curve[min(slots, len(curve) - 1)] if curve else field_hit_rate(slots, n_expert)
 
 
+def cache_hit_rate(hit_rates: HitRates | None, layer: int, slots: int, n_expert: int) -> float:
+    """The share of `layer`'s selections a cache of `slots` serves: the routing profile's where
+    there is one, else the field figures; 0 without slots."""
+    if not slots:
+        return 0.0
+    return hit_rates.rate(layer, slots, n_expert) if hit_rates else field_hit_rate(slots, n_expert)
+
+
+def speed_layout(model: ModelFigures, accelerator: Accelerator, hit_rates: HitRates | None, host, slots: int = 0,
+                 misses: str = "split") -> Layout:
+    """How the speed model sees a placement with the experts of `host` in host memory, each with a
+    cache of `slots` whose misses are split or uploaded."""
+    rates = {i: cache_hit_rate(hit_rates, i, slots, model.n_expert) for i in host} if slots else {}
+    return Layout(tuple(host), slots=slots, hit_rates=rates, misses=misses, streams_prompt=accelerator.streams_host_ops)
+
+
 def predicted_host_seconds(model: ModelFigures, host_layers: list[int], slots: int, cpu_bytes_per_s: float,
                            hit_rates: HitRates | None = None) -> float:
     """The decode-time model's seconds a token spends on the experts of `host_layers`, each with a
     split-compute cache of `slots` (0: none) at `hit_rates` (else field figures)."""
 
-    def hit(layer: int) -> float:
-        if not slots:
-            return 0.0
-        return hit_rates.rate(layer, slots, model.n_expert) if hit_rates else field_hit_rate(slots, model.n_expert)
-
-    blocks = [HostBlock(model.n_expert_used * sum(n // model.n_expert for n in model.expert_tensors[i]), slots, hit(i))
+    blocks = [HostBlock(model.n_expert_used * sum(n // model.n_expert for n in model.expert_tensors[i]), slots,
+                        cache_hit_rate(hit_rates, i, slots, model.n_expert))
               for i in host_layers]
     return host_expert_seconds(blocks, cpu_bytes_per_s)
 
