@@ -16,6 +16,7 @@ import psutil
 
 from . import arch as names
 from .dashboard import MemoryProbe
+from .draft import verdict as verdicts
 from .engine import Engine
 from .errors import UserError
 from .experts.cache import ExpertCache
@@ -49,6 +50,7 @@ class Candidate:
     split: bool = False  # the cache's misses computed by the CPU meanwhile (else uploaded first)
     upload_budget: int | None = None  # split: bytes admitted into slots between decode calls
     layout: Layout = Layout(accelerator=False)  # where its experts run, as the speed model sees it
+    draft_max: int = 0  # MTP drafts a round (0: none)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -58,7 +60,12 @@ class Candidate:
     @property
     def setup(self) -> tuple:
         """What loading it does: candidates with the same setup are the same placement."""
-        return self.placement, self.expert_cache_slots, self.split, self.upload_budget
+        return self.placement, self.expert_cache_slots, self.split, self.upload_budget, self.draft_max
+
+    def with_drafts(self, draft_max: int) -> "Candidate":
+        """The same candidate drafting with the model's MTP block: "... +mtp"."""
+        return replace(self, name=f"{self.name} +mtp", draft_max=draft_max,
+                       description=f"{self.description}, MTP drafts of up to {draft_max} tokens")
 
 
 @dataclass
@@ -73,6 +80,7 @@ class Measurement:
     tokens: list[int]
     cache_hit_rate: float | None = None  # of the expert cache over the run (prompt and decode)
     draft_acceptance: float | None = None  # share of MTP drafts accepted, with drafts on
+    mean_accepted: float | None = None  # drafts accepted per round, with drafts on
 
 
 @dataclass
@@ -91,7 +99,8 @@ class Result:
         where = {part for buffers in self.expert_buffers.values() for part in buffers.split("+")}
         return "+".join(sorted(where, key=lambda b: (b.startswith(HOST_BUFFER_TYPE), b)))
 
-    FIGURES = ("prompt_tps", "decode_tps", "ttft_seconds", "peak_accelerator_bytes", "peak_rss_bytes", "cache_hit_rate")
+    FIGURES = ("prompt_tps", "decode_tps", "ttft_seconds", "peak_accelerator_bytes", "peak_rss_bytes", "cache_hit_rate",
+               "draft_acceptance", "mean_accepted")
 
     def values(self, figure: str) -> list[float]:
         return [v for v in (getattr(m, figure) for m in self.runs) if v is not None]
@@ -118,6 +127,7 @@ class Result:
             "mode": c.mode,
             "kernel_path": self.kernel_path,
             "expert_cache_slots": c.expert_cache_slots,
+            "draft_max": c.draft_max,
             "cache_misses": None if c.expert_cache_slots is None else "split" if c.split else "upload",
             "devices": list(c.placement.devices),
             "overrides": [list(o) for o in c.placement.overrides],
@@ -132,7 +142,7 @@ def without_expert_cache(plan: Plan) -> Plan:
     """The same plan with no expert cache (its residency re-planned for the whole budget)."""
     return make_plan(plan.model, plan.accelerator, plan.budget, budget_source=plan.budget_source, mode=plan.mode,
                      mode_reason=plan.mode_reason, ctx=plan.ctx, n_batch=plan.n_batch, kv_type=plan.kv_type,
-                     notes=plan.notes)
+                     notes=plan.notes, draft_max=plan.draft.draft_max if plan.draft else 0)
 
 
 def plan_candidates(p: Plan) -> list[Candidate]:
@@ -189,6 +199,35 @@ def candidates(plans: Sequence[Plan]) -> list[Candidate]:
     return merged(out)
 
 
+def with_drafting(cands: Sequence[Candidate], drafting: Sequence[Candidate]) -> list[Candidate]:
+    """`cands` with each of the `drafting` candidates ("X +mtp") right after the one it drafts on (X)."""
+    out, left = [], list(drafting)
+    for c in cands:
+        out.append(c)
+        out += [d for d in drafting if d.name.removesuffix(" +mtp") == c.names[0]]
+        left = [d for d in left if d not in out]
+    return out + left
+
+
+def draft_verdicts(model, results: Sequence[Result], threads: int) -> list[tuple[str, verdicts.Verdict]]:
+    """For every drafting candidate ("X +mtp") measured beside X: whether its median decode beat
+    X's, recorded for `--draft auto` (`draft.verdict`). Returns (candidate name, verdict) pairs."""
+    plain = {r.candidate.names[0]: r for r in results if not r.candidate.draft_max}
+    out = []
+    for r in results:
+        c, twin = r.candidate, plain.get(r.candidate.name.removesuffix(" +mtp"))
+        if not c.draft_max or twin is None or not r.runs:
+            continue
+        draft_tps, plain_tps = r.summary("decode_tps")["median"], twin.summary("decode_tps")["median"]
+        acceptance, mean = r.summary("draft_acceptance"), r.summary("mean_accepted")
+        verdict = verdicts.Verdict(draft_tps > plain_tps, plain_tps, draft_tps,
+                                   acceptance["median"] if acceptance else None, mean["median"] if mean else 0.0,
+                                   len(r.runs), verdicts.now())
+        verdicts.record(verdicts.setup_key(model, c.placement, c.expert_cache_slots, c.split, c.draft_max, threads), verdict)
+        out.append((c.name, verdict))
+    return out
+
+
 def add_predictions(results: Sequence[Result], speeds: PlanSpeeds) -> None:
     """The speed model's prompt and decode t/s for every candidate, beside what was measured."""
     for r in results:
@@ -235,9 +274,10 @@ def measure(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Measureme
             tokens.append(event.token)
     cache = engine.expert_cache
     hit_rate = cache.summary().hit_rate if cache is not None and cache.enabled else None
+    drafting = engine.drafter is not None
     acceptance = stats.draft_accepted / stats.drafted_tokens if stats.drafted_tokens else None
     return Measurement(stats.prompt_tps, stats.decode_tps, stats.ttft_seconds, peak_acc, peak_rss, tokens, hit_rate,
-                       acceptance)
+                       acceptance, stats.mean_accepted if drafting else None)
 
 
 @contextmanager
@@ -249,8 +289,9 @@ def loaded(model, cand: Candidate, *, n_ctx: int, n_batch: int, n_threads: int |
     if cand.expert_cache_slots is not None:
         cache = ExpertCache.on_device(read_inventory(model), cand.expert_cache_slots, cand.placement.devices[0],
                                       split=cand.split, upload_budget=cand.upload_budget, n_threads=n_threads or 0)
+    drafts = dict(draft="mtp", draft_max=cand.draft_max) if cand.draft_max else {}
     with Engine.load(model, cand.placement, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                     expert_cache=cache, **(load_options or {})) as engine:
+                     expert_cache=cache, **drafts, **(load_options or {})) as engine:
         yield engine
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -40,7 +41,7 @@ def bench(
     routing_profile: ProfileOpt = None,
     threads: ThreadsOpt = 0,
     as_json: JsonOpt = False,
-    draft: DraftOpt = "off",
+    draft: DraftOpt = "auto",
     draft_max: DraftMaxOpt = DEFAULT_DRAFT_MAX,
 ) -> None:
     """Measure placements side by side (the plan with and without its expert cache, llama.cpp's
@@ -49,7 +50,9 @@ def bench(
     (CPU_REPACK, CPU, RPC0, CUDA0); where greedy outputs differ, the reference's tokens are fed
     through both and their logits compared: a near tie within the tolerance is a note, more is an
     error (exit code 1). Warns when runs are too noisy to tell candidates apart. Needs a GPU or
-    --rpc to compare placements; without one it measures the CPU-only run alone and says so."""
+    --rpc to compare placements; without one it measures the CPU-only run alone and says so.
+    For a model with an MTP block (--draft auto or mtp), the plan also runs with drafts ("plan ...
+    +mtp", planned with the MTP block's memory): whether that was faster is kept for --draft auto."""
     from .. import bench as benching
     from ..plan import Placement
 
@@ -69,22 +72,26 @@ def bench(
         if cpu_plan.accelerator.streams_host_ops:
             notes.append("rotary mode was not measured: its offload threshold is fixed per process, and cpu mode was set first")
         cands = benching.candidates(plans)
+    cands = benching.with_drafting(cands, _drafting(model, draft, draft_max, context.n_ubatch, cpu_plan, notes, lambda: plan_or_cpu(
+        model, vram=vram, reserve=reserve, mode="cpu", context=context, rpc=rpc, expert_cache=cache_setting(expert_cache),
+        cache_misses=cache_misses, routing_profile=routing_profile, threads=threads, draft_max=draft_max)))
 
     def progress(run: int, cand, m) -> None:
         if not as_json:
             label = "warm-up" if run == 0 else f"run {run}/{runs}"
             log.logger.info("%s: %s: decode %.1f t/s", label, cand.name, m.decode_tps)
 
-    load_options = dict(n_ubatch=context.n_ubatch, kv_type=context.kv_type, flash_attn=context.flash_attn,
-                        draft=draft, draft_max=draft_max)
+    load_options = dict(n_ubatch=context.n_ubatch, kv_type=context.kv_type, flash_attn=context.flash_attn)
     results, prompt = benching.run_bench(model, cands, n_ctx=context.ctx, n_batch=context.n_batch, prompt_len=prompt_tokens,
                                          gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress,
                                          load_options=load_options)
     _predict(model, results, cpu_plan, threads)
     best = benching.recommend(results)
-    accepted = [m.draft_acceptance for r in results for m in r.runs if m.draft_acceptance is not None]
-    if accepted:
-        notes.append(f"MTP drafts (at most {draft_max} a round): {sum(accepted) / len(accepted):.0%} of them accepted")
+    from ..engine import default_threads
+
+    verdicts = benching.draft_verdicts(model, results, threads or default_threads())
+    notes += [f"{name}: MTP drafts {'faster' if v.faster else 'not faster'}, kept for --draft auto: {v.describe()}"
+              for name, v in verdicts]
     checks = benching.check_outputs(model, results, prompt, n_ctx=context.ctx, n_batch=context.n_batch,
                                     n_threads=threads or None, load_options=load_options)
     bugs = [c for c in checks if not c.legitimate]
@@ -93,6 +100,7 @@ def bench(
     if as_json:
         print(json.dumps({"candidates": [r.to_json() for r in results], "recommended": best.candidate.name,
                           "outputs_identical": not checks, "output_checks": [c.to_json() for c in checks],
+                          "draft_verdicts": [{"candidate": name, **asdict(v)} for name, v in verdicts],
                           "warnings": warnings, "notes": notes}, indent=2))
     else:
         console = _wide_console(_bench_table(results, runs))
@@ -113,6 +121,30 @@ def bench(
 
         raise OutputsDiffer("BUG: " + "; ".join(c.describe() for c in bugs) + " (a placement must not change the output "
                             "beyond its kernels' rounding)")
+
+
+def _drafting(model, draft: str, draft_max: int, n_ubatch: int, cpu_plan, notes: list[str], drafting_plan) -> list:
+    """The candidates that run the plan with MTP drafts, planned by `drafting_plan()` for the MTP
+    block's memory: none with --draft off or (auto) for a model without an MTP block."""
+    from .. import bench as benching
+    from ..draft import check_mtp, draft_setting, has_mtp
+    from ..inventory import read_inventory
+    from ..plan import Placement
+
+    inv = read_inventory(model)
+    if draft_setting(draft) == "off" or (draft == "auto" and not has_mtp(inv)):
+        return []
+    check_mtp(inv, draft_max, n_ubatch)  # e.g. --draft mtp on a model without a head: one line
+    if cpu_plan is None:
+        return [benching.Candidate("cpu-only", Placement.all_cpu(), "cpu-only", "everything on the CPU")
+                .with_drafts(draft_max)]
+    try:
+        plan = drafting_plan()
+    except UserError as e:
+        notes.append(f"not measured with MTP drafts: {e}")
+        return []
+    plans = [plan] if plan.expert_cache is None else [benching.without_expert_cache(plan), plan]
+    return [c.with_drafts(draft_max) for p in plans for c in benching.plan_candidates(p)]
 
 
 def _predict(model, results, the_plan, threads: int) -> None:
@@ -149,12 +181,20 @@ def _predicted_cell(r) -> str:
     return f"{r.prediction.prompt_tps:.0f} / {r.prediction.decode_tps:.1f}" + (f" ({error:+.0%})" if error is not None else "")
 
 
+def _drafts_cell(r) -> str:
+    """The share of MTP drafts accepted and the mean accepted a round (median over the runs)."""
+    share, mean = r.summary("draft_acceptance"), r.summary("mean_accepted")
+    if mean is None:
+        return "-"
+    return (f"{share['median']:.0%}" if share else "0%") + f", {mean['median']:.2f}/round"
+
+
 def _bench_table(results, runs: int) -> Table:
     table = Table(title=f"median over {runs} run(s), ± spread (max - min) as a share of it; predicted: prompt / decode "
                   "t/s from this machine's calibration (measured decode's difference from it)", title_justify="left",
                   box=None, pad_edge=False)
     columns = ("candidate", "mode", "experts on", "prompt t/s", "decode t/s", "predicted", "vs --cpu-moe", "TTFT ms",
-               "cache hits", "peak accel", "peak RSS")
+               "cache hits", "drafts accepted", "peak accel", "peak RSS")
     for col in columns:
         table.add_column(col, justify="left" if col in ("candidate", "mode", "experts on") else "right", overflow="fold")
 
@@ -174,6 +214,7 @@ def _bench_table(results, runs: int) -> Table:
             cell(r, "decode_ratio", lambda v: f"{v:.2f}x"),
             cell(r, "ttft_seconds", lambda v: f"{v * 1e3:.1f}"),
             cell(r, "cache_hit_rate", lambda v: f"{v:.1%}", spread=False),
+            _drafts_cell(r),
             cell(r, "peak_accelerator_bytes", human_bytes, spread=False),
             cell(r, "peak_rss_bytes", human_bytes, spread=False),
         )

@@ -51,13 +51,14 @@ def budget_for(accelerator, vram: Optional[str], reserve: Optional[str]) -> tupl
 
 def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optional[str], reserve: Optional[str] = None,
              expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None,
-             all_outputs: bool = False, threads: int = 0, calibrate: bool = False, on_calibration=None):
+             all_outputs: bool = False, threads: int = 0, calibrate: bool = False, on_calibration=None,
+             draft_max: int = 0):
     """The plan for `model` on this machine's accelerator (or the RPC device at `rpc`, or a GPU
     this machine lacks, sized by `vram`) with the context settings `context`, and the expert cache
     `expert_cache` ("auto", "off" or slots per block). Decides the host-expert mode before loading
     anything. In cpu mode the speed model weighs the candidates, from this machine's calibration
     (measured on first use, again with `calibrate`; `on_calibration` gets it) at `threads` CPU
-    threads (0: the engine's default)."""
+    threads (0: the engine's default). `draft_max` > 0 plans for MTP drafts of that many tokens."""
     import os
 
     from .. import native
@@ -88,7 +89,7 @@ def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optio
     elif vram is not None and accelerator.free_bytes is not None and budget > accelerator.free_bytes:
         notes.append(f"the budget is more than the {human_bytes(accelerator.free_bytes)} {accelerator.name} reports free")
     options = dict(budget_source=source, reserve=reserved, reserve_reason=reserve_reason, notes=tuple(notes),
-                   all_outputs=all_outputs, **context.plan_options())
+                   all_outputs=all_outputs, draft_max=draft_max, **context.plan_options())
     link = None
     if mode == "auto" and accelerator.present and accelerator.streams_host_ops:
         cpu_plan = make_plan(figures, accelerator, budget, mode="cpu", **options)
@@ -117,7 +118,7 @@ def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optio
 
 def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, context, rpc: Optional[str], reserve: Optional[str] = None,
                 expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None,
-                all_outputs: bool = False, threads: int = 0):
+                all_outputs: bool = False, threads: int = 0, draft_max: int = 0):
     """The plan for MoE `model` when there is an accelerator to fill (a GPU, or the RPC device at
     `rpc`), else None: everything runs on the CPU (always so for a dense model)."""
     from .. import native
@@ -131,7 +132,49 @@ def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, context, rpc: Op
         return None
     the_plan = plan_for(model, vram=vram, context=context, mode=mode, rpc=rpc, reserve=reserve, expert_cache=expert_cache,
                         cache_misses=cache_misses, routing_profile=routing_profile, all_outputs=all_outputs,
-                        threads=threads)
+                        threads=threads, draft_max=draft_max)
     if not the_plan.accelerator.present:
         raise UserError(f"there is no GPU on this machine to fill with --vram {vram}; use --rpc HOST:PORT for a simulated one")
     return the_plan
+
+
+
+_SAID: set[str] = set()
+
+
+def plan_and_draft(model: Path, draft: str, draft_max: int, threads: int, planner):
+    """(the plan or None, "mtp" or "off") for --draft `draft`, with `planner(draft_max)` the plan
+    for drafts of that many tokens (0: none; None for the CPU alone): `mtp` plans for drafts, `off`
+    for none, and `auto` drafts where the model has an MTP block and `bench` recorded drafts as
+    faster on this machine for the placement drafting gets (`draft.verdict`); without a record it
+    says once how to get one."""
+    from ..draft import draft_setting, has_mtp
+    from ..draft import verdict as verdicts
+    from ..engine import default_threads
+    from ..inventory import read_inventory
+    from ..plan import Placement
+
+    if draft_setting(draft) == "off" or (draft == "auto" and not has_mtp(read_inventory(model))):
+        return planner(0), "off"
+    try:
+        drafting = planner(draft_max)
+    except UserError:
+        if draft == "mtp":
+            raise
+        return planner(0), "off"  # no room for the MTP block beside the rest
+    if draft == "mtp":
+        return drafting, "mtp"
+    placement, cache = (drafting.placement, drafting.expert_cache) if drafting else (Placement.all_cpu(), None)
+    key = verdicts.setup_key(model, placement, cache.slots if cache else None, bool(cache and cache.split), draft_max,
+                             threads or default_threads())
+    found = verdicts.lookup(key)
+    if found is not None and found.faster:
+        log.logger.info("MTP drafts on (--draft auto): %s", found.describe())
+        return drafting, "mtp"
+    if found is not None:
+        log.logger.info("MTP drafts off (--draft auto): %s", found.describe())
+    elif model.name not in _SAID:
+        _SAID.add(model.name)
+        log.logger.info("MTP drafts off (--draft auto): not measured for %s with this placement on this machine yet; "
+                        "`rotary-gguf bench %s` with the same options decides it (or --draft mtp)", model.name, model)
+    return planner(0), "off"

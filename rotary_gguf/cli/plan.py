@@ -12,9 +12,11 @@ from rich.table import Table
 from ..errors import UserError
 from ..units import human_bytes
 from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
+from ..draft import DEFAULT_DRAFT_MAX
 from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModeOpt, ModelSourceArg,
                   ProfileOpt, ReserveOpt, RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
-from .placement import context_for, plan_for
+from .placement import context_for, plan_and_draft, plan_for
+from .run import DraftMaxOpt, DraftOpt
 
 
 @app.command()
@@ -41,14 +43,22 @@ def plan(
         bool, typer.Option("--check", help="Also load the model with the plan and show what llama.cpp allocated.")
     ] = False,
     as_json: JsonOpt = False,
+    draft: DraftOpt = "auto",
+    draft_max: DraftMaxOpt = DEFAULT_DRAFT_MAX,
 ) -> None:
     """Decide where every tensor lives for a VRAM budget, predict each device's memory, and predict
-    the prompt and decode speed of the candidates weighed (from this machine's calibration)."""
+    the prompt and decode speed of the candidates weighed (from this machine's calibration). With
+    MTP drafts on, the memory table has the MTP block's lines."""
     context = context_for(model, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
     calibrations = []
-    the_plan = plan_for(model, vram=vram, reserve=reserve, context=context, mode=mode, rpc=rpc,
-                        expert_cache=cache_setting(expert_cache), cache_misses=cache_misses, routing_profile=routing_profile,
-                        threads=threads, calibrate=calibrate, on_calibration=calibrations.append)
+
+    def planner(n: int):
+        return plan_for(model, vram=vram, reserve=reserve, context=context, mode=mode, rpc=rpc,
+                        expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
+                        routing_profile=routing_profile, threads=threads, calibrate=calibrate and not calibrations,
+                        on_calibration=calibrations.append, draft_max=n)
+
+    the_plan, _ = plan_and_draft(model, draft, draft_max, threads, planner)
     rows = _check_plan(model, the_plan) if check else None
     if as_json:
         summary = the_plan.to_json()
@@ -77,9 +87,10 @@ def _check_plan(model: Path, the_plan) -> list[tuple[str, str, int, int]]:
     if not the_plan.accelerator.present:
         raise UserError(f"--check loads the model, and {the_plan.accelerator.name} is not on this machine")
     cache = ExpertCache.for_plan(the_plan, read_inventory(model))
+    drafts = dict(draft="mtp", draft_max=the_plan.draft.draft_max) if the_plan.draft else {}
     with Engine.load(model, the_plan.placement, n_ctx=the_plan.ctx, n_batch=the_plan.n_batch, n_ubatch=the_plan.n_ubatch,
                      kv_type=the_plan.kv_type, flash_attn=the_plan.flash_attn, all_outputs=the_plan.all_outputs,
-                     expert_cache=cache) as engine:
+                     expert_cache=cache, **drafts) as engine:
         rows = the_plan.compare(engine.load_report)
         if cache is not None:
             rows.append(("accelerator", "expert_cache", the_plan.accelerator_use.expert_cache, cache.slot_bytes))
@@ -111,6 +122,10 @@ def _print_plan(p) -> None:
     else:
         line = f"off: {p.expert_cache_reason}"
     head.add_row("expert cache", line)
+    if p.draft:
+        where = "accelerator" if p.draft.experts_resident else f"host ({p.host_buffer_type})"
+        head.add_row("MTP drafts", f"up to {p.draft.draft_max} a round; the MTP block's experts live in {where}: "
+                     f"{p.draft.reason}")
     out.print(head)
 
     blocks = Table(title="expert tensors per block", title_justify="left", box=None, pad_edge=False)
@@ -130,6 +145,11 @@ def _print_plan(p) -> None:
             mark = "~" if part in DeviceUse.ESTIMATES else ""
             totals.add_row(part.replace("_", " "), *(mark + human_bytes(n) if n else "-" for n in (a, h)))
     totals.add_row("[bold]total[/]", f"[bold]{human_bytes(p.accelerator_use.total)}[/]", f"[bold]{human_bytes(p.host_use.total)}[/]")
+    if p.draft:  # already in the parts above: what drafting adds to them
+        totals.add_row("[dim]of which MTP drafts:[/]", "", "")
+        for part, a, h in p.draft.lines():
+            mark = "~" if part.endswith("~") else ""
+            totals.add_row(f"  {part.rstrip(' ~')}", *(mark + human_bytes(n) if n else "-" for n in (a, h)))
     out.print(totals)
     resident = len(p.resident)
     out.print(

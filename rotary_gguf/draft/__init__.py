@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from ..errors import UserError
 
-DRAFT_MODES = ("off", "mtp")
+DRAFT_MODES = ("off", "mtp")  # what the engine takes
+# what the command line takes: auto drafts where `bench` measured drafts faster (`verdict`)
+DRAFT_SETTINGS = ("auto", "mtp", "off")
 DEFAULT_DRAFT_MAX = 3  # drafts per round at most; the round's length adapts to acceptance below it
 MAX_DRAFT_MAX = 16
 
@@ -27,9 +29,25 @@ def check_mtp(inv, draft_max: int, n_ubatch: int) -> None:
         raise UserError("this llama.cpp build has no NextN (MTP) API; use --draft off")
 
 
+def draft_setting(value: str) -> str:
+    """--draft as the commands take it: auto, mtp or off."""
+    if value not in DRAFT_SETTINGS:
+        raise UserError(f"unknown draft mode {value!r} (known: {', '.join(DRAFT_SETTINGS)})")
+    return value
+
+
+def has_mtp(inv) -> bool:
+    """Whether the model file `inv` has an MTP block this build drafts with (no error when not)."""
+    try:
+        check_mtp(inv, DEFAULT_DRAFT_MAX, DEFAULT_DRAFT_MAX + 2)
+    except UserError:
+        return False
+    return True
+
+
 def mtp_expert_overrides(inv, placement) -> tuple[tuple[str, str], ...]:
-    """The MTP block's routed experts stay in host memory, as the experts of blocks the plan does not
-    keep on the accelerator do (a placement's per-block overrides do not name the MTP block)."""
+    """Where a placement does not say (`Placement.draft_overrides` None: not a plan's), the MTP
+    block's routed experts stay in host memory beside an accelerator, as a host block's do."""
     from ..arch import expert_pattern
     from ..plan import HOST_BUFFER_TYPE
 

@@ -121,7 +121,9 @@ class Engine:
         dev_array = native.device_array(devs)
         keepalive.append(dev_array)
         mparams.devices = native.address(dev_array)
-        overrides = (mtp_expert_overrides(inv, placement) if draft == "mtp" else ()) + tuple(placement.overrides)
+        drafting = () if draft != "mtp" else (
+            placement.draft_overrides if placement.draft_overrides is not None else mtp_expert_overrides(inv, placement))
+        overrides = tuple(drafting) + tuple(placement.overrides)
         if overrides:
             bufts = buffer_types()
             missing = [b for _, b in overrides if b not in bufts]
@@ -154,15 +156,15 @@ class Engine:
             if not ctx:
                 llama_cpp.llama_model_free(model)
                 raise UserError(f"llama.cpp could not create a context of {context.ctx} tokens for {path}")
-        engine = cls(path, model, ctx, placement, keepalive, checkpoint_bytes)
+            engine = cls(path, model, ctx, placement, keepalive, checkpoint_bytes)
+            if draft == "mtp":  # in the load log too: the plan counts the head's context
+                try:
+                    engine.drafter = MtpDrafter(model, ctx, cparams, draft_max)
+                except BaseException:
+                    engine.close()
+                    raise
         engine.context, engine.all_outputs = context, all_outputs
         engine.load_report = LoadReport.from_log(log_lines)
-        if draft == "mtp":
-            try:
-                engine.drafter = MtpDrafter(model, ctx, cparams, draft_max)
-            except BaseException:
-                engine.close()
-                raise
         if expert_cache is not None:
             engine.expert_cache, engine.before_decode = expert_cache, expert_cache.before_decode
             try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import UserError
 from ..units import human_bytes
+from .drafting import DraftUse
 from .figures import Accelerator, ModelFigures
 from .memory import (DeviceUse, accelerator_compute_bytes, kv_cache_bytes, recurrent_state_bytes, staging_bytes,
                      ubatch_tokens)
@@ -24,16 +25,29 @@ class Sizing:
     kv_type: str
     flash_attn: bool
     all_outputs: bool  # logits of every token of a micro-batch, not of one
+    draft_max: int = 0  # MTP drafts a round (0: no drafting)
+
+    def draft_use(self, model: ModelFigures, experts_on_cpu: bool = False) -> DraftUse | None:
+        """What drafting adds (None without it)."""
+        if not self.draft_max:
+            return None
+        return DraftUse.size(model, self.draft_max, self.ctx, self.n_ubatch, self.kv_type, self.flash_attn,
+                             experts_on_cpu, self.all_outputs)
 
     def fixed_use(self, model: ModelFigures, accelerator: Accelerator) -> DeviceUse:
-        """The accelerator's bytes that do not depend on where the experts live."""
-        return DeviceUse(
+        """The accelerator's bytes that do not depend on where the experts live (the MTP block's
+        experts included: they are placed after the trunk's)."""
+        use = DeviceUse(
             weights=model.base_weight_bytes,
             kv_cache=kv_cache_bytes(model, self.ctx, self.kv_type),
             recurrent_state=recurrent_state_bytes(model),
             compute=accelerator_compute_bytes(model, self.ctx, self.n_ubatch, self.flash_attn, self.all_outputs),
             runtime_reserve=accelerator.runtime_reserve,
         )
+        draft = self.draft_use(model)
+        if draft is None:
+            return use
+        return DeviceUse(**{part: n + draft.fixed_accelerator.get(part, 0) for part, n in use.parts().items()})
 
     def needed(self, model: ModelFigures, accelerator: Accelerator, mode: str) -> int:
         """The least budget: every expert in host memory, plus the margin for the estimates."""
@@ -68,7 +82,7 @@ def largest_ctx(model: ModelFigures, accelerator: Accelerator, budget: int, mode
 
 def shrink_advice(model: ModelFigures, accelerator: Accelerator, mode: str, sizing: Sizing) -> list[str]:
     """The flags that would lower the least budget, each with the bytes it saves: a smaller
-    --batch (it sizes the compute buffer), half the --ctx, the next smaller --kv-type."""
+    --batch (it sizes the compute buffer), half the --ctx, the next smaller --kv-type, no MTP drafts."""
     need = sizing.needed(model, accelerator, mode)
     options = []
     if ubatch_tokens(sizing.ctx, sizing.n_ubatch) > SMALL_BATCH:
@@ -78,6 +92,8 @@ def shrink_advice(model: ModelFigures, accelerator: Accelerator, mode: str, sizi
     smaller = KV_TYPES[KV_TYPES.index(sizing.kv_type) + 1:] if sizing.kv_type in KV_TYPES else ()
     if smaller and sizing.flash_attn:
         options.append((f"--kv-type {smaller[0]}", replace(sizing, kv_type=smaller[0])))
+    if sizing.draft_max:
+        options.append(("--draft off", replace(sizing, draft_max=0)))
     advice = []
     for flag, other in options:
         try:

@@ -58,6 +58,7 @@ class ModelFigures:
     recurrent_ssm: int = 0  # ssm-state floats per linear-attention block and sequence (n_embd_s)
     recurrent_width: int = 0  # widest per-token activation of a linear-attention block, in floats
     n_ctx_train: int = 0  # the context the model was trained for; 0: not known
+    mtp_tensors: tuple[tuple[str, int], ...] = ()  # (name, bytes) of its multi-token-prediction (NextN) blocks
 
     @classmethod
     def from_inventory(cls, inv: Inventory) -> "ModelFigures":
@@ -96,6 +97,7 @@ class ModelFigures:
             # conv input and output, the output gate, and the delta rule's 64-token chunk matrices
             recurrent_width=2 * conv_channels + d_inner + 4 * 64 * n_v_heads,
             n_ctx_train=inv.hparam("context_length"),
+            mtp_tensors=tuple((t.name, t.nbytes) for t in inv.tensors if t.layer is not None and t.layer >= n_layer),
         )
 
     # --- derived sizes ---------------------------------------------------------------------------
@@ -120,6 +122,20 @@ class ModelFigures:
         other = sum(n for t, n in self.tensors if not names.expert_kind(t) and t != "token_embd.weight")
         tied = "output.weight" not in by_name
         return other + (by_name.get("token_embd.weight", 0) if tied else 0)
+
+    @property
+    def mtp_expert_bytes(self) -> int:
+        """The routed experts of the MTP blocks (llama.cpp loads them only for drafting)."""
+        return sum(n for t, n in self.mtp_tensors if names.expert_kind(t))
+
+    @property
+    def mtp_base_bytes(self) -> int:
+        """The MTP blocks' other weights: attention, router, shared expert and the NextN projection."""
+        return sum(n for t, n in self.mtp_tensors if not names.expert_kind(t))
+
+    @property
+    def mtp_blocks(self) -> list[int]:
+        return sorted({names.block_index(t) for t, _ in self.mtp_tensors})
 
     @cached_property
     def embedding_bytes(self) -> int:

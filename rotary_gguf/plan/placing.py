@@ -4,7 +4,7 @@ that results (see the package's docstring)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import arch as names
 from ..decode_cost import DEFAULT_CPU_EXPERT_BYTES_PER_S, HostBlock, field_hit_rate, host_expert_seconds, profile_hit_rates
@@ -13,6 +13,7 @@ from ..speed_model import Layout, PlanSpeeds, Prediction
 from ..units import human_bytes
 from .figures import Accelerator, ModelFigures
 from .budget import Sizing, estimate_margin, largest_ctx, shrink_advice
+from .drafting import DraftUse
 from .memory import DeviceUse, host_compute_bytes, staging_bytes, ubatch_tokens
 from .settings import (AUTO_CACHE_MIN_USED_MULTIPLE, CACHE_MISSES, DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_FLASH_ATTN,
                        DEFAULT_KV_TYPE, EXPERT_CACHE_SETTINGS, FLASH_ATTN, HOST_BUFFER_TYPE, HOST_MODES,
@@ -29,6 +30,8 @@ class Placement:
     offload_min_batch: int | None = None  # GGML_OP_OFFLOAD_MIN_BATCH for host-resident ops
     use_mmap: bool = True
     repack: bool = True  # llama.cpp's CPU repacked buffer types (faster CPU matmuls)
+    # more overrides when drafting loads the MTP block; None: its experts in host memory beside an accelerator
+    draft_overrides: tuple[tuple[str, str], ...] | None = None
 
     @classmethod
     def all_cpu(cls) -> "Placement":
@@ -83,6 +86,7 @@ class Plan:
     hit_rates: HitRates | None = field(default=None, repr=False)  # from a routing profile, per block
     predictions: tuple[tuple[str, Prediction], ...] = ()  # the candidates weighed, this plan first
     speeds_source: str = ""  # where the predictions' speeds come from
+    draft: DraftUse | None = None  # what MTP drafting adds (folded into the uses), when planned for it
 
     def speed_layout(self, host, slots: int = 0, misses: str = "split") -> Layout:
         """A placement of this plan's model and accelerator as the speed model sees it (`speed_layout`)."""
@@ -122,12 +126,24 @@ class Plan:
             # pinned memory is allocated, not mapped; repacked CPU buffers are never offloaded
             use_mmap=not (uploads and self.accelerator.pinned_host_buffer_type),
             repack=not uploads,
+            draft_overrides=self._draft_overrides,
         )
+
+    @property
+    def _draft_overrides(self) -> tuple[tuple[str, str], ...] | None:
+        """The MTP block's experts to host memory unless the plan keeps them resident."""
+        if self.draft is None:
+            return None
+        if self.draft.experts_resident:
+            return ()
+        return ((names.expert_pattern(self.model.mtp_blocks), self.host_buffer_type),)
 
     def location(self, tensor: str) -> str:
         """The buffer type a tensor is planned to live in."""
+        mtp_resident = self.draft is not None and self.draft.experts_resident
         on_host = tensor == "token_embd.weight" or (
             names.expert_kind(tensor) is not None and names.block_index(tensor) not in self.resident
+            and not (mtp_resident and names.block_index(tensor) in self.model.mtp_blocks)
         )
         return self.host_buffer_type if on_host else self.accelerator.buffer_type
 
@@ -195,6 +211,7 @@ class Plan:
                 "repack": self.placement.repack,
             },
             **self._expert_cache_json(),
+            "draft": self.draft.to_json() if self.draft else None,
             "predictions": {"speeds": self.speeds_source,
                             "candidates": [{"name": name, **p.to_json()} for name, p in self.predictions]},
             "notes": list(self.notes),
@@ -251,6 +268,7 @@ def make_plan(
     upload_bytes_per_s: float | None = None,
     hit_rates: HitRates | None = None,
     speeds: PlanSpeeds | None = None,
+    draft_max: int = 0,
 ) -> Plan:
     """Fill `budget` bytes of `accelerator` (what is left after `reserve`), less a margin for the
     estimated parts: the non-expert part first, then whole expert blocks, largest first (ties:
@@ -260,7 +278,9 @@ def make_plan(
     model uses `cpu_expert_bytes_per_s` where it was measured, and `hit_rates` (a routing
     profile's, `HitRates.from_profile`) where there is one; else published field figures. With
     `speeds` (this machine's calibration), the speed model weighs the candidates instead, and the
-    plan carries the predicted prompt and decode t/s of those it weighed."""
+    plan carries the predicted prompt and decode t/s of those it weighed. `draft_max` > 0 plans
+    for MTP drafts of that many tokens a round (`drafting`): the MTP block's experts stay on the
+    accelerator when the room left after the trunk's blocks holds them."""
     if cache_misses not in CACHE_MISSES:
         raise UserError(f"unknown cache-miss handling {cache_misses!r} (known: {', '.join(CACHE_MISSES)})")
     split = cache_misses == "split"
@@ -276,7 +296,7 @@ def make_plan(
         raise UserError(f"unknown flash attention setting {flash_attn!r} (known: {', '.join(FLASH_ATTN)})")
     n_batch = ubatch_tokens(ctx, n_batch)
     n_ubatch = min(n_batch, n_ubatch)
-    sizing = Sizing(ctx, n_ubatch, kv_type, flash_attn != "off", all_outputs)
+    sizing = Sizing(ctx, n_ubatch, kv_type, flash_attn != "off", all_outputs, draft_max)
     fixed = sizing.fixed_use(model, accelerator)
     margin = estimate_margin(fixed)
     room = budget - margin  # what the plan may fill
@@ -357,11 +377,16 @@ def make_plan(
     if cache is None and slots and not host_layers:
         cache_reason = "every expert block is resident on the accelerator: no host experts to cache"
     experts_on_cpu = bool(host_layers) and mode == "cpu"
+    draft = _place_mtp_experts(sizing, model, room - accelerator_use(resident, slots).total, mode)
+    mtp_on_host = draft is not None and not draft.experts_resident
     host_use = DeviceUse(
-        weights=model.embedding_bytes + sum(model.expert_bytes(i) for i in host_layers),
-        compute=host_compute_bytes(model, ctx, n_ubatch, experts_on_cpu, sizing.flash_attn),
-        output=4 * model.n_vocab,
+        weights=model.embedding_bytes + sum(model.expert_bytes(i) for i in host_layers) + (draft.experts if mtp_on_host else 0),
+        compute=host_compute_bytes(model, ctx, n_ubatch, experts_on_cpu, sizing.flash_attn) + (draft.host_compute if draft else 0),
+        output=4 * model.n_vocab + (draft.host_outputs if draft else 0),
     )
+    accelerator_final = accelerator_use(resident, slots)
+    if draft is not None and draft.experts_resident:
+        accelerator_final = replace(accelerator_final, weights=accelerator_final.weights + draft.experts)
     return Plan(
         model=model,
         accelerator=accelerator,
@@ -373,7 +398,7 @@ def make_plan(
         n_batch=n_batch,
         kv_type=kv_type,
         resident=frozenset(resident),
-        accelerator_use=accelerator_use(resident, slots),
+        accelerator_use=accelerator_final,
         host_use=host_use,
         minimum_budget=minimum.total + margin,
         n_ubatch=n_ubatch,
@@ -389,7 +414,22 @@ def make_plan(
         hit_rates=hit_rates,
         predictions=_weighed(speeds, layout, layers, host_layers, slots if cache else 0, residents_around) if speeds else (),
         speeds_source=speeds.source if speeds else "",
+        draft=draft,
     )
+
+
+def _place_mtp_experts(sizing: Sizing, model: ModelFigures, left: int, mode: str) -> DraftUse | None:
+    """What drafting adds, its MTP block's experts resident when the `left` bytes (after the trunk's
+    blocks) hold them; None without drafting."""
+    if not sizing.draft_max:
+        return None
+    resident = model.mtp_expert_bytes <= left
+    draft = sizing.draft_use(model, experts_on_cpu=not resident and mode == "cpu")
+    if resident:
+        return replace(draft, experts_resident=True,
+                       reason=f"the {human_bytes(left)} left after the trunk's blocks hold them")
+    return replace(draft, reason=f"the {human_bytes(max(left, 0))} left after the trunk's blocks are less than their "
+                   f"{human_bytes(draft.experts)}: in host memory")
 
 
 def _weighed(speeds: PlanSpeeds, layout, layers: list[int], host: list[int], slots: int,
