@@ -8,14 +8,14 @@ import typer
 
 from .. import log
 from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
-from ..draft import DEFAULT_DRAFT_MAX, MAX_DRAFT_MAX
+from ..draft import DEFAULT_DRAFT_MAX, MAX_DRAFT_MAX, draft_setting
 from ..errors import UserError
 from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, KvTypeOpt, MissesOpt, ModeOpt, OptionalModelArg, ProfileOpt,
                   ReserveOpt, RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
 from .placement import context_for, plan_and_draft, plan_or_cpu
 
 DraftOpt = Annotated[str, typer.Option(
-    metavar="auto|mtp|off",
+    metavar="auto|mtp|off", callback=draft_setting,
     help="Draft tokens with the model's multi-token-prediction (MTP) head and verify them in one batch: 'auto' drafts "
     "where the model has an MTP block and `bench` measured drafts faster on this machine for this placement, 'mtp' "
     "always, 'off' never.")]
