@@ -223,7 +223,8 @@ def draft_verdicts(model, results: Sequence[Result], threads: int) -> list[tuple
         verdict = verdicts.Verdict(draft_tps > plain_tps, plain_tps, draft_tps,
                                    acceptance["median"] if acceptance else None, mean["median"] if mean else 0.0,
                                    len(r.runs), verdicts.now())
-        verdicts.record(verdicts.setup_key(model, c.placement, c.expert_cache_slots, c.split, c.draft_max, threads), verdict)
+        key = verdicts.setup_key(model, c.placement, c.expert_cache_slots, c.split, c.draft_max, threads)
+        verdicts.record(key, verdict)
         out.append((c.name, verdict))
     return out
 

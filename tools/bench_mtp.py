@@ -152,7 +152,8 @@ def main() -> int:
     rows, identical = [], True
     if not args.json:
         print(f"{path.name}: {args.tokens} tokens, median of {args.runs} runs, {args.threads} threads")
-        print(f"{'placement':24} {'draft':>6} {'decode t/s':>11} {'spread':>7} {'speedup':>8} {'accepted':>9} {'per round':>10} "
+        print(f"{'placement':24} {'draft':>6} {'decode t/s':>11} {'spread':>7} {'speedup':>8} {'accepted':>9} "
+              f"{'per round':>10} "
               f"{'same tokens':>12}",
               flush=True)
     try:

@@ -72,9 +72,11 @@ def bench(
         if cpu_plan.accelerator.streams_host_ops:
             notes.append("rotary mode was not measured: its offload threshold is fixed per process, and cpu mode was set first")
         cands = benching.candidates(plans)
-    cands = benching.with_drafting(cands, _drafting(model, draft, draft_max, context.n_ubatch, cpu_plan, notes, lambda: plan_or_cpu(
-        model, vram=vram, reserve=reserve, mode="cpu", context=context, rpc=rpc, expert_cache=cache_setting(expert_cache),
-        cache_misses=cache_misses, routing_profile=routing_profile, threads=threads, draft_max=draft_max)))
+    drafting = _drafting(model, draft, draft_max, context.n_ubatch, cpu_plan, notes, lambda: plan_or_cpu(
+        model, vram=vram, reserve=reserve, mode="cpu", context=context, rpc=rpc,
+        expert_cache=cache_setting(expert_cache), cache_misses=cache_misses, routing_profile=routing_profile,
+        threads=threads, draft_max=draft_max))
+    cands = benching.with_drafting(cands, drafting)
 
     def progress(run: int, cand, m) -> None:
         if not as_json:

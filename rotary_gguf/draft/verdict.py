@@ -78,7 +78,8 @@ def record(key: str, verdict: Verdict, path: Path | None = None) -> Path:
         tmp.write_text(json.dumps({"format": VERDICT_FORMAT, "verdicts": entries}, indent=1))
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"cannot write the draft verdict to {path} ({e.strerror}); set XDG_CACHE_HOME to a writable folder") from None
+        raise UserError(f"cannot write the draft verdict to {path} ({e.strerror}); set XDG_CACHE_HOME to a writable "
+                        "folder") from None
     return path
 
 

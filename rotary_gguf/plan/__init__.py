@@ -30,8 +30,8 @@ list, the tensor_buft_overrides as pattern -> buffer type name, first match wins
 
 from .budget import Sizing, estimate_margin, largest_ctx, shrink_advice
 from .choosing import choose_mode, predicted_token_seconds
-from .drafting import DraftUse
 from .context import ContextSettings, context_settings, default_ctx, trained_ctx
+from .drafting import DraftUse
 from .figures import Accelerator, LinkFigures, ModelFigures
 from .memory import (DeviceUse, accelerator_compute_bytes, host_compute_bytes, kv_cache_bytes, padded_ctx,
                      recurrent_state_bytes, staging_bytes, ubatch_tokens)
@@ -46,7 +46,8 @@ __all__ = [
     "Sizing", "estimate_margin", "largest_ctx", "shrink_advice", "COPY_LATENCY_S", "CTX_PADDING", "CUDA_OFFLOAD_MIN_BATCH",
     "CUDA_RUNTIME_RESERVE", "DEFAULT_BATCH", "DEFAULT_CTX", "DEFAULT_FLASH_ATTN", "DEFAULT_KV_TYPE",
     "EXPERT_CACHE_SETTINGS", "FLASH_ATTN", "HOST_BUFFER_TYPE", "HOST_MODES", "KV_TYPES", "MIN_CTX",
-    "ROTARY_OFFLOAD_MIN_BATCH", "Accelerator", "ContextSettings", "context_settings", "default_ctx", "trained_ctx", "DeviceUse", "DraftUse", "ExpertCachePlan", "HitRates", "LinkFigures",
+    "ROTARY_OFFLOAD_MIN_BATCH", "Accelerator", "ContextSettings", "context_settings", "default_ctx", "trained_ctx", "DeviceUse",
+    "DraftUse", "ExpertCachePlan", "HitRates", "LinkFigures",
     "ModelFigures", "Placement", "Plan", "accelerator_compute_bytes", "choose_mode", "host_compute_bytes",
     "kv_cache_bytes", "make_plan", "padded_ctx", "predicted_host_seconds", "predicted_token_seconds",
     "recurrent_state_bytes", "staging_bytes", "ubatch_tokens",

@@ -380,8 +380,10 @@ def make_plan(
     draft = _place_mtp_experts(sizing, model, room - accelerator_use(resident, slots).total, mode)
     mtp_on_host = draft is not None and not draft.experts_resident
     host_use = DeviceUse(
-        weights=model.embedding_bytes + sum(model.expert_bytes(i) for i in host_layers) + (draft.experts if mtp_on_host else 0),
-        compute=host_compute_bytes(model, ctx, n_ubatch, experts_on_cpu, sizing.flash_attn) + (draft.host_compute if draft else 0),
+        weights=(model.embedding_bytes + sum(model.expert_bytes(i) for i in host_layers)
+                 + (draft.experts if mtp_on_host else 0)),
+        compute=(host_compute_bytes(model, ctx, n_ubatch, experts_on_cpu, sizing.flash_attn)
+                 + (draft.host_compute if draft else 0)),
         output=4 * model.n_vocab + (draft.host_outputs if draft else 0),
     )
     accelerator_final = accelerator_use(resident, slots)
