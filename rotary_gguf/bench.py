@@ -299,12 +299,15 @@ def loaded(model, cand: Candidate, *, n_ctx: int, n_batch: int, n_threads: int |
 def expert_buffers(engine: Engine, cand: Candidate) -> dict[str, str]:
     """Where each routed-expert tensor computes, as the buffer type llama.cpp put it in: CPU_REPACK
     (the CPU's repacked kernels), CPU (its plain ones) or an accelerator (RPC0, CUDA0). Under an
-    expert cache, a host tensor also computes in the cache's accelerator slots."""
+    expert cache, a host tensor also computes in the cache's accelerator slots. The trunk's tensors
+    only: an MTP block drafts, and its experts are loaded only then."""
     report, placement = engine.load_report, cand.placement
     device = placement.devices[0] if placement.devices and placement.n_gpu_layers else None
     cpu = "CPU_REPACK" if "CPU_REPACK" in report.weight_bytes else HOST_BUFFER_TYPE
+    inv = engine.inventory
+    trunk = inv.n_layer - inv.hparam("nextn_predict_layers")
     out = {}
-    for t in engine.inventory.expert_tensors:
+    for t in (t for t in inv.expert_tensors if t.layer < trunk):
         where = report.overridden.get(t.name, device or cpu)
         cached = cand.expert_cache_slots is not None and device and where != device
         out[t.name] = f"{device}+{where}" if cached else where

@@ -128,7 +128,7 @@ def test_a_model_without_an_mtp_block_is_refused(test_model):
 
 def test_cli_generate_reports_drafts_and_refuses_a_model_without_a_head(test_model):
     path = test_model(**MIRROR)
-    plain = run_cli("generate", str(path), "-p", PROMPT, "-n", "24")
+    plain = run_cli("generate", str(path), "-p", PROMPT, "-n", "24", "--draft", "off")
     drafted = run_cli("generate", str(path), "-p", PROMPT, "-n", "24", "--draft", "mtp", "--draft-max", "2")
     assert plain.returncode == drafted.returncode == 0, drafted.stderr
     summary = re.compile(r"\n(?=\d+ prompt tokens )")
