@@ -24,7 +24,7 @@ from .errors import UserError
 from .speed_model import REFERENCE_GPU, DeviceSpeeds, PlanSpeeds, Weights
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 3
+CALIBRATION_FORMAT = 4
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
 DECODE_WEIGHT_BYTES = 32 * 2**20  # weight bytes per decode measurement: more than the CPU's caches hold
 PROMPT_WEIGHT_BYTES = 2 * 2**20
@@ -137,14 +137,16 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
         if previous is not None:
             return replace(previous, decode=decode, prompt=prompt, experts=experts)
         step(f"{dev.name}: graph and copy latency")
-        uploads = {}
+        extra = {}
         if dev.type != "cpu":
+            step(f"{dev.name}: host expert blocks")
+            extra["host_block_seconds"], extra["split_op_seconds"] = measure.host_block_seconds(dev, threads)
             step(f"{dev.name}: uploads")
-            uploads = {"upload_pageable": measure.upload_bytes_per_s(dev, 64 * 2**20, pinned=False)}
+            extra["upload_pageable"] = measure.upload_bytes_per_s(dev, 64 * 2**20, pinned=False)
             if dev.host_buffer_type:
-                uploads["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
+                extra["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
         return DeviceSpeeds(dev.name, dev.description, decode, prompt, PROMPT_BATCH, measure.graph_seconds(dev, n_threads),
-                            measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), experts=experts, **uploads)
+                            measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), experts=experts, **extra)
 
     cpu = device_speeds(native.cpu_device(), known.cpu if known else None, threads)
     acc = device_speeds(acc_dev, known.accelerator if known else None, None) if acc_dev else None

@@ -161,14 +161,21 @@ def _print_calibration(cal) -> None:
     """This machine's calibration: throughput per weight type and the fixed costs, per device."""
     table = Table(title=f"calibration ({cal.seconds:.1f} s of measuring, kept in {cal.path})", title_justify="left",
                   box=None, pad_edge=False)
-    for col in ("device", "type", "decode GB/s", "prompt GB/s", "graph us", "op us", "copy us", "upload GB/s"):
+    columns = ("device", "type", "decode GB/s", "prompt GB/s", "graph us", "op us", "copy us", "host block us",
+               "split op us", "upload GB/s")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("device", "type") else "right")
+
+    def us(seconds: float | None, digits: int = 1) -> str:
+        return "-" if seconds is None else f"{seconds * 1e6:.{digits}f}"
+
     for dev in (d for d in (cal.cpu, cal.accelerator) if d is not None):
         upload = "/".join(f"{v / 1e9:.1f}" for v in (dev.upload_pinned, dev.upload_pageable) if v) or "-"
+        fixed = (us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds), us(dev.host_block_seconds),
+                 us(dev.split_op_seconds, 2), upload)
         for i, name in enumerate(sorted(dev.decode)):
-            fixed = (f"{dev.graph_seconds * 1e6:.1f}", f"{dev.op_seconds * 1e6:.2f}", f"{dev.copy_seconds * 1e6:.1f}", upload)
             table.add_row(dev.name if i == 0 else "", name, f"{dev.decode[name] / 1e9:.1f}",
-                          f"{dev.prompt.get(name, 0) / 1e9:.1f}", *(fixed if i == 0 else ("",) * 4))
+                          f"{dev.prompt.get(name, 0) / 1e9:.1f}", *(fixed if i == 0 else ("",) * len(fixed)))
     out.print(table)
     for name, by_threads in sorted(cal.cpu_decode_by_threads.items()):
         out.print(f"CPU {name} decode by threads: " + ", ".join(f"{n}: {v / 1e9:.1f} GB/s" for n, v in sorted(by_threads.items())))
