@@ -5,8 +5,8 @@ of a split-compute cache. Pure arithmetic, like the memory model in `plan`.
 A decoded token reads every weight it uses once: the non-expert weights and the experts it selects
 in every block. Each part costs its bytes over the speed of the device that holds it, for the
 tensor's type. Host expert blocks add two graph splits each (the hidden state and routing go to the
-CPU and the result back): measured as a whole with llama.cpp's scheduler, wake-ups and round trips
-included. Prompt processing runs the same weights
+CPU and the result back): measured as a whole on a real model (`calibration`), wake-ups, round
+trips and the graph transfers of ggml-rpc included. Prompt processing runs the same weights
 at batch size, so it uses the speeds measured at a batch; a GPU that runs host experts itself for
 large batches (CUDA's offload_op) pays for uploading them once per batch instead.
 """
@@ -37,8 +37,7 @@ class DeviceSpeeds:
     upload_pinned: float | None = None  # host -> device bytes per second, from page-locked memory
     upload_pageable: float | None = None  # from ordinary host memory
     experts: dict[str, float] = field(default_factory=dict)  # decode's expert op (MUL_MAT_ID), per type
-    host_block_seconds: float | None = None  # what a block with host experts adds (measured: `native.measure`)
-    split_op_seconds: float | None = None  # what an op costs once host blocks cut the graph into splits
+    host_block_seconds: float | None = None  # what a block with host experts adds beside this accelerator
 
     def expert_rate(self, phase: str, type_name: str) -> float:
         """Bytes per second of the experts' own op at decode, else the plain matrix-vector rate."""
@@ -180,8 +179,6 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
         if layout.slots:  # split compute syncs three more times per block: routing, weights, the weighted sum
             parts["splits"] += SPLIT_SYNCS * main.graph_seconds / batch
     parts["splits"] += len(layout.host) * host_block_seconds(main, cpu) / batch
-    if layout.host and main.split_op_seconds is not None:  # no split graph is kept between runs
-        parts["splits"] += weights.graph_nodes * max(main.split_op_seconds - main.op_seconds, 0.0) / batch
     return parts
 
 

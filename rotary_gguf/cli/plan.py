@@ -162,7 +162,7 @@ def _print_calibration(cal) -> None:
     table = Table(title=f"calibration ({cal.seconds:.1f} s of measuring, kept in {cal.path})", title_justify="left",
                   box=None, pad_edge=False)
     columns = ("device", "type", "decode GB/s", "prompt GB/s", "graph us", "op us", "copy us", "host block us",
-               "split op us", "upload GB/s")
+               "upload GB/s")
     for col in columns:
         table.add_column(col, justify="left" if col in ("device", "type") else "right")
 
@@ -171,8 +171,7 @@ def _print_calibration(cal) -> None:
 
     for dev in (d for d in (cal.cpu, cal.accelerator) if d is not None):
         upload = "/".join(f"{v / 1e9:.1f}" for v in (dev.upload_pinned, dev.upload_pageable) if v) or "-"
-        fixed = (us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds), us(dev.host_block_seconds),
-                 us(dev.split_op_seconds, 2), upload)
+        fixed = (us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds), us(dev.host_block_seconds), upload)
         for i, name in enumerate(sorted(dev.decode)):
             table.add_row(dev.name if i == 0 else "", name, f"{dev.decode[name] / 1e9:.1f}",
                           f"{dev.prompt.get(name, 0) / 1e9:.1f}", *(fixed if i == 0 else ("",) * len(fixed)))

@@ -71,7 +71,6 @@ class _InitParams(ctypes.Structure):
 
 _GGML_TYPE_F32 = 0
 _GGML_TYPE_I32 = 26
-_GGML_TYPE_Q8_0 = 8
 _ggml_init = _bind("ggml_init", c_void_p, _InitParams)
 _ggml_free = _bind("ggml_free", None, c_void_p)
 _tensor_overhead = _bind("ggml_tensor_overhead", c_size_t)
@@ -84,18 +83,6 @@ _new_tensor_3d = _bind("ggml_new_tensor_3d", c_void_p, c_void_p, ctypes.c_int, c
 _new_graph = _bind("ggml_new_graph", c_void_p, c_void_p)
 _build_forward_expand = _bind("ggml_build_forward_expand", None, c_void_p, c_void_p)
 _row_size = _bind("ggml_row_size", c_size_t, ctypes.c_int, ctypes.c_int64)
-_rms_norm = _bind("ggml_rms_norm", c_void_p, c_void_p, c_void_p, ctypes.c_float)
-_mul = _bind("ggml_mul", c_void_p, c_void_p, c_void_p, c_void_p)
-_argsort_top_k = _bind("ggml_argsort_top_k", c_void_p, c_void_p, c_void_p, ctypes.c_int)
-_reshape_3d = _bind("ggml_reshape_3d", c_void_p, c_void_p, c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
-_view_1d = _bind("ggml_view_1d", c_void_p, c_void_p, c_void_p, ctypes.c_int64, c_size_t)
-_sched_new = _bind("ggml_backend_sched_new", c_void_p, ctypes.POINTER(c_void_p), ctypes.POINTER(c_void_p), ctypes.c_int,
-                   c_size_t, ctypes.c_bool, ctypes.c_bool)
-_buffer_set_usage = _bind("ggml_backend_buffer_set_usage", None, c_void_p, ctypes.c_int)
-_BUFFER_USAGE_WEIGHTS = 1  # the scheduler runs an op where its weights are
-_graph_n_nodes = _bind("ggml_graph_n_nodes", ctypes.c_int, c_void_p)
-_sched_free = _bind("ggml_backend_sched_free", None, c_void_p)
-_sched_graph_compute = _bind("ggml_backend_sched_graph_compute", ctypes.c_int, c_void_p, c_void_p)
 
 
 _tensor_get = _bind("ggml_backend_tensor_get", None, c_void_p, c_void_p, c_size_t, c_size_t)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,11 +11,9 @@ from contextlib import contextmanager
 from ..errors import UserError
 from ..plan import Accelerator, LinkFigures
 from .backends import Device, cpu_device, cpu_weight_buffer_type, device_by_name
-from .ggml import (_GGML_TYPE_F32, _GGML_TYPE_I32, _GGML_TYPE_Q8_0, _add, _alloc_ctx_tensors, _argsort_top_k, _backend_free,
-                   _BUFFER_USAGE_WEIGHTS, _buffer_base, _buffer_clear, _buffer_free, _buffer_set_usage, _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads,
-                   _dev_init, _graph_compute, _graph_n_nodes, _metadata_context, _mul, _mul_mat, _mul_mat_id, _new_graph,
-                   _new_tensor_2d, _new_tensor_3d, _reshape_3d, _rms_norm, _row_size, _sched_free, _sched_graph_compute,
-                   _sched_new, _tensor_get, _tensor_set, _view_1d)
+from .ggml import (_GGML_TYPE_F32, _GGML_TYPE_I32, _alloc_ctx_tensors, _backend_free, _buffer_base, _buffer_clear, _buffer_free,
+                   _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads, _dev_init, _graph_compute,
+                   _metadata_context, _mul_mat, _new_graph, _new_tensor_2d, _new_tensor_3d, _row_size, _tensor_get, _tensor_set, _add, _mul_mat_id)
 
 
 @contextmanager
@@ -127,90 +124,22 @@ def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_us
     return min(n_used * batch, n_expert) * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 
-# The small MoE blocks `op_seconds` and `host_block_seconds` time: the ops around a block's experts
-# (norm, router, top-k, residual add) at a width where their bytes cost next to nothing: experts of
-# [width, width / used] whose outputs of the used ones together are one hidden state.
-TEST_BLOCK_WIDTH, TEST_BLOCK_EXPERTS, TEST_BLOCK_USED = 64, 16, 4
-TEST_BLOCKS = 8
-
-
-def _moe_blocks_seconds(main: Device, cpu_threads: int | None, n_blocks: int, host_experts: bool,
-                        extra_ops: int = 0, repeats: int = 25) -> tuple[float, int]:
-    """Median seconds (and graph nodes) of one decode-like graph of `n_blocks` small MoE blocks,
-    scheduled as llama.cpp schedules a model (ggml_backend_sched, the graph reused between runs):
-    each block's norm, router and top-k on `main`, its selected experts (MUL_MAT_ID) in host memory
-    computed by the CPU when `host_experts`, else on `main`, and the residual add on `main`, then
-    `extra_ops` small additions on `main` (a block's other ops: attention and the like). The
-    median, not the best run: a token pays the thread wake-ups and round trips of a typical one."""
-    width, cpu = TEST_BLOCK_WIDTH, cpu_device()
-    on_cpu = main.type == "cpu"
-    with (_backend(main, cpu_threads) as main_backend, _backend(cpu, cpu_threads) as cpu_backend,
-          _metadata_context(4 * n_blocks + 1) as main_weights, _metadata_context(n_blocks) as host_weights,
-          _metadata_context((12 + extra_ops) * n_blocks + 2) as ctx):
-        y = _new_tensor_2d(main_weights, _GGML_TYPE_F32, width, 1)
-        for _ in range(n_blocks):
-            norm = _mul(ctx, _rms_norm(ctx, y, 1e-6), _new_tensor_2d(main_weights, _GGML_TYPE_F32, width, 1))
-            router = _mul_mat(ctx, _new_tensor_2d(main_weights, _GGML_TYPE_F32, width, TEST_BLOCK_EXPERTS), norm)
-            experts = _new_tensor_3d(host_weights if host_experts else main_weights, _GGML_TYPE_Q8_0, width,
-                                     width // TEST_BLOCK_USED, TEST_BLOCK_EXPERTS)
-            out = _mul_mat_id(ctx, experts, _reshape_3d(ctx, norm, width, 1, 1), _argsort_top_k(ctx, router, TEST_BLOCK_USED))
-            y = _add(ctx, y, _view_1d(ctx, out, width, 0))
-            for _ in range(extra_ops):
-                y = _add(ctx, y, norm)
-        graph = _new_graph(ctx)
-        _build_forward_expand(graph, y)
-        bufs = [_alloc_ctx_tensors(main_weights, main.buffer_type)]
-        if host_experts:
-            bufs.append(_alloc_ctx_tensors(host_weights, cpu.buffer_type))
-        backends = (ctypes.c_void_p * 2)(main_backend, cpu_backend)
-        sched = None
-        try:
-            if not all(bufs):
-                raise UserError(f"could not allocate test tensors on {main.name} to measure it")
-            for buf in bufs:
-                _buffer_clear(buf, 0)
-                _buffer_set_usage(buf, _BUFFER_USAGE_WEIGHTS)
-            sched = _sched_new(backends, None, 1 if on_cpu else 2, 2048, False, False)
-            out_bytes = ctypes.create_string_buffer(4)
-
-            def run() -> None:
-                if _sched_graph_compute(sched, graph) != 0:
-                    raise UserError(f"{main.name} failed to compute a test graph")
-                _tensor_get(y, out_bytes, 0, 4)
-
-            return _median_time(repeats, run), _graph_n_nodes(graph)
-        finally:
-            if sched:
-                _sched_free(sched)
-            for buf in bufs:
-                if buf:
-                    _buffer_free(buf)
-
-
 def op_seconds(dev: Device, n_threads: int | None = None) -> float:
-    """What one more op of a decode graph costs on `dev` (thread barriers and the op's own fixed
-    work on the CPU, a kernel launch on a GPU, the graph's transfer on ggml-rpc): the difference
-    between a graph of one small MoE block and one of TEST_BLOCKS + 1, per node."""
-    one, nodes_one = _moe_blocks_seconds(dev, n_threads, 1, host_experts=False)
-    many, nodes_many = _moe_blocks_seconds(dev, n_threads, TEST_BLOCKS + 1, host_experts=False)
-    return max(many - one, 0.0) / max(nodes_many - nodes_one, 1)
+    """What one more small op in a graph costs on `dev` (the thread barrier between ops on the
+    CPU, a kernel launch on a GPU): a chain of MAX_CHAIN additions against a single one."""
 
+    def chain(n: int):
+        def build(ctx, _weights_ctx):
+            x = _new_tensor_2d(ctx, _GGML_TYPE_F32, 64, 1)
+            y = x
+            for _ in range(n):
+                y = _add(ctx, y, x)
+            return y
+        return build
 
-SPLIT_TEST_OPS = 48  # more ops per block when timing ops of split graphs
-
-
-def host_block_seconds(dev: Device, cpu_threads: int | None = None) -> tuple[float, float]:
-    """What blocks whose experts stay in host memory cost a decoded token on the accelerator `dev`,
-    beyond their experts' own reads: (seconds per such block, seconds per op of the accelerator's
-    graph once it is cut into splits). The first is the scheduler's two splits per block, with the
-    copies of the block's input and routing to the CPU and of the result back and every wake-up and
-    round trip between them; the second what each op then costs instead of `op_seconds` (a
-    backend that keeps a graph between runs, as ggml-rpc and CUDA do, keeps none of the
-    alternating splits). Small blocks with host experts against the same blocks resident."""
-    host, _ = _moe_blocks_seconds(dev, cpu_threads, TEST_BLOCKS, host_experts=True)
-    resident, _ = _moe_blocks_seconds(dev, cpu_threads, TEST_BLOCKS, host_experts=False)
-    longer, _ = _moe_blocks_seconds(dev, cpu_threads, TEST_BLOCKS, host_experts=True, extra_ops=SPLIT_TEST_OPS)
-    return max(host - resident, 0.0) / TEST_BLOCKS, max(longer - host, 0.0) / (TEST_BLOCKS * SPLIT_TEST_OPS)
+    one = _timed_graph(dev, n_threads, chain(1), 20)
+    many = _timed_graph(dev, n_threads, chain(MAX_CHAIN), 20)
+    return max(many - one, 0.0) / (MAX_CHAIN - 1)
 
 
 def matvec_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_threads: int | None = None,
@@ -252,16 +181,6 @@ def measure_link(accelerator: Accelerator, expert_type: int, n_embd: int, n_thre
         upload_bytes_per_s=upload_bytes_per_s(device_by_name(accelerator.name)),
         cpu_expert_bytes_per_s=cpu_matvec_bytes_per_s(expert_type, n_embd, n_threads),
     )
-
-
-def _median_time(repeats: int, fn) -> float:
-    fn()  # warm up (and allocate)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return max(statistics.median(times), 1e-9)
 
 
 def _best_time(repeats: int, fn) -> float:
