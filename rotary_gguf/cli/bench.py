@@ -42,6 +42,10 @@ def bench(
     as_json: JsonOpt = False,
     draft: DraftOpt = "off",
     draft_max: DraftMaxOpt = DEFAULT_DRAFT_MAX,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate", help="Measure this machine's speeds again right after the runs, for the "
+                           "predicted column (else the figures kept from the first use), so both see the same load.")
+    ] = False,
 ) -> None:
     """Measure placements side by side (the plan with and without its expert cache, llama.cpp's
     --cpu-moe and --n-cpu-moe N, all on the accelerator) and recommend one. Identical placements
@@ -80,7 +84,7 @@ def bench(
     results, prompt = benching.run_bench(model, cands, n_ctx=context.ctx, n_batch=context.n_batch, prompt_len=prompt_tokens,
                                          gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress,
                                          load_options=load_options)
-    _predict(model, results, cpu_plan, threads)
+    _predict(model, results, cpu_plan, threads, calibrate)
     best = benching.recommend(results)
     accepted = [m.draft_acceptance for r in results for m in r.runs if m.draft_acceptance is not None]
     if accepted:
@@ -115,9 +119,9 @@ def bench(
                             "beyond its kernels' rounding)")
 
 
-def _predict(model, results, the_plan, threads: int) -> None:
-    """Calibrate this machine (seconds, the first time; kept in the cache folder) and add the speed
-    model's predictions to `results`."""
+def _predict(model, results, the_plan, threads: int, refresh: bool) -> None:
+    """Calibrate this machine (seconds, the first time or with `refresh`; kept in the cache folder)
+    and add the speed model's predictions to `results`."""
     from .. import bench as benching
     from ..calibration import plan_speeds
     from ..engine import default_threads
@@ -125,7 +129,7 @@ def _predict(model, results, the_plan, threads: int) -> None:
 
     inv = read_inventory(model)
     accelerator = the_plan.accelerator.name if the_plan is not None else None
-    speeds, _ = plan_speeds(inv, accelerator, threads or default_threads(),
+    speeds, _ = plan_speeds(inv, accelerator, threads or default_threads(), refresh=refresh,
                             on_step=lambda step: log.logger.info("calibrating: %s", step))
     benching.add_predictions(results, speeds)
 
