@@ -169,17 +169,17 @@ def spread_plan_for(model: Path, accelerators: list, *, vram: Optional[str], con
             notes.append(f"{acc.name} reports the RPC server's free RAM; pass --vram to simulate a smaller GPU")
     reserved, reason = max(reserves)
     source = "--vram" if vram is not None else "free memory each device reports"
-    mode_reason = ("cpu: host experts run on the CPU in a plan over several devices (rotary mode and the expert cache "
-                   "use one device)")
+    mode_reason = "host experts run on the CPU in a plan over several devices (rotary mode and the expert cache use one)"
+    options = dict(budget_source=source, mode="cpu", mode_reason=mode_reason, reserve=reserved, reserve_reason=reason,
+                   notes=tuple(notes), all_outputs=all_outputs, **context.plan_options())
+    make_spread_plan(figures, devices, **options)  # budgets that cannot hold it fail before measuring
     speeds, calibrations = device_plan_speeds(inv, [acc.name for acc in accelerators], threads or default_threads(),
                                               refresh=calibrate,
                                               on_step=lambda step: log.logger.info("calibrating: %s", step))
     if on_calibration is not None:
         for calibration in calibrations:
             on_calibration(calibration)
-    return make_spread_plan(figures, devices, budget_source=source, mode="cpu", mode_reason=mode_reason,
-                            reserve=reserved, reserve_reason=reason, notes=tuple(notes), all_outputs=all_outputs,
-                            speeds=speeds, **context.plan_options())
+    return make_spread_plan(figures, devices, speeds=speeds, **options)
 
 
 def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, context, rpc: Optional[str], reserve: Optional[str] = None,

@@ -11,10 +11,11 @@ split follows their free memory. A block's tensors other than its routed experts
 and its recurrent state live on its block's device, the output layer on the last device's.
 
 Then the expert blocks, largest first (ties: later blocks): each device, the one that computes
-experts fastest first, takes the blocks of its own layers while they fit (no extra crossing
-between devices), then any block still in host memory while they fit (two crossings each, still
-faster than the CPU); the rest stay in host memory for the CPU. An expert cache and rotary
-streaming stay single-device: a plan over several devices runs its host experts on the CPU.
+experts fastest first, takes the blocks of its own layers while they fit (no crossing between
+devices), then blocks still in host memory while they fit (two crossings each: with the devices'
+speeds known, only where the speed model predicts a faster token); the rest stay in host memory
+for the CPU. An expert cache and rotary streaming stay single-device: a plan over several devices
+runs its host experts on the CPU.
 """
 
 from __future__ import annotations
@@ -132,33 +133,55 @@ def make_spread_plan(
     resident: list[list[int]] = [[] for _ in devices]
     used = [use.total for use in base]
 
-    def take(d: int, candidates) -> None:
+    def shares_now() -> tuple[DeviceShare, ...]:
+        return tuple(
+            DeviceShare(acc, budgets[d], blocks[d], d == output, counts[d], tuple(sorted(resident[d])),
+                        replace(base[d], weights=base[d].weights + sum(model.expert_bytes(i) for i in resident[d])))
+            for d, acc in enumerate(accelerators))
+
+    def layout_of(shares: tuple[DeviceShare, ...]) -> Layout:
+        host = [i for i in layers if not any(i in s.resident for s in shares)]
+        return replace(speed_layout(model, accelerators[0], None, host), **spread_layout(shares, model.n_layer))
+
+    def decode_tps() -> float:
+        return speeds.predict(layout_of(shares_now())).decode_tps
+
+    def take(d: int, candidates, only_if_faster: bool) -> None:
         for i in candidates:
-            if used[d] + model.expert_bytes(i) <= rooms[d] and not any(i in r for r in resident):
-                resident[d].append(i)
-                used[d] += model.expert_bytes(i)
+            if used[d] + model.expert_bytes(i) > rooms[d] or any(i in r for r in resident):
+                continue
+            before = decode_tps() if only_if_faster and speeds else 0.0
+            resident[d].append(i)
+            if before and decode_tps() <= before:
+                resident[d].pop()  # computed on another device, it would cost more crossings than it saves
+                continue
+            used[d] += model.expert_bytes(i)
 
     by_size = sorted(layers, key=lambda i: (-model.expert_bytes(i), -i))
     order = _fastest_first(accelerators, layers, speeds)
     for d in order:
-        take(d, [i for i in by_size if i in blocks[d]])
+        take(d, [i for i in by_size if i in blocks[d]], only_if_faster=False)
     for d in order:
-        take(d, by_size)
-    shares = tuple(
-        DeviceShare(acc, budgets[d], blocks[d], d == output, counts[d], tuple(sorted(resident[d])),
-                    replace(base[d], weights=base[d].weights + sum(model.expert_bytes(i) for i in resident[d])))
-        for d, acc in enumerate(accelerators))
+        take(d, by_size, only_if_faster=True)
+    shares = shares_now()
     on_accelerators = {i for r in resident for i in r}
     host_layers = [i for i in layers if i not in on_accelerators]
     total = DeviceUse(**{part: sum(getattr(s.use, part) for s in shares) for part in DeviceUse().parts()})
-    layout = replace(speed_layout(model, accelerators[0], None, host_layers), **spread_layout(shares, model.n_layer))
+    layout = layout_of(shares)
+    predictions = _weighed(model, devices, layout, layers, speeds, ctx=ctx, n_batch=n_batch, n_ubatch=n_ubatch,
+                           kv_type=kv_type, flash_attn=flash_attn, all_outputs=all_outputs) if speeds else ()
+    faster = [(name, p) for name, p in predictions if name.endswith(" alone") and p.decode_tps > predictions[0][1].decode_tps]
+    if faster:
+        name, p = max(faster, key=lambda item: item[1].decode_tps)
+        notes += (f"{name} is predicted to decode faster than this plan ({p.decode_tps:.1f} vs "
+                  f"{predictions[0][1].decode_tps:.1f} t/s); --devices {name.removesuffix(' alone')} plans for it alone",)
     return Plan(
         model=model,
         accelerator=accelerators[0],
         budget=sum(budgets),
         budget_source=budget_source,
         mode=mode,
-        mode_reason=mode_reason or "cpu mode: host experts run on the CPU in a plan over several devices",
+        mode_reason=mode_reason or "host experts run on the CPU in a plan over several devices",
         ctx=ctx,
         n_batch=n_batch,
         kv_type=kv_type,
@@ -180,8 +203,7 @@ def make_spread_plan(
         notes=notes,
         expert_cache=None,
         expert_cache_reason=SINGLE_DEVICE_CACHE,
-        predictions=_weighed(model, devices, layout, layers, speeds, ctx=ctx, n_batch=n_batch, n_ubatch=n_ubatch,
-                             kv_type=kv_type, flash_attn=flash_attn, all_outputs=all_outputs) if speeds else (),
+        predictions=predictions,
         speeds_source=speeds.source if speeds else "",
         shares=shares,
     )
