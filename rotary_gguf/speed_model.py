@@ -7,7 +7,9 @@ in every block. Each part costs its bytes over the speed of the device that hold
 tensor's type. Host expert blocks add two graph splits each (the hidden state goes to the CPU and
 back): a graph launch on each side and two small copies. Prompt processing runs the same weights
 at batch size, so it uses the speeds measured at a batch; a GPU that runs host experts itself for
-large batches (CUDA's offload_op) pays for uploading them once per batch instead.
+large batches (CUDA's offload_op) pays for uploading them once per batch instead. Over several
+accelerators each part runs at the speed of the device that holds it, and every crossing from one
+accelerator to another costs a graph launch on each side and a copy.
 """
 
 from __future__ import annotations
@@ -200,7 +202,8 @@ def _spread_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, devices
     single = replace(layout, layer_devices=(), output_device="", resident_on={})
     parts = token_seconds(weights, single, cpu, first, phase, batch)
     n_blocks = len(layout.layer_devices)
-    parts["weights"] = sum(layout.layer_devices.count(name) / n_blocks * sum(n / dev.rate(phase, t) for t, n in weights.other.items())
+    parts["weights"] = sum(layout.layer_devices.count(name) / n_blocks * sum(n / dev.rate(phase, t)
+                                                                             for t, n in weights.other.items())
                            for name, dev in devices.items())
     parts["resident experts"] = sum(
         weights.used_seconds(i, devices[layout.resident_on.get(i, layout.layer_devices[i])], phase)

@@ -79,7 +79,7 @@ ModeOpt = Annotated[
     typer.Option(
         "--mode",
         help="Host experts: 'cpu' computes them on the CPU, 'rotary' streams each token's experts to the GPU, "
-        "'auto' measures and picks the faster.",
+        "'auto' measures and picks the faster. Over several devices host experts run on the CPU (rotary: one GPU).",
     ),
 ]
 VramOpt = Annotated[
@@ -139,7 +139,7 @@ CacheOpt = Annotated[
         metavar="auto|off|SLOTS",
         help="Keep often used host experts in GPU slots (per host expert block): 'auto' lets the planner weigh slot "
         "counts against resident blocks (with --cache-misses upload: fills the VRAM left after the plan), 'off' "
-        "turns the cache off, a number sets the slots per block.",
+        "turns the cache off, a number sets the slots per block. One device only: off in a plan over several.",
     ),
 ]
 

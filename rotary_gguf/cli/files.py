@@ -112,7 +112,8 @@ def profile(
     telemetry = RoutingTelemetry.for_model(model, pairs=True)
     # every token of a batch is an output: each block must route every token
     context = context_for(model, ctx=ctx, batch=PROFILE_BATCH, ubatch=None, kv_type=kv_type, flash_attn=flash_attn)
-    the_plan = plan_or_cpu(model, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, devices=devices, all_outputs=True,
+    the_plan = plan_or_cpu(model, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, devices=devices,
+                           all_outputs=True,
                            threads=threads)
     placement = the_plan.placement if the_plan else None
 

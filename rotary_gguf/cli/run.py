@@ -120,7 +120,8 @@ def serve(
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
     sock = serving.listen(host, port)
-    the_plan = plan_or_cpu(path, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, devices=devices, expert_cache=cache,
+    the_plan = plan_or_cpu(path, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, devices=devices,
+                           expert_cache=cache,
                            cache_misses=cache_misses, routing_profile=routing_profile, threads=threads)
     placement = the_plan.placement if the_plan else None
     telemetry = _dashboard_telemetry(inv) if dashboard else None

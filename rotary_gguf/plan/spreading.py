@@ -108,8 +108,8 @@ def make_spread_plan(
         n_linear = model.attention.count("linear")
         full_here = sum(model.attention[i] == "full" for i in mine)
         linear_here = sum(model.attention[i] == "linear" for i in mine)
-        staging = staging_bytes(model, accelerators[d], layers, mode, ubatch_tokens(at_ctx, n_ubatch)) \
-            if d == _streaming_device(accelerators) else 0
+        streams = d == _streaming_device(accelerators)
+        staging = staging_bytes(model, accelerators[d], layers, mode, ubatch_tokens(at_ctx, n_ubatch)) if streams else 0
         return DeviceUse(
             weights=sum(model.block_weight_bytes(i) for i in mine) + (model.output_weight_bytes if has_output else 0),
             kv_cache=kv_cache_bytes(model, at_ctx, kv_type) // n_full * full_here if n_full else 0,
@@ -170,7 +170,8 @@ def make_spread_plan(
     layout = layout_of(shares)
     predictions = _weighed(model, devices, layout, layers, speeds, ctx=ctx, n_batch=n_batch, n_ubatch=n_ubatch,
                            kv_type=kv_type, flash_attn=flash_attn, all_outputs=all_outputs) if speeds else ()
-    faster = [(name, p) for name, p in predictions if name.endswith(" alone") and p.decode_tps > predictions[0][1].decode_tps]
+    faster = [(name, p) for name, p in predictions[1:]
+              if name.endswith(" alone") and p.decode_tps > predictions[0][1].decode_tps]
     if faster:
         name, p = max(faster, key=lambda item: item[1].decode_tps)
         notes += (f"{name} is predicted to decode faster than this plan ({p.decode_tps:.1f} vs "
