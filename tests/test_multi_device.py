@@ -128,6 +128,20 @@ def test_two_device_placement_gives_the_cpu_output_as_planned(test_model, endpoi
         assert report.overridden[f"blk.{i}.ffn_down_exps.weight"] == plan.device_of(i).buffer_type
 
 
+def test_two_devices_with_mtp_drafts_give_the_cpu_tokens(test_model, endpoints):
+    """The NextN block takes a llama.cpp layer of its own: the split counts it, and drafts still
+    give the plain run's tokens."""
+    path = test_model(arch="qwen35moe", mtp="mirror")
+    plan, _ = spread_plan(path, endpoints)
+    assert sum(plan.placement.tensor_split) == plan.model.n_layer + 2
+    generated = {}
+    for name, placement, draft in (("cpu", Placement(), "off"), ("two devices, drafts", plan.placement, "mtp")):
+        with Engine.load(path, placement, n_ctx=CTX, n_batch=BATCH, draft=draft) as engine:
+            prompt = engine.tokenize(PROMPT)
+            generated[name] = [e.token for e in engine.generate(prompt, max_tokens=12) if e.token is not None]
+    assert generated["two devices, drafts"] == generated["cpu"]
+
+
 # --- the CLI ----------------------------------------------------------------------------------------
 def test_plan_json_shows_each_devices_memory(test_model, endpoints):
     path = test_model(arch="qwen35moe")
