@@ -15,10 +15,11 @@ from conftest import assert_one_line_error, free_port, run_cli
 
 from rotary_gguf import native
 from rotary_gguf.engine import Engine
+from rotary_gguf.errors import UserError
 from rotary_gguf.inventory import read_inventory
-from rotary_gguf.plan import (ModelFigures, Placement, estimate_margin, layer_split, layers_by_device, make_plan,
-                              make_spread_plan)
-from rotary_gguf.speed_model import ANY_TYPE, DeviceSpeeds, Layout, Weights, token_seconds
+from rotary_gguf.plan import (Accelerator, ModelFigures, Placement, estimate_margin, layer_split, layers_by_device,
+                              make_plan, make_spread_plan)
+from rotary_gguf.speed_model import ANY_TYPE, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
 
 MiB = 2**20
 CTX, BATCH = 256, 64
@@ -97,6 +98,40 @@ def test_plan_spreads_blocks_over_both_when_neither_holds_them_all(test_model, e
     assert plan.placement.devices == (first.accelerator.name, second.accelerator.name)
     buffer_types = {buft for _, buft in plan.overrides}
     assert {first.accelerator.buffer_type, second.accelerator.buffer_type} <= buffer_types
+
+
+def test_blocks_cross_to_another_device_only_where_the_speed_model_says_it_pays(test_model):
+    inv = read_inventory(test_model(arch="qwen35moe"))
+    model = ModelFigures.from_inventory(inv)
+    small, large = (Accelerator(name, f"{name}_buffer", None, None, False, 0) for name in ("A", "B"))
+    experts = sum(model.expert_bytes(i) for i in range(model.n_layer))
+
+    def budgets(budget: int) -> list:
+        return [(small, budget), (large, 2 * budget + experts)]
+
+    def a_holds_blocks_but_no_experts(budget: int) -> bool:
+        try:
+            plan = make_spread_plan(model, budgets(budget), ctx=CTX, n_batch=BATCH)
+        except UserError:
+            return False
+        return bool(plan.shares[0].layers) and not plan.shares[0].resident
+
+    # A holds its blocks' other tensors and no expert block; B every expert block
+    devices = budgets(next(b for b in range(MiB, 64 * MiB, 16 * 1024) if a_holds_blocks_but_no_experts(b)))
+    cpu = DeviceSpeeds("CPU", "", {ANY_TYPE: 1e9}, {ANY_TYPE: 1e10}, 128, graph_seconds=1e-5)
+
+    def speeds(b_rate: float) -> PlanSpeeds:
+        a = DeviceSpeeds("A", "", {ANY_TYPE: 1e11}, {ANY_TYPE: 1e12}, 128, graph_seconds=1e-5, copy_seconds=1e-5)
+        b = DeviceSpeeds("B", "", {ANY_TYPE: b_rate}, {ANY_TYPE: 10 * b_rate}, 128, graph_seconds=1e-5, copy_seconds=1e-5)
+        return PlanSpeeds(Weights.from_inventory(inv), cpu, a, "set", devices={"A": a, "B": b})
+
+    fast = make_spread_plan(model, devices, ctx=CTX, n_batch=BATCH, speeds=speeds(1e12))
+    assert fast.shares[0].resident == () and fast.shares[1].resident == tuple(range(model.n_layer))
+    assert fast.host_layers == []
+    slow = make_spread_plan(model, devices, ctx=CTX, n_batch=BATCH, speeds=speeds(1e8))
+    assert slow.shares[1].resident == slow.shares[1].layers  # its own blocks, then none of A's
+    assert slow.host_layers == list(slow.shares[0].layers) != []
+    assert dict(fast.predictions)["this plan"].decode_tps > dict(slow.predictions)["this plan"].decode_tps
 
 
 @pytest.mark.parametrize("arch", ["qwen35moe", "qwen3moe"])
