@@ -193,6 +193,24 @@ def candidates(plans: Sequence[Plan]) -> list[Candidate]:
     return merged(out)
 
 
+def spread_candidates(p: Plan) -> list[Candidate]:
+    """A plan over several devices (`Plan.shares`), then the first device alone: its own plan within
+    its budget and llama.cpp's baselines on it (`candidates`), where its budget holds every
+    block's other tensors (else the plan alone)."""
+    names = [s.accelerator.name for s in p.shares]
+    blocks = f"{len(p.resident)} of {len(p.resident) + len(p.host_layers)} expert blocks resident over {', '.join(names)}"
+    out = [Candidate(f"plan {'+'.join(names)}", p.placement, p.mode, blocks, layout=p.speed_layout(p.host_layers))]
+    first = p.shares[0]
+    try:
+        alone = make_plan(p.model, first.accelerator, first.budget, mode="cpu", ctx=p.ctx, n_batch=p.n_batch,
+                          n_ubatch=p.n_ubatch, kv_type=p.kv_type, flash_attn=p.flash_attn)
+    except UserError:  # its budget is too small for every block's other tensors
+        return out
+    own = f"plan {alone.mode}"
+    return out + [replace(c, name=" = ".join(f"plan {first.accelerator.name} alone" if n == own else n for n in c.names))
+                  for c in candidates([alone])]
+
+
 def add_predictions(results: Sequence[Result], speeds: PlanSpeeds) -> None:
     """The speed model's prompt and decode t/s for every candidate, beside what was measured."""
     for r in results:

@@ -236,3 +236,15 @@ def plan_speeds(inv, accelerator_name: str | None, threads: int, *, refresh: boo
     else:
         source = f"calibrated: {where}; {REFERENCE_GPU.name} for the GPU"
     return PlanSpeeds(Weights.from_inventory(inv), cal.cpu, cal.accelerator or REFERENCE_GPU, source), cal
+
+
+def device_plan_speeds(inv, accelerator_names: list[str], threads: int, *, refresh: bool = False,
+                       on_step: Callable[[str], None] | None = None) -> tuple[PlanSpeeds, list[Calibration]]:
+    """`plan_speeds` for a plan over several accelerators: each one calibrated (each its own file),
+    their speeds by name in `PlanSpeeds.devices`, the first as the accelerator."""
+    found = [plan_speeds(inv, name, threads, refresh=refresh, on_step=on_step) for name in accelerator_names]
+    devices = {name: speeds.accelerator for name, (speeds, _) in zip(accelerator_names, found)}
+    where = f"CPU at {threads} thread{'s' if threads > 1 else ''}"
+    first = found[0][0]
+    return (replace(first, devices=devices, source=f"calibrated: {where}, {', '.join(accelerator_names)}"),
+            [calibration for _, calibration in found])

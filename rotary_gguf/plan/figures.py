@@ -58,6 +58,7 @@ class ModelFigures:
     recurrent_ssm: int = 0  # ssm-state floats per linear-attention block and sequence (n_embd_s)
     recurrent_width: int = 0  # widest per-token activation of a linear-attention block, in floats
     n_ctx_train: int = 0  # the context the model was trained for; 0: not known
+    n_nextn: int = 0  # NextN/MTP blocks after the `n_layer` that run: llama.cpp still counts them in its layer split
 
     @classmethod
     def from_inventory(cls, inv: Inventory) -> "ModelFigures":
@@ -96,6 +97,7 @@ class ModelFigures:
             # conv input and output, the output gate, and the delta rule's 64-token chunk matrices
             recurrent_width=2 * conv_channels + d_inner + 4 * 64 * n_v_heads,
             n_ctx_train=inv.hparam("context_length"),
+            n_nextn=n_mtp,
         )
 
     # --- derived sizes ---------------------------------------------------------------------------
@@ -120,6 +122,16 @@ class ModelFigures:
         other = sum(n for t, n in self.tensors if not names.expert_kind(t) and t != "token_embd.weight")
         tied = "output.weight" not in by_name
         return other + (by_name.get("token_embd.weight", 0) if tied else 0)
+
+    def block_weight_bytes(self, layer: int) -> int:
+        """The bytes of block `layer`'s tensors other than its routed experts."""
+        return sum(n for t, n in self.tensors if names.block_index(t) == layer and not names.expert_kind(t))
+
+    @cached_property
+    def output_weight_bytes(self) -> int:
+        """The bytes of llama.cpp's output layer: the tensors outside the blocks (the token
+        embeddings aside, or their copy when the model has no output tensor)."""
+        return self.base_weight_bytes - sum(self.block_weight_bytes(i) for i in range(self.n_layer))
 
     @cached_property
     def embedding_bytes(self) -> int:

@@ -4,7 +4,7 @@ that results (see the package's docstring)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import arch as names
 from ..decode_cost import DEFAULT_CPU_EXPERT_BYTES_PER_S, HostBlock, field_hit_rate, host_expert_seconds, profile_hit_rates
@@ -29,6 +29,7 @@ class Placement:
     offload_min_batch: int | None = None  # GGML_OP_OFFLOAD_MIN_BATCH for host-resident ops
     use_mmap: bool = True
     repack: bool = True  # llama.cpp's CPU repacked buffer types (faster CPU matmuls)
+    tensor_split: tuple[int, ...] = ()  # several devices: llama.cpp layers (blocks, then output) each holds
 
     @classmethod
     def all_cpu(cls) -> "Placement":
@@ -51,6 +52,32 @@ class ExpertCachePlan:
     def bytes(self) -> int:
         """Accelerator bytes of all the slots (and split compute's zero slots)."""
         return (self.slots + self.split) * sum(self.slot_bytes)
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """One accelerator's part of a plan over several: the blocks llama.cpp gives it (their tensors
+    other than the routed experts, KV cache and recurrent state), the output layer, and the expert
+    blocks resident on it."""
+
+    accelerator: Accelerator
+    budget: int
+    layers: tuple[int, ...]
+    output: bool
+    split: int  # its weight in llama.cpp's tensor_split: the llama.cpp layers it holds
+    resident: tuple[int, ...]
+    use: DeviceUse
+
+    @property
+    def margin(self) -> int:
+        return self.budget - self.use.total
+
+    def to_json(self) -> dict:
+        acc = self.accelerator
+        return {"device": acc.name, "buffer_type": acc.buffer_type, "kind": acc.kind, "budget": self.budget,
+                "layers": list(self.layers), "output": self.output, "tensor_split": self.split,
+                "resident_experts": list(self.resident), "predicted_bytes": self.use.total, "predicted": self.use.parts(),
+                "margin_bytes": self.margin}
 
 
 @dataclass(frozen=True)
@@ -83,10 +110,16 @@ class Plan:
     hit_rates: HitRates | None = field(default=None, repr=False)  # from a routing profile, per block
     predictions: tuple[tuple[str, Prediction], ...] = ()  # the candidates weighed, this plan first
     speeds_source: str = ""  # where the predictions' speeds come from
+    shares: tuple[DeviceShare, ...] = ()  # several accelerators: each one's part (the first is `accelerator`)
 
     def speed_layout(self, host, slots: int = 0, misses: str = "split") -> Layout:
-        """A placement of this plan's model and accelerator as the speed model sees it (`speed_layout`)."""
-        return speed_layout(self.model, self.accelerator, self.hit_rates, host, slots, misses)
+        """A placement of this plan's model and accelerator(s) as the speed model sees it (`speed_layout`)."""
+        layout = speed_layout(self.model, self.accelerator, self.hit_rates, host, slots, misses)
+        return replace(layout, **spread_layout(self.shares, self.model.n_layer)) if self.shares else layout
+
+    def device_of(self, layer: int) -> Accelerator:
+        """The accelerator holding `layer`'s resident experts."""
+        return next((s.accelerator for s in self.shares if layer in s.resident), self.accelerator)
 
     @property
     def host_layers(self) -> list[int]:
@@ -109,13 +142,16 @@ class Plan:
     def overrides(self) -> tuple[tuple[str, str], ...]:
         """tensor_buft_overrides exactly as handed to llama.cpp; everything else follows n_gpu_layers."""
         host = self.host_layers
-        return ((names.expert_pattern(host), self.host_buffer_type),) if host else ()
+        on_host = ((names.expert_pattern(host), self.host_buffer_type),) if host else ()
+        return on_host + tuple((names.expert_pattern(list(s.resident)), s.accelerator.buffer_type)
+                               for s in self.shares if s.resident)
 
     @property
     def placement(self) -> Placement:
         uploads = self.uploads_host_experts
         return Placement(
-            devices=(self.accelerator.name,),
+            devices=tuple(s.accelerator.name for s in self.shares) or (self.accelerator.name,),
+            tensor_split=tuple(s.split for s in self.shares),
             overrides=self.overrides,
             n_gpu_layers=-1,
             offload_min_batch=ROTARY_OFFLOAD_MIN_BATCH if self.mode == "rotary" else None,
@@ -129,7 +165,15 @@ class Plan:
         on_host = tensor == "token_embd.weight" or (
             names.expert_kind(tensor) is not None and names.block_index(tensor) not in self.resident
         )
-        return self.host_buffer_type if on_host else self.accelerator.buffer_type
+        if on_host:
+            return self.host_buffer_type
+        if self.shares:
+            layer = names.block_index(tensor)
+            if names.expert_kind(tensor) is not None:
+                return self.device_of(layer).buffer_type
+            return next((s.accelerator.buffer_type for s in self.shares
+                         if (layer in s.layers if layer is not None else s.output)), self.accelerator.buffer_type)
+        return self.accelerator.buffer_type
 
     @property
     def margin(self) -> int:
@@ -187,8 +231,10 @@ class Plan:
                 for i in range(self.model.n_layer)
             ],
             "overrides": [list(o) for o in self.overrides],
+            "devices": [s.to_json() for s in self.shares],
             "placement": {
                 "devices": list(self.placement.devices),
+                "tensor_split": list(self.placement.tensor_split),
                 "n_gpu_layers": self.placement.n_gpu_layers,
                 "offload_min_batch": self.placement.offload_min_batch,
                 "use_mmap": self.placement.use_mmap,
@@ -219,12 +265,17 @@ class Plan:
         """(device, purpose, predicted, actual) for what llama.cpp reported allocating. `report`
         has dicts weight_bytes, kv_bytes, recurrent_bytes, compute_bytes: buffer name -> bytes."""
         rows = []
+        pools = [(s.accelerator.name, s.accelerator.buffer_type, s.use) for s in self.shares] or [
+            ("accelerator", self.accelerator.buffer_type, self.accelerator_use)]
         for purpose, attr in (("weights", "weight_bytes"), ("kv_cache", "kv_bytes"),
                               ("recurrent_state", "recurrent_bytes"), ("compute", "compute_bytes")):
             actual = getattr(report, attr)
-            on_acc = sum(n for b, n in actual.items() if b == self.accelerator.buffer_type)
-            rows.append(("accelerator", purpose, getattr(self.accelerator_use, purpose), on_acc))
-            rows.append(("host", purpose, getattr(self.host_use, purpose), sum(actual.values()) - on_acc))
+            on_accelerators = 0
+            for name, buffer_type, use in pools:
+                here = sum(n for b, n in actual.items() if b == buffer_type)
+                rows.append((name, purpose, getattr(use, purpose), here))
+                on_accelerators += here
+            rows.append(("host", purpose, getattr(self.host_use, purpose), sum(actual.values()) - on_accelerators))
         return rows
 
 
@@ -438,6 +489,14 @@ def speed_layout(model: ModelFigures, accelerator: Accelerator, hit_rates: HitRa
     cache of `slots` whose misses are split or uploaded."""
     rates = {i: cache_hit_rate(hit_rates, i, slots, model.n_expert) for i in host} if slots else {}
     return Layout(tuple(host), slots=slots, hit_rates=rates, misses=misses, streams_prompt=accelerator.streams_host_ops)
+
+
+def spread_layout(shares, n_layer: int) -> dict:
+    """The speed model's fields for a plan over several accelerators (`DeviceShare`s): the device
+    of each block's other tensors, of the output layer, and of each resident block's experts."""
+    return {"layer_devices": tuple(next(s.accelerator.name for s in shares if i in s.layers) for i in range(n_layer)),
+            "output_device": next(s.accelerator.name for s in shares if s.output),
+            "resident_on": {i: s.accelerator.name for s in shares for i in s.resident}}
 
 
 def predicted_host_seconds(model: ModelFigures, host_layers: list[int], slots: int, cpu_bytes_per_s: float,
