@@ -346,12 +346,14 @@ def make_plan(
                "expert_cache": allocated_slots(slots) * sum(slot_bytes[i] for i in host)}
         )
 
-    def residents_around(slots: int) -> set[int] | None:
+    fill_order = sorted(layers, key=lambda i: (-model.expert_bytes(i), -i))
+
+    def most_residents_around(slots: int) -> set[int] | None:
         """The resident blocks that fit beside `slots` per host block; None if the slots alone do not."""
         if accelerator_use(set(), slots).total > room:
             return None
         resident: set[int] = set()
-        for i in sorted(layers, key=lambda i: (-model.expert_bytes(i), -i)):
+        for i in fill_order:
             if accelerator_use(resident | {i}, slots).total <= room:
                 resident.add(i)
         return resident
@@ -366,6 +368,21 @@ def make_plan(
         if speeds is not None:
             return 1.0 / speeds.predict(layout(host, slots)).decode_tps
         return predicted_host_seconds(model, host, slots, cpu_bps, hit_rates)
+
+    def residents_around(slots: int) -> set[int] | None:
+        """The resident blocks that fit beside `slots`, fewer where the speed model predicts fewer
+        faster (an accelerator whose expert op is slower than the CPU's: a simulated one)."""
+        most = most_residents_around(slots)
+        if most is None or speeds is None:
+            return most
+        best, best_seconds = most, decode_seconds(most, slots)
+        ordered = [i for i in fill_order if i in most]
+        for k in range(len(most)):
+            fewer = set(ordered[:k])
+            seconds = decode_seconds(fewer, slots)
+            if seconds < best_seconds * (1 - FEWER_RESIDENT_MARGIN):
+                best, best_seconds = fewer, seconds
+        return best
 
     minimum = accelerator_use(set())
     if minimum.total > room:
@@ -397,6 +414,12 @@ def make_plan(
         slots, cache_reason = _cache_size(model, expert_cache, room - accelerator_use(resident).total,
                                           len(resident), [slot_bytes[i] for i in host])
     host_layers = [i for i in layers if i not in resident]
+    most = most_residents_around(slots) or set()
+    if len(resident) < len(most):
+        notes = (*notes, f"{len(resident)} of the {len(most)} expert blocks that fit kept resident: the speed model "
+                         f"predicts {1 / decode_seconds(resident, slots):.1f} t/s against "
+                         f"{1 / decode_seconds(most, slots):.1f} t/s with all of them ({speeds.source}; the "
+                         f"accelerator's expert op is slower than the CPU's)")
     cache_split = split and 0 < slots < model.n_expert
     budget_bytes = None
     if cache_split:
@@ -527,6 +550,9 @@ def _cache_slots(model: ModelFigures, setting: str | int, split: bool) -> int:
 # Split compute admits missed experts into slots between decode calls: at most this long a call at
 # the measured upload speed, or (unmeasured) the experts one token uses in one block.
 SPLIT_UPLOAD_SECONDS = 2e-3
+# Fewer resident blocks than fit must be predicted this much faster to be planned (noise in the
+# calibration must not trade resident blocks away).
+FEWER_RESIDENT_MARGIN = 0.05
 # Slot counts `auto` weighs for split compute (as fractions of a block's experts), besides none.
 SPLIT_SLOT_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
 
