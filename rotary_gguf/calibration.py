@@ -5,8 +5,10 @@ from them).
 Per device (the CPU at the thread count used, and the accelerator): matrix-vector and batched
 matrix-multiply throughput for each weight type a model has, the fixed cost of one graph (launch
 and sync) and of one small copy, and host -> device upload speed from page-locked and ordinary
-memory. The CPU's decode speed is also measured at 1, half and all threads (`plan --calibrate`
-shows them). A later model with a type not measured yet adds only that type's figures.
+memory; beside an accelerator, what a block with host experts adds, measured by decoding the
+built-in demo model both ways. The CPU's decode speed is also measured at 1, half and all threads
+(`plan --calibrate` shows them). A later model with a type not measured yet adds only that type's
+figures.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -24,7 +27,7 @@ from .errors import UserError
 from .speed_model import REFERENCE_GPU, DeviceSpeeds, PlanSpeeds, Weights
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 3
+CALIBRATION_FORMAT = 4
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
 DECODE_WEIGHT_BYTES = 32 * 2**20  # weight bytes per decode measurement: more than the CPU's caches hold
 PROMPT_WEIGHT_BYTES = 2 * 2**20
@@ -66,6 +69,8 @@ class Calibration:
 
     def covers(self, type_names: Iterable[str]) -> bool:
         devices = [self.cpu] + ([self.accelerator] if self.accelerator else [])
+        if self.accelerator is not None and self.accelerator.host_block_seconds is None:
+            return False
         return all(t in dev.decode and t in dev.prompt and t in dev.experts for dev in devices for t in type_names)
 
 
@@ -137,17 +142,22 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
         if previous is not None:
             return replace(previous, decode=decode, prompt=prompt, experts=experts)
         step(f"{dev.name}: graph and copy latency")
-        uploads = {}
+        extra = {}
         if dev.type != "cpu":
             step(f"{dev.name}: uploads")
-            uploads = {"upload_pageable": measure.upload_bytes_per_s(dev, 64 * 2**20, pinned=False)}
+            extra["upload_pageable"] = measure.upload_bytes_per_s(dev, 64 * 2**20, pinned=False)
             if dev.host_buffer_type:
-                uploads["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
+                extra["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
         return DeviceSpeeds(dev.name, dev.description, decode, prompt, PROMPT_BATCH, measure.graph_seconds(dev, n_threads),
-                            measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), experts=experts, **uploads)
+                            measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), experts=experts, **extra)
 
+    if acc_dev is not None:  # the demo model measures host expert blocks: its types too
+        types = {**demo_weight_types(), **types}
     cpu = device_speeds(native.cpu_device(), known.cpu if known else None, threads)
     acc = device_speeds(acc_dev, known.accelerator if known else None, None) if acc_dev else None
+    if acc is not None and acc.host_block_seconds is None:
+        step(f"{acc.name}: host expert blocks (the built-in demo model)")
+        acc = replace(acc, host_block_seconds=host_block_seconds(cpu, acc, threads))
     by_threads = dict(known.cpu_decode_by_threads) if known else {}
     counts = sorted({1, max(1, threads // 2), threads})
     for name, ggml_type in types.items():
@@ -161,6 +171,55 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
     result = Calibration(cpu, acc, threads, by_threads, seconds, path)
     _save(result, path)
     return result
+
+
+DEMO_TOKENS = 32  # tokens per timed generation of the demo model; the median of DEMO_RUNS is kept
+DEMO_RUNS = 3
+
+
+def demo_weight_types() -> dict[str, int]:
+    from .demo import DEMO_MODEL
+    from .inventory import read_inventory
+
+    return {t.type_name: t.ggml_type for t in read_inventory(DEMO_MODEL).tensors}
+
+
+def host_block_seconds(cpu: DeviceSpeeds, acc: DeviceSpeeds, threads: int) -> float:
+    """What a block whose experts stay in host memory adds to a decoded token beside the
+    accelerator `acc`, beyond its experts' own reads: measured on a real llama.cpp model, the
+    built-in demo, decoded with every expert on `acc` and with every expert in host memory. The
+    difference, less what the experts' reads at the calibrated speeds explain, per block: the
+    scheduler's two graph splits, the copies of a block's input and routing to the CPU and of the
+    result back, with every wake-up and round trip between them (on ggml-rpc, every split graph is
+    sent again, as no two in a row are the same)."""
+    from . import arch as names
+    from .demo import DEMO_MODEL
+    from .inventory import read_inventory
+    from .plan import HOST_BUFFER_TYPE, Placement
+
+    weights = Weights.from_inventory(read_inventory(DEMO_MODEL))
+    blocks = sorted(weights.expert)
+    resident = Placement(devices=(acc.name,), n_gpu_layers=-1)
+    on_host = Placement(devices=(acc.name,), overrides=((names.expert_pattern(None), HOST_BUFFER_TYPE),), n_gpu_layers=-1)
+    gap = _demo_decode_seconds(on_host, threads) - _demo_decode_seconds(resident, threads)
+    experts = sum(weights.used_seconds(i, cpu, "decode") - weights.used_seconds(i, acc, "decode") for i in blocks)
+    return max(gap - experts, 0.0) / len(blocks)
+
+
+def _demo_decode_seconds(placement, threads: int) -> float:
+    """Median seconds per decoded token of the built-in demo model loaded the `placement` way."""
+    from .demo import DEMO_MODEL
+    from .engine import Engine
+
+    seconds = []
+    with Engine.load(DEMO_MODEL, placement, n_ctx=4 * DEMO_TOKENS, n_threads=threads) as engine:
+        prompt = engine.tokenize("The list type", add_special=True)
+        for _ in range(DEMO_RUNS):
+            stats = None
+            for event in engine.generate(prompt, max_tokens=DEMO_TOKENS):
+                stats = event.stats
+            seconds.append(1.0 / stats.decode_tps)
+    return statistics.median(seconds)
 
 
 def plan_speeds(inv, accelerator_name: str | None, threads: int, *, refresh: bool = False,
@@ -177,3 +236,15 @@ def plan_speeds(inv, accelerator_name: str | None, threads: int, *, refresh: boo
     else:
         source = f"calibrated: {where}; {REFERENCE_GPU.name} for the GPU"
     return PlanSpeeds(Weights.from_inventory(inv), cal.cpu, cal.accelerator or REFERENCE_GPU, source), cal
+
+
+def device_plan_speeds(inv, accelerator_names: list[str], threads: int, *, refresh: bool = False,
+                       on_step: Callable[[str], None] | None = None) -> tuple[PlanSpeeds, list[Calibration]]:
+    """`plan_speeds` for a plan over several accelerators: each one calibrated (each its own file),
+    their speeds by name in `PlanSpeeds.devices`, the first as the accelerator."""
+    found = [plan_speeds(inv, name, threads, refresh=refresh, on_step=on_step) for name in accelerator_names]
+    devices = {name: speeds.accelerator for name, (speeds, _) in zip(accelerator_names, found)}
+    where = f"CPU at {threads} thread{'s' if threads > 1 else ''}"
+    first = found[0][0]
+    return (replace(first, devices=devices, source=f"calibrated: {where}, {', '.join(accelerator_names)}"),
+            [calibration for _, calibration in found])

@@ -4,15 +4,18 @@ of a split-compute cache. Pure arithmetic, like the memory model in `plan`.
 
 A decoded token reads every weight it uses once: the non-expert weights and the experts it selects
 in every block. Each part costs its bytes over the speed of the device that holds it, for the
-tensor's type. Host expert blocks add two graph splits each (the hidden state goes to the CPU and
-back): a graph launch on each side and two small copies. Prompt processing runs the same weights
+tensor's type. Host expert blocks add two graph splits each (the hidden state and routing go to the
+CPU and the result back): measured as a whole on a real model (`calibration`), wake-ups, round
+trips and the graph transfers of ggml-rpc included. Prompt processing runs the same weights
 at batch size, so it uses the speeds measured at a batch; a GPU that runs host experts itself for
-large batches (CUDA's offload_op) pays for uploading them once per batch instead.
+large batches (CUDA's offload_op) pays for uploading them once per batch instead. Over several
+accelerators each part runs at the speed of the device that holds it, and every crossing from one
+accelerator to another costs a graph launch on each side and a copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import arch as names
 
@@ -36,6 +39,7 @@ class DeviceSpeeds:
     upload_pinned: float | None = None  # host -> device bytes per second, from page-locked memory
     upload_pageable: float | None = None  # from ordinary host memory
     experts: dict[str, float] = field(default_factory=dict)  # decode's expert op (MUL_MAT_ID), per type
+    host_block_seconds: float | None = None  # what a block with host experts adds beside this accelerator
 
     def expert_rate(self, phase: str, type_name: str) -> float:
         """Bytes per second of the experts' own op at decode, else the plain matrix-vector rate."""
@@ -131,6 +135,11 @@ class Layout:
     hit_rates: dict[int, float] = field(default_factory=dict)
     misses: str = "split"  # a cache miss: computed by the CPU meanwhile ("split") or uploaded first ("upload")
     streams_prompt: bool = False  # the accelerator runs host experts itself at prompt batches (CUDA)
+    # several accelerators: the device of each block's other tensors, of the output layer, and of
+    # each resident block's experts (a block missing here has its experts on its own device)
+    layer_devices: tuple[str, ...] = ()
+    output_device: str = ""
+    resident_on: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -145,9 +154,12 @@ class Prediction:
 
 
 def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: DeviceSpeeds | None, phase: str,
-                  batch: int = 1) -> dict[str, float]:
+                  batch: int = 1, devices: dict[str, DeviceSpeeds] | None = None) -> dict[str, float]:
     """Seconds one token spends, by part, in `phase` ("decode", or "prompt" at `batch` tokens per
-    graph: fixed costs are shared by the batch)."""
+    graph: fixed costs are shared by the batch). A layout over several accelerators takes each
+    one's speeds from `devices` (by name)."""
+    if layout.layer_devices and devices:
+        return _spread_seconds(weights, layout, cpu, devices, phase, batch)
     main = acc if layout.accelerator and acc is not None else cpu
     parts = {
         "weights": sum(n / main.rate(phase, t) for t, n in weights.other.items()),
@@ -176,8 +188,43 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
         parts["host experts"] += max(on_cpu, weights.used_seconds(i, main, phase, hit))
         if layout.slots:  # split compute syncs three more times per block: routing, weights, the weighted sum
             parts["splits"] += SPLIT_SYNCS * main.graph_seconds / batch
-    split = main.graph_seconds + cpu.graph_seconds + 2 * main.copy_seconds
-    parts["splits"] += len(layout.host) * split / batch
+    parts["splits"] += len(layout.host) * host_block_seconds(main, cpu) / batch
+    return parts
+
+
+def host_block_seconds(acc: DeviceSpeeds, cpu: DeviceSpeeds) -> float:
+    """What a block whose experts the CPU computes adds beside the accelerator: as measured, else
+    a graph launch on each side and two small copies."""
+    if acc.host_block_seconds is not None:
+        return acc.host_block_seconds
+    return acc.graph_seconds + cpu.graph_seconds + 2 * acc.copy_seconds
+
+
+def _spread_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, devices: dict[str, DeviceSpeeds], phase: str,
+                    batch: int) -> dict[str, float]:
+    """`token_seconds` over several accelerators: the other weights read by the devices holding
+    their blocks (in proportion to the blocks each holds), each resident expert block by its own
+    device, and every boundary between two accelerators in the order the graph runs (block by
+    block, a block whose experts live elsewhere crossing twice, then the output layer) costing a
+    graph launch on each side and a copy."""
+    first = devices[layout.layer_devices[0]]
+    single = replace(layout, layer_devices=(), output_device="", resident_on={})
+    parts = token_seconds(weights, single, cpu, first, phase, batch)
+    n_blocks = len(layout.layer_devices)
+    parts["weights"] = sum(layout.layer_devices.count(name) / n_blocks * sum(n / dev.rate(phase, t)
+                                                                             for t, n in weights.other.items())
+                           for name, dev in devices.items())
+    parts["resident experts"] = sum(
+        weights.used_seconds(i, devices[layout.resident_on.get(i, layout.layer_devices[i])], phase)
+        for i in weights.expert if i not in layout.host and i < n_blocks)
+    order: list[str] = []
+    for i, name in enumerate(layout.layer_devices):
+        elsewhere = layout.resident_on.get(i, name)
+        order += [name, elsewhere, name] if i not in layout.host else [name]
+    order.append(layout.output_device or order[-1])
+    crossings = [(a, b) for a, b in zip(order, order[1:]) if a != b]
+    parts["splits"] += sum(devices[a].graph_seconds + devices[b].graph_seconds + devices[a].copy_seconds
+                           for a, b in crossings) / batch
     return parts
 
 
@@ -190,9 +237,10 @@ class PlanSpeeds:
     cpu: DeviceSpeeds
     accelerator: DeviceSpeeds
     source: str
+    devices: dict[str, DeviceSpeeds] = field(default_factory=dict)  # several accelerators: each one's, by name
 
     def predict(self, layout: Layout) -> Prediction:
-        return predict(self.weights, layout, self.cpu, self.accelerator)
+        return predict(self.weights, layout, self.cpu, self.accelerator, self.devices)
 
 
 # A GPU that is not on this machine (plan --vram on a machine without one) is predicted as an
@@ -220,9 +268,11 @@ def _download_rate(device: DeviceSpeeds) -> float:
     return device.upload_pageable or device.upload_pinned or device.rate("decode", "F32")
 
 
-def predict(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: DeviceSpeeds | None) -> Prediction:
-    """Predicted prompt and decode tokens per second of one placement."""
-    decode = token_seconds(weights, layout, cpu, acc, "decode")
+def predict(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: DeviceSpeeds | None,
+            devices: dict[str, DeviceSpeeds] | None = None) -> Prediction:
+    """Predicted prompt and decode tokens per second of one placement (over several accelerators:
+    each one's speeds in `devices`)."""
+    decode = token_seconds(weights, layout, cpu, acc, "decode", devices=devices)
     batch = (acc if layout.accelerator and acc is not None else cpu).batch
-    prompt = token_seconds(weights, layout, cpu, acc, "prompt", batch)
+    prompt = token_seconds(weights, layout, cpu, acc, "prompt", batch, devices)
     return Prediction(1.0 / sum(prompt.values()), 1.0 / sum(decode.values()), decode)

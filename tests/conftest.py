@@ -40,9 +40,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def rpc_endpoint():
-    """A real ggml-rpc server serving this machine's CPU: the simulated accelerator."""
+def _rpc_server():
+    """Start a real ggml-rpc server serving this machine's CPU on a free port (one thread); yield
+    its endpoint once it answers, and stop it afterwards."""
     from rotary_gguf import native
     from rotary_gguf.errors import UserError
 
@@ -65,6 +65,18 @@ def rpc_endpoint():
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def rpc_endpoint():
+    """A real ggml-rpc server serving this machine's CPU: the simulated accelerator."""
+    yield from _rpc_server()
+
+
+@pytest.fixture(scope="session")
+def second_rpc_endpoint():
+    """Another real ggml-rpc server on another port: a second simulated accelerator."""
+    yield from _rpc_server()
 
 
 def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:

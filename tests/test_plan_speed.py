@@ -4,6 +4,7 @@ the predictions: pure checks with set speeds, then `plan --calibrate` on a real 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from predict_split import qwen36_figures
 
@@ -38,6 +39,19 @@ def test_the_plan_is_the_fastest_candidate_it_weighed():
                 assert "speed model" in plan.expert_cache.reason and "resident blocks only" in predicted
             doc = plan.to_json()["predictions"]
             assert doc["speeds"] == "set by the test" and doc["candidates"][0]["name"] == "this plan"
+
+
+def test_an_accelerator_slower_than_the_cpu_at_experts_keeps_them_on_the_host():
+    """A simulated accelerator (ggml-rpc on a CPU without repacked kernels) can run experts slower
+    than the CPU: the plan then keeps fewer resident blocks than fit, and says why."""
+    m = qwen36_figures()
+    speeds = _qwen36_speeds(40e9)
+    slow = DeviceSpeeds("RPC0", "simulated", {ANY_TYPE: 200e9}, {ANY_TYPE: 4e12}, 128, 20e-6, 1e-6,
+                        experts={"Q4_K": 5e9}, host_block_seconds=20e-6)
+    on_slow = make_plan(m, CUDA, 12 * GiB, ctx=8192, speeds=replace(speeds, accelerator=slow))
+    on_gpu = make_plan(m, CUDA, 12 * GiB, ctx=8192, speeds=speeds)
+    assert on_gpu.resident and not on_slow.resident
+    assert any(f"0 of the {len(on_gpu.resident)} expert blocks that fit kept resident" in n for n in on_slow.notes)
 
 
 def test_a_faster_cpu_predicts_faster_host_experts():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -58,6 +59,16 @@ def test_a_slower_cpu_makes_host_blocks_cost_more_and_splits_add_up():
     assert resident.prompt_tps > resident.decode_tps  # batches read each weight once for many tokens
 
 
+def test_measured_host_blocks_cost_what_was_measured():
+    w, cpu = _weights(), _speeds("CPU", 1e9)
+    acc = replace(_speeds("RPC0", 1e10), host_block_seconds=5e-4)
+    resident = predict(w, Layout(), cpu, acc)
+    two = predict(w, Layout(host=(0, 1)), cpu, acc)
+    per_block = 4 * 100_000 * (1 / 1e9 - 1 / 1e10) + 5e-4
+    assert 1 / two.decode_tps - 1 / resident.decode_tps == pytest.approx(2 * per_block, rel=1e-6)
+    assert two.decode_parts["splits"] == pytest.approx(2 * 5e-4, rel=1e-6)
+
+
 def test_an_unmeasured_type_takes_the_slowest_rate():
     s = DeviceSpeeds("CPU", "", {"Q4_K": 2e9, "F32": 8e9}, {}, 128, 0.0)
     assert s.rate("decode", "Q6_K") == 2e9
@@ -101,8 +112,10 @@ def test_an_rpc_accelerator_is_calibrated_too(cache_home, rpc_endpoint, test_mod
     cal = calibration.calibrate(types, inv.n_embd, 1, dev.name)
     acc = cal.accelerator
     assert acc is not None and acc.name == dev.name
-    assert set(acc.decode) == set(types) and acc.upload_pageable > 0 and acc.upload_pinned is None  # RPC has no pinned memory
+    assert set(acc.decode) == set(types) | set(calibration.demo_weight_types()) and acc.upload_pageable > 0 and acc.upload_pinned is None  # RPC has no pinned memory
     assert acc.graph_seconds > cal.cpu.graph_seconds  # a round trip over a socket
+    # a host block's splits: round trips and graphs both ways, more than one graph's round trip
+    assert acc.host_block_seconds > acc.graph_seconds and cal.cpu.host_block_seconds is None
     w = Weights.from_tensors([(t.name, t.type_name, t.nbytes) for t in inv.tensors], inv.n_expert, inv.n_expert_used,
                              inv.attention_layout(), inv.by_name["token_embd.weight"].shape[1])
     host = predict(w, Layout(host=tuple(w.expert)), cal.cpu, acc)

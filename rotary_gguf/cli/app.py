@@ -61,21 +61,33 @@ OptionalModelSourceArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 RpcOpt = Annotated[
     Optional[str],
-    typer.Option("--rpc", metavar="HOST:PORT", help="Use a ggml-rpc server (see `rpc-device`) as the accelerator."),
+    typer.Option("--rpc", metavar="HOST:PORT[,HOST:PORT...]",
+                 help="Use ggml-rpc servers (see `rpc-device`) as accelerators: one, or several separated by commas "
+                 "(devices RPC0, RPC1, ... in this order)."),
+]
+DevicesOpt = Annotated[
+    Optional[str],
+    typer.Option("--devices", metavar="NAME[,NAME...]",
+                 help="The accelerators the plan may use, as `devices` lists them (CUDA0, CUDA1, RPC0, ...), in "
+                 "llama.cpp's layer order (default: every --rpc device, then every GPU). With several, the non-expert "
+                 "layers are split over them by budget and resident expert blocks spread over them, fastest first; "
+                 "host experts then run on the CPU (the expert cache and rotary mode use one device).",
+                 show_default=False),
 ]
 ModeOpt = Annotated[
     str,
     typer.Option(
         "--mode",
         help="Host experts: 'cpu' computes them on the CPU, 'rotary' streams each token's experts to the GPU, "
-        "'auto' measures and picks the faster.",
+        "'auto' measures and picks the faster. Over several devices host experts run on the CPU (rotary: one GPU).",
     ),
 ]
 VramOpt = Annotated[
     Optional[str],
     typer.Option(
         help="The GPU's memory, with a unit, e.g. 8GiB or 7.5GB; the plan keeps a display and driver reserve off it "
-        "(default: what the GPU reports free, less a smaller reserve).",
+        "(default: what the GPU reports free, less a smaller reserve). With several devices: one size for each, or "
+        "one per device in --devices order, e.g. 8GiB,4GiB.",
         show_default=False,
     ),
 ]
@@ -127,7 +139,7 @@ CacheOpt = Annotated[
         metavar="auto|off|SLOTS",
         help="Keep often used host experts in GPU slots (per host expert block): 'auto' lets the planner weigh slot "
         "counts against resident blocks (with --cache-misses upload: fills the VRAM left after the plan), 'off' "
-        "turns the cache off, a number sets the slots per block.",
+        "turns the cache off, a number sets the slots per block. One device only: off in a plan over several.",
     ),
 ]
 
@@ -151,6 +163,35 @@ MissesOpt = Annotated[
         "block runs (for fast links).",
     ),
 ]
+
+
+def rpc_endpoints(value: Optional[str]) -> list[str]:
+    """--rpc as a list of HOST:PORT, each well formed and named once (whether a server answers is
+    checked when it is registered)."""
+    from ..native import parse_endpoint
+
+    if value is None:
+        return []
+    endpoints = [part.strip() for part in value.split(",")]
+    for endpoint in endpoints:
+        parse_endpoint(endpoint)
+    repeated = next((e for i, e in enumerate(endpoints) if e in endpoints[:i]), None)
+    if repeated is not None:
+        raise UserError(f"--rpc names {repeated} twice: each ggml-rpc server is one device")
+    return endpoints
+
+
+def device_names(value: Optional[str]) -> list[str] | None:
+    """--devices as a list of device names, each named once; None when not given."""
+    if value is None:
+        return None
+    names = [part.strip() for part in value.split(",")]
+    if not all(names):
+        raise UserError(f"--devices takes device names separated by commas (CUDA0,RPC0), not {value!r}")
+    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if repeated is not None:
+        raise UserError(f"--devices names {repeated} twice")
+    return names
 
 
 def misses_setting(value: str) -> str:

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
 from ..draft import DEFAULT_DRAFT_MAX
 from ..units import human_bytes
-from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModelArg, ProfileOpt, ReserveOpt,
+from .app import (BatchOpt, CacheOpt, CtxOpt, DevicesOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModelArg, ProfileOpt, ReserveOpt,
                   RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
 from .placement import context_for, plan_or_cpu
 from .run import DraftMaxOpt, DraftOpt
@@ -36,6 +36,7 @@ def bench(
     gen_tokens: Annotated[int, typer.Option(help="Tokens each run generates, greedily.")] = 128,
     runs: Annotated[int, typer.Option(help="Timed runs per candidate, after one warm-up run each.")] = 3,
     rpc: RpcOpt = None,
+    devices: DevicesOpt = None,
     expert_cache: CacheOpt = "auto",
     cache_misses: MissesOpt = "split",
     routing_profile: ProfileOpt = None,
@@ -43,9 +44,14 @@ def bench(
     as_json: JsonOpt = False,
     draft: DraftOpt = "auto",
     draft_max: DraftMaxOpt = DEFAULT_DRAFT_MAX,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate", help="Measure this machine's speeds again right after the runs, for the "
+                           "predicted column (else the figures kept from the first use), so both see the same load.")
+    ] = False,
 ) -> None:
     """Measure placements side by side (the plan with and without its expert cache, llama.cpp's
-    --cpu-moe and --n-cpu-moe N, all on the accelerator) and recommend one. Identical placements
+    --cpu-moe and --n-cpu-moe N, all on the accelerator; a plan over several devices beside the
+    first device alone and --cpu-moe on it) and recommend one. Identical placements
     are measured once, as one row. The table shows where each candidate's experts compute
     (CPU_REPACK, CPU, RPC0, CUDA0); where greedy outputs differ, the reference's tokens are fed
     through both and their logits compared: a near tie within the tolerance is a note, more is an
@@ -60,20 +66,25 @@ def bench(
         if value < 1:
             raise UserError(f"{flag} must be at least 1, not {value}")
     context = context_for(model, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
-    cpu_plan = plan_or_cpu(model, vram=vram, reserve=reserve, mode="cpu", context=context, rpc=rpc,
+    cpu_plan = plan_or_cpu(model, vram=vram, reserve=reserve, mode="cpu", context=context, rpc=rpc, devices=devices,
                            expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
                            routing_profile=routing_profile, threads=threads)
     notes: list[str] = []
     if cpu_plan is None:
         cands = [benching.Candidate("cpu-only", Placement.all_cpu(), "cpu-only", "everything on the CPU")]
         notes.append("only the CPU-only run was measured: no GPU here and no --rpc (or a dense model), so there are no placements to compare")
+    elif cpu_plan.shares:
+        cands = benching.spread_candidates(cpu_plan)
+        if len(cands) == 1:
+            notes.append(f"{cpu_plan.accelerator.name}'s budget cannot hold every block alone: only the plan over "
+                         "several devices was measured")
     else:
         plans = [cpu_plan] if cpu_plan.expert_cache is None else [benching.without_expert_cache(cpu_plan), cpu_plan]
         if cpu_plan.accelerator.streams_host_ops:
             notes.append("rotary mode was not measured: its offload threshold is fixed per process, and cpu mode was set first")
         cands = benching.candidates(plans)
     drafting = _drafting(model, draft, draft_max, context.n_ubatch, cpu_plan, notes, lambda: plan_or_cpu(
-        model, vram=vram, reserve=reserve, mode="cpu", context=context, rpc=rpc,
+        model, vram=vram, reserve=reserve, mode="cpu", context=context, rpc=rpc, devices=devices,
         expert_cache=cache_setting(expert_cache), cache_misses=cache_misses, routing_profile=routing_profile,
         threads=threads, draft_max=draft_max))
     cands = benching.with_drafting(cands, drafting)
@@ -87,7 +98,7 @@ def bench(
     results, prompt = benching.run_bench(model, cands, n_ctx=context.ctx, n_batch=context.n_batch, prompt_len=prompt_tokens,
                                          gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress,
                                          load_options=load_options)
-    _predict(model, results, cpu_plan, threads)
+    _predict(model, results, cpu_plan, threads, calibrate)
     best = benching.recommend(results)
     from ..engine import default_threads
 
@@ -145,13 +156,15 @@ def _drafting(model, draft: str, draft_max: int, n_ubatch: int, cpu_plan, notes:
     except UserError as e:
         notes.append(f"not measured with MTP drafts: {e}")
         return []
+    if plan.shares:
+        return [benching.spread_candidates(plan)[0].with_drafts(draft_max)]
     plans = [plan] if plan.expert_cache is None else [benching.without_expert_cache(plan), plan]
     return [c.with_drafts(draft_max) for p in plans for c in benching.plan_candidates(p)]
 
 
-def _predict(model, results, the_plan, threads: int) -> None:
-    """Calibrate this machine (seconds, the first time; kept in the cache folder) and add the speed
-    model's predictions to `results`."""
+def _predict(model, results, the_plan, threads: int, refresh: bool) -> None:
+    """Calibrate this machine (seconds, the first time or with `refresh`; kept in the cache folder)
+    and add the speed model's predictions to `results`."""
     from .. import bench as benching
     from ..calibration import plan_speeds
     from ..engine import default_threads
@@ -159,8 +172,14 @@ def _predict(model, results, the_plan, threads: int) -> None:
 
     inv = read_inventory(model)
     accelerator = the_plan.accelerator.name if the_plan is not None else None
-    speeds, _ = plan_speeds(inv, accelerator, threads or default_threads(),
-                            on_step=lambda step: log.logger.info("calibrating: %s", step))
+    on_step = lambda step: log.logger.info("calibrating: %s", step)  # noqa: E731
+    if the_plan is not None and the_plan.shares:
+        from ..calibration import device_plan_speeds
+
+        speeds, _ = device_plan_speeds(inv, [s.accelerator.name for s in the_plan.shares], threads or default_threads(),
+                                       refresh=refresh, on_step=on_step)
+    else:
+        speeds, _ = plan_speeds(inv, accelerator, threads or default_threads(), refresh=refresh, on_step=on_step)
     benching.add_predictions(results, speeds)
 
 

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from ..units import human_bytes
 from ..defaults import DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
-from .app import CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, ModeOpt, ModelArg, ReserveOpt, RpcOpt, ThreadsOpt, VramOpt, app, out
+from .app import (CtxOpt, DevicesOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, ModeOpt, ModelArg, ReserveOpt, RpcOpt, ThreadsOpt,
+                  VramOpt, app, out)
 from .placement import context_for, plan_or_cpu
 
 
@@ -100,6 +101,7 @@ def profile(
     reserve: ReserveOpt = None,
     mode: ModeOpt = "auto",
     rpc: RpcOpt = None,
+    devices: DevicesOpt = None,
     threads: ThreadsOpt = 0,
 ) -> None:
     """Record which experts every block selects over a set of prompts: the routing profile `convert --profile` reads."""
@@ -110,7 +112,8 @@ def profile(
     telemetry = RoutingTelemetry.for_model(model, pairs=True)
     # every token of a batch is an output: each block must route every token
     context = context_for(model, ctx=ctx, batch=PROFILE_BATCH, ubatch=None, kv_type=kv_type, flash_attn=flash_attn)
-    the_plan = plan_or_cpu(model, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, all_outputs=True,
+    the_plan = plan_or_cpu(model, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, devices=devices,
+                           all_outputs=True,
                            threads=threads)
     placement = the_plan.placement if the_plan else None
 

@@ -11,16 +11,16 @@ from rich.text import Text
 
 from .. import log
 from ..units import human_bytes
-from .app import JsonOpt, OptionalModelArg, RpcOpt, app, out
+from .app import JsonOpt, OptionalModelArg, RpcOpt, app, out, rpc_endpoints
 
 
 @app.command()
 def devices(rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
-    """List the devices llama.cpp sees (CPU, GPUs, and an RPC device with --rpc)."""
+    """List the devices llama.cpp sees (CPU, GPUs, and the RPC devices of --rpc): the names --devices takes."""
     from .. import native
 
-    if rpc:
-        native.add_rpc_device(rpc)
+    for endpoint in rpc_endpoints(rpc):
+        native.add_rpc_device(endpoint)
     devs = native.devices()
     if as_json:
         print(json.dumps([{k: getattr(d, k) for k in ("name", "description", "type", "free", "total")} for d in devs], indent=2))

@@ -1,16 +1,17 @@
-"""The plan for this machine: the accelerator found (or --rpc, or --vram for a GPU not here), the
-budget less a display and driver reserve, the host-expert mode measured where it must be, and the
-CPU when there is nothing to fill."""
+"""The plan for this machine: the accelerator found (or --rpc, or --vram for a GPU not here), or
+several (--rpc A,B, --devices, several GPUs), the budget less a display and driver reserve, the
+host-expert mode measured where it must be, and the CPU when there is nothing to fill."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from .. import log
 from ..errors import UserError
 from ..units import human_bytes
-from .app import misses_setting
+from .app import device_names, misses_setting, rpc_endpoints
 
 
 def context_for(model, *, ctx: Optional[int], batch: int, ubatch: Optional[int], kv_type: str, flash_attn: str):
@@ -49,12 +50,32 @@ def budget_for(accelerator, vram: Optional[str], reserve: Optional[str]) -> tupl
     return given - amount, source, amount, why
 
 
+def accelerators_for(rpc: Optional[str], devices: Optional[str]) -> list:
+    """The accelerators a plan may use (`native.find_accelerators`): --devices among this machine's
+    GPUs and the --rpc servers; by default every one of them (none: no GPU here and no --rpc)."""
+    from .. import native
+
+    return native.find_accelerators(rpc_endpoints(rpc), device_names(devices))
+
+
+def vram_sizes(vram: Optional[str], n_devices: int) -> list[Optional[str]]:
+    """--vram for each of `n_devices` devices: one size for each, or one per device."""
+    sizes = [part.strip() for part in vram.split(",")] if vram is not None else [None]
+    if len(sizes) == 1:
+        return sizes * n_devices
+    if len(sizes) != n_devices:
+        raise UserError(f"--vram gives {len(sizes)} sizes for {n_devices} device{'s' if n_devices > 1 else ''}: "
+                        "give one size for each, or one per device in --devices order")
+    return sizes
+
+
 def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optional[str], reserve: Optional[str] = None,
              expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None,
              all_outputs: bool = False, threads: int = 0, calibrate: bool = False, on_calibration=None,
-             draft_max: int = 0):
+             devices: Optional[str] = None, draft_max: int = 0):
     """The plan for `model` on this machine's accelerator (or the RPC device at `rpc`, or a GPU
-    this machine lacks, sized by `vram`) with the context settings `context`, and the expert cache
+    this machine lacks, sized by `vram`), or over several (`rpc` servers and `devices`; see
+    `spread_plan_for`), with the context settings `context`, and the expert cache
     `expert_cache` ("auto", "off" or slots per block). Decides the host-expert mode before loading
     anything. In cpu mode the speed model weighs the candidates, from this machine's calibration
     (measured on first use, again with `calibrate`; `on_calibration` gets it) at `threads` CPU
@@ -68,6 +89,14 @@ def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optio
     if mode not in (*HOST_MODES, "auto"):
         raise UserError(f"unknown --mode {mode!r}: use auto, cpu or rotary")
     misses_setting(cache_misses)
+    found = accelerators_for(rpc, devices)
+    if len(found) > 1:
+        spread = spread_plan_for(model, found, vram=vram, context=context, mode=mode, reserve=reserve,
+                                 expert_cache=expert_cache, all_outputs=all_outputs, threads=threads,
+                                 calibrate=calibrate, on_calibration=on_calibration)
+        unplanned = ("the memory of MTP drafts is planned on one device: not counted over several",)
+        return replace(spread, notes=spread.notes + unplanned) if draft_max else spread
+    (vram,) = vram_sizes(vram, 1)
     inv = model_inventory(model)  # a name not pulled yet: its header, read from the Hub
     figures = ModelFigures.from_inventory(inv)
     hit_rates = None
@@ -78,7 +107,7 @@ def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optio
         hit_rates = HitRates.from_profile(load_profile(routing_profile, inv))
     if mode == "rotary":
         native.set_offload_min_batch(ROTARY_OFFLOAD_MIN_BATCH)  # read once, when the GPU backend loads
-    accelerator = native.find_accelerator(rpc)
+    accelerator = found[0] if found else None
     budget, source, reserved, reserve_reason = budget_for(accelerator, vram, reserve)
     notes: list[str] = []
     if vram is None and not accelerator.streams_host_ops:
@@ -116,11 +145,52 @@ def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optio
     return make_plan(figures, accelerator, budget, speeds=speeds, **plan_options)
 
 
+def spread_plan_for(model: Path, accelerators: list, *, vram: Optional[str], context, mode: str,
+                    reserve: Optional[str] = None, expert_cache: str | int = "off", all_outputs: bool = False,
+                    threads: int = 0, calibrate: bool = False, on_calibration=None):
+    """The plan for `model` over several `accelerators` (`plan.make_spread_plan`): each one's budget
+    from `vram` (one size for each, or one per device) or the free memory it reports, less its
+    reserve; host experts on the CPU; the devices' speeds from this machine's calibration."""
+    from ..calibration import device_plan_speeds
+    from ..demo import model_inventory
+    from ..engine import default_threads
+    from ..plan import ModelFigures, make_spread_plan
+
+    if mode == "rotary":
+        raise UserError("rotary mode streams host experts to one GPU: pick it with --devices NAME")
+    if not isinstance(expert_cache, str):
+        raise UserError(f"the expert cache uses one accelerator: --expert-cache {expert_cache} needs one device "
+                        "(--devices NAME)")
+    inv = model_inventory(model)
+    figures = ModelFigures.from_inventory(inv)
+    devices, notes, reserves = [], [], set()
+    for acc, size in zip(accelerators, vram_sizes(vram, len(accelerators))):
+        budget, source, reserved, reason = budget_for(acc, size, reserve)
+        devices.append((acc, budget))
+        reserves.add((reserved, reason))
+        if size is None and not acc.streams_host_ops:
+            notes.append(f"{acc.name} reports the RPC server's free RAM; pass --vram to simulate a smaller GPU")
+    reserved, reason = max(reserves)
+    source = "--vram" if vram is not None else "free memory each device reports"
+    mode_reason = "host experts run on the CPU in a plan over several devices (rotary mode and the expert cache use one)"
+    options = dict(budget_source=source, mode="cpu", mode_reason=mode_reason, reserve=reserved, reserve_reason=reason,
+                   notes=tuple(notes), all_outputs=all_outputs, **context.plan_options())
+    make_spread_plan(figures, devices, **options)  # budgets that cannot hold it fail before measuring
+    speeds, calibrations = device_plan_speeds(inv, [acc.name for acc in accelerators], threads or default_threads(),
+                                              refresh=calibrate,
+                                              on_step=lambda step: log.logger.info("calibrating: %s", step))
+    if on_calibration is not None:
+        for calibration in calibrations:
+            on_calibration(calibration)
+    return make_spread_plan(figures, devices, speeds=speeds, **options)
+
+
 def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, context, rpc: Optional[str], reserve: Optional[str] = None,
                 expert_cache: str | int = "off", cache_misses: str = "split", routing_profile: Optional[Path] = None,
-                all_outputs: bool = False, threads: int = 0, draft_max: int = 0):
-    """The plan for MoE `model` when there is an accelerator to fill (a GPU, or the RPC device at
-    `rpc`), else None: everything runs on the CPU (always so for a dense model)."""
+                all_outputs: bool = False, threads: int = 0, devices: Optional[str] = None, draft_max: int = 0):
+    """The plan for MoE `model` when there is an accelerator to fill (a GPU, the RPC devices at
+    `rpc`, those named in `devices`), else None: everything runs on the CPU (always so for a dense
+    model)."""
     from .. import native
     from ..inventory import read_inventory
 
@@ -128,11 +198,12 @@ def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, context, rpc: Op
     if not read_inventory(model).is_moe:
         return None
 
-    if vram is None and rpc is None and mode != "rotary" and not any(d.is_local_gpu for d in native.devices()):
+    if (vram is None and rpc is None and devices is None and mode != "rotary"
+            and not any(d.is_local_gpu for d in native.devices())):
         return None
     the_plan = plan_for(model, vram=vram, context=context, mode=mode, rpc=rpc, reserve=reserve, expert_cache=expert_cache,
                         cache_misses=cache_misses, routing_profile=routing_profile, all_outputs=all_outputs,
-                        threads=threads, draft_max=draft_max)
+                        threads=threads, devices=devices, draft_max=draft_max)
     if not the_plan.accelerator.present:
         raise UserError(f"there is no GPU on this machine to fill with --vram {vram}; use --rpc HOST:PORT for a simulated one")
     return the_plan

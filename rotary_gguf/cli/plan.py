@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..units import human_bytes
 from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
 from ..draft import DEFAULT_DRAFT_MAX
-from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModeOpt, ModelSourceArg,
+from .app import (BatchOpt, CacheOpt, CtxOpt, DevicesOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModeOpt, ModelSourceArg,
                   ProfileOpt, ReserveOpt, RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
 from .placement import context_for, plan_and_draft, plan_for
 from .run import DraftMaxOpt, DraftOpt
@@ -31,6 +31,7 @@ def plan(
     flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     mode: ModeOpt = "auto",
     rpc: RpcOpt = None,
+    devices: DevicesOpt = None,
     expert_cache: CacheOpt = "auto",
     cache_misses: MissesOpt = "split",
     routing_profile: ProfileOpt = None,
@@ -53,7 +54,7 @@ def plan(
     calibrations = []
 
     def planner(n: int):
-        return plan_for(model, vram=vram, reserve=reserve, context=context, mode=mode, rpc=rpc,
+        return plan_for(model, vram=vram, reserve=reserve, context=context, mode=mode, rpc=rpc, devices=devices,
                         expert_cache=cache_setting(expert_cache), cache_misses=cache_misses,
                         routing_profile=routing_profile, threads=threads, calibrate=calibrate and not calibrations,
                         on_calibration=calibrations.append, draft_max=n)
@@ -64,12 +65,14 @@ def plan(
         summary = the_plan.to_json()
         if calibrate and calibrations:
             summary["calibration"] = calibrations[0].to_json()
+            if len(calibrations) > 1:  # a plan over several devices: the others' speeds
+                summary["device_calibrations"] = [c.accelerator.to_json() for c in calibrations[1:]]
         if rows is not None:
             summary["check"] = [{"device": d, "purpose": p, "predicted": pr, "actual": a} for d, p, pr, a in rows]
         print(json.dumps(summary, indent=2))
         return
-    if calibrate and calibrations:
-        _print_calibration(calibrations[0])
+    for calibration in calibrations if calibrate else ():
+        _print_calibration(calibration)
     _print_plan(the_plan)
     if rows is not None:
         _print_check(rows, the_plan)
@@ -105,10 +108,18 @@ def _print_plan(p) -> None:
     head.add_column()
     acc = p.accelerator
     head.add_row("model", f"{p.model.name} ({p.model.arch}, {p.model.n_layer} blocks)")
-    head.add_row("accelerator", f"{acc.name} ({acc.kind}), buffer type {acc.buffer_type}")
-    given = f"{human_bytes(p.budget + p.reserve)} ({p.budget_source})"
-    head.add_row("budget", f"{human_bytes(p.budget)}: {given} less {human_bytes(p.reserve)} {p.reserve_reason}"
-                 if p.reserve else f"{given}; {p.reserve_reason or 'no reserve'}")
+    if p.shares:
+        for s in p.shares:
+            blocks = _ranges(s.layers) + (" and the output layer" if s.output else "")
+            head.add_row(f"device {s.accelerator.name}", f"{s.accelerator.kind}, buffer type {s.accelerator.buffer_type}, "
+                         f"budget {human_bytes(s.budget)}; blocks {blocks or 'none'} ({s.split} of "
+                         f"{sum(x.split for x in p.shares)} llama.cpp layers)")
+        head.add_row("budget", f"{human_bytes(p.budget)} in all ({p.budget_source}); {p.reserve_reason or 'no reserve'}")
+    else:
+        head.add_row("accelerator", f"{acc.name} ({acc.kind}), buffer type {acc.buffer_type}")
+        given = f"{human_bytes(p.budget + p.reserve)} ({p.budget_source})"
+        head.add_row("budget", f"{human_bytes(p.budget)}: {given} less {human_bytes(p.reserve)} {p.reserve_reason}"
+                     if p.reserve else f"{given}; {p.reserve_reason or 'no reserve'}")
     head.add_row("host experts", f"{p.mode}: {p.mode_reason}")
     outputs = "logits of every token" if p.all_outputs else "logits of one token a batch"
     head.add_row("context", f"{p.ctx} tokens (largest that fits: {p.largest_ctx}), batch {p.n_batch}, micro-batch "
@@ -129,22 +140,28 @@ def _print_plan(p) -> None:
     out.print(head)
 
     blocks = Table(title="expert tensors per block", title_justify="left", box=None, pad_edge=False)
-    for col, justify in (("block", "right"), ("attention", "left"), ("experts", "right"), ("live in", "left")):
+    columns = (("block", "right"), ("attention", "left"), ("experts", "right"), ("live in", "left"))
+    for col, justify in columns + ((("block on", "left"),) if p.shares else ()):
         blocks.add_column(col, justify=justify)
     for i in range(p.model.n_layer):
-        where = f"accelerator ({acc.buffer_type})" if i in p.resident else f"host ({p.host_buffer_type})"
-        blocks.add_row(str(i), p.model.attention[i], human_bytes(p.model.expert_bytes(i)), where)
+        on = p.device_of(i)
+        where = (f"{on.name if p.shares else 'accelerator'} ({on.buffer_type})" if i in p.resident
+                 else f"host ({p.host_buffer_type})")
+        block_on = [next(s.accelerator.name for s in p.shares if i in s.layers)] if p.shares else []
+        blocks.add_row(str(i), p.model.attention[i], human_bytes(p.model.expert_bytes(i)), where, *block_on)
     out.print(blocks)
 
+    pools = [(s.accelerator.name, s.use) for s in p.shares] or [("accelerator", p.accelerator_use)]
+    pools.append(("host", p.host_use))
     totals = Table(title="predicted memory (~ = estimate)", title_justify="left", box=None, pad_edge=False)
-    for col in ("", "accelerator", "host"):
+    for col in ("", *(name for name, _ in pools)):
         totals.add_column(col, justify="right" if col else "left")
-    for part, a in p.accelerator_use.parts().items():
-        h = getattr(p.host_use, part)
-        if a or h:
+    for part in DeviceUse().parts():
+        values = [getattr(use, part) for _, use in pools]
+        if any(values):
             mark = "~" if part in DeviceUse.ESTIMATES else ""
-            totals.add_row(part.replace("_", " "), *(mark + human_bytes(n) if n else "-" for n in (a, h)))
-    totals.add_row("[bold]total[/]", f"[bold]{human_bytes(p.accelerator_use.total)}[/]", f"[bold]{human_bytes(p.host_use.total)}[/]")
+            totals.add_row(part.replace("_", " "), *(mark + human_bytes(n) if n else "-" for n in values))
+    totals.add_row("[bold]total[/]", *(f"[bold]{human_bytes(use.total)}[/]" for _, use in pools))
     if p.draft:  # already in the parts above: what drafting adds to them
         totals.add_row("[dim]of which MTP drafts:[/]", "", "")
         for part, a, h in p.draft.lines():
@@ -152,8 +169,12 @@ def _print_plan(p) -> None:
             totals.add_row(f"  {part.rstrip(' ~')}", *(mark + human_bytes(n) if n else "-" for n in (a, h)))
     out.print(totals)
     resident = len(p.resident)
+    for s in p.shares:
+        out.print(f"{s.accelerator.name}: {human_bytes(s.use.total)} of {human_bytes(s.budget)}, margin "
+                  f"{human_bytes(s.margin)}; {len(s.resident)} expert blocks resident")
     out.print(
-        f"accelerator: {human_bytes(p.accelerator_use.total)} of {human_bytes(p.budget)}, margin {human_bytes(p.margin)} "
+        f"{'accelerators' if p.shares else 'accelerator'}: {human_bytes(p.accelerator_use.total)} of "
+        f"{human_bytes(p.budget)}, margin {human_bytes(p.margin)} "
         f"(at least {human_bytes(p.estimate_margin)} kept for the ~ estimates: {ESTIMATE_MARGIN_SHARE:.0%} of them); "
         f"{resident} of {resident + len(p.host_layers)} expert blocks resident (minimum budget {human_bytes(p.minimum_budget)})"
     )
@@ -162,6 +183,17 @@ def _print_plan(p) -> None:
         out.print(f"override: {pattern} -> {buft}", markup=False)
     for note in p.notes:
         out.print(f"[yellow]note:[/] {note}")
+
+
+def _ranges(layers) -> str:
+    """Block indexes as ranges: 0-2, 5."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _print_predictions(p) -> None:
@@ -181,14 +213,20 @@ def _print_calibration(cal) -> None:
     """This machine's calibration: throughput per weight type and the fixed costs, per device."""
     table = Table(title=f"calibration ({cal.seconds:.1f} s of measuring, kept in {cal.path})", title_justify="left",
                   box=None, pad_edge=False)
-    for col in ("device", "type", "decode GB/s", "prompt GB/s", "graph us", "op us", "copy us", "upload GB/s"):
+    columns = ("device", "type", "decode GB/s", "prompt GB/s", "graph us", "op us", "copy us", "host block us",
+               "upload GB/s")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("device", "type") else "right")
+
+    def us(seconds: float | None, digits: int = 1) -> str:
+        return "-" if seconds is None else f"{seconds * 1e6:.{digits}f}"
+
     for dev in (d for d in (cal.cpu, cal.accelerator) if d is not None):
         upload = "/".join(f"{v / 1e9:.1f}" for v in (dev.upload_pinned, dev.upload_pageable) if v) or "-"
+        fixed = (us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds), us(dev.host_block_seconds), upload)
         for i, name in enumerate(sorted(dev.decode)):
-            fixed = (f"{dev.graph_seconds * 1e6:.1f}", f"{dev.op_seconds * 1e6:.2f}", f"{dev.copy_seconds * 1e6:.1f}", upload)
             table.add_row(dev.name if i == 0 else "", name, f"{dev.decode[name] / 1e9:.1f}",
-                          f"{dev.prompt.get(name, 0) / 1e9:.1f}", *(fixed if i == 0 else ("",) * 4))
+                          f"{dev.prompt.get(name, 0) / 1e9:.1f}", *(fixed if i == 0 else ("",) * len(fixed)))
     out.print(table)
     for name, by_threads in sorted(cal.cpu_decode_by_threads.items()):
         out.print(f"CPU {name} decode by threads: " + ", ".join(f"{n}: {v / 1e9:.1f} GB/s" for n, v in sorted(by_threads.items())))

@@ -10,7 +10,7 @@ from .. import log
 from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
 from ..draft import DEFAULT_DRAFT_MAX, MAX_DRAFT_MAX, draft_setting
 from ..errors import UserError
-from .app import (BatchOpt, CacheOpt, CtxOpt, FlashAttnOpt, KvTypeOpt, MissesOpt, ModeOpt, OptionalModelArg, ProfileOpt,
+from .app import (BatchOpt, CacheOpt, CtxOpt, DevicesOpt, FlashAttnOpt, KvTypeOpt, MissesOpt, ModeOpt, OptionalModelArg, ProfileOpt,
                   ReserveOpt, RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
 from .placement import context_for, plan_and_draft, plan_or_cpu
 
@@ -76,6 +76,7 @@ def serve(
         typer.Option(envvar="ROTARY_GGUF_API_KEY", help="Require 'Authorization: Bearer KEY' on every request but /health."),
     ] = None,
     rpc: RpcOpt = None,
+    devices: DevicesOpt = None,
     expert_cache: CacheOpt = "auto",
     cache_misses: MissesOpt = "split",
     routing_profile: ProfileOpt = None,
@@ -124,7 +125,7 @@ def serve(
         log.logger.warning("listening on %s without --api-key: anyone who can reach it can use the model", host)
     sock = serving.listen(host, port)
     the_plan, draft = plan_and_draft(path, draft, draft_max, threads, lambda n: plan_or_cpu(
-        path, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, expert_cache=cache,
+        path, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, devices=devices, expert_cache=cache,
         cache_misses=cache_misses, routing_profile=routing_profile, threads=threads, draft_max=n))
     placement = the_plan.placement if the_plan else None
     telemetry = _dashboard_telemetry(inv) if dashboard else None
@@ -191,6 +192,7 @@ def chat(
     kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
     flash_attn: FlashAttnOpt = DEFAULT_FLASH_ATTN,
     rpc: RpcOpt = None,
+    devices: DevicesOpt = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one answer may have.")] = 512,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Sampling temperature (0: greedy).")] = 0.7,
     system: Annotated[Optional[str], typer.Option(help="A system message to start every conversation with.")] = None,
@@ -215,8 +217,9 @@ def chat(
     context = context_for(path, ctx=ctx, batch=batch, ubatch=ubatch, kv_type=kv_type, flash_attn=flash_attn)
     telemetry = _dashboard_telemetry(inv) if routing else None
     the_plan, draft = plan_and_draft(path, draft, draft_max, threads, lambda n: plan_or_cpu(
-        path, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, expert_cache=cache_setting(expert_cache),
-        cache_misses=cache_misses, routing_profile=routing_profile, threads=threads, draft_max=n))
+        path, vram=vram, reserve=reserve, mode=mode, context=context, rpc=rpc, devices=devices,
+        expert_cache=cache_setting(expert_cache), cache_misses=cache_misses, routing_profile=routing_profile,
+        threads=threads, draft_max=n))
     placement = the_plan.placement if the_plan else None
     with Engine.load(path, placement, **context.load_options(), n_threads=threads or None, telemetry=telemetry,
                      expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads), draft=draft,

@@ -121,6 +121,12 @@ class Engine:
         dev_array = native.device_array(devs)
         keepalive.append(dev_array)
         mparams.devices = native.address(dev_array)
+        if placement.tensor_split:
+            if len(placement.tensor_split) != len(devs):
+                raise UserError(f"a tensor split of {len(placement.tensor_split)} devices for {len(devs)} devices")
+            split = native.split_array(placement.tensor_split)
+            keepalive.append(split)
+            mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         drafting = () if draft != "mtp" else (
             placement.draft_overrides if placement.draft_overrides is not None else mtp_expert_overrides(inv, placement))
         overrides = tuple(drafting) + tuple(placement.overrides)

@@ -230,11 +230,30 @@ def serve_rpc(endpoint: str, n_threads: int) -> None:
 def find_accelerator(rpc: str | None = None) -> Accelerator | None:
     """The device to plan for: the ggml-rpc server at `rpc` when given, else the first GPU, else None."""
     if rpc:
-        dev = add_rpc_device(rpc)
-    else:
-        dev = next((d for d in devices() if d.is_local_gpu), None)
-        if dev is None:
-            return None
+        return accelerator_of(add_rpc_device(rpc))
+    dev = next((d for d in devices() if d.is_local_gpu), None)
+    return accelerator_of(dev) if dev is not None else None
+
+
+def find_accelerators(rpc: list[str], names: list[str] | None = None) -> list[Accelerator]:
+    """The devices a plan may use, in llama.cpp's order: those named in `names` (as `devices`
+    lists them: CUDA0, RPC0, ...) after registering the ggml-rpc servers at `rpc`; by default
+    every ggml-rpc device then every GPU of this machine (llama.cpp's own default order)."""
+    for endpoint in rpc:
+        add_rpc_device(endpoint)
+    known = [d for d in devices() if d.is_rpc] + [d for d in devices() if d.is_local_gpu]
+    if names is None:
+        return [accelerator_of(d) for d in known]
+    by_name = {d.name: d for d in known}
+    for name in names:
+        if name not in by_name:
+            listed = ", ".join(by_name) or "none (no GPU here and no --rpc)"
+            raise UserError(f"unknown device {name!r} in --devices (accelerators here: {listed})")
+    return [accelerator_of(by_name[name]) for name in names]
+
+
+def accelerator_of(dev: Device) -> Accelerator:
+    """The planner's view of a device: its buffer types, free memory and whether it streams host ops."""
     streams = offloads_ops(dev)
     pinned = dev.host_buffer_type
     return Accelerator(

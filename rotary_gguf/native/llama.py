@@ -39,6 +39,13 @@ def device_array(handles: list[int]) -> ctypes.Array:
     return (c_void_p * (len(handles) + 1))(*handles, None)
 
 
+def split_array(counts: tuple[int, ...]) -> ctypes.Array:
+    """llama_model_params.tensor_split: one float per device, llama_max_devices() long; keep it alive while loading."""
+    if len(counts) > llama_cpp.llama_max_devices():
+        raise UserError(f"llama.cpp takes at most {llama_cpp.llama_max_devices()} devices, not {len(counts)}")
+    return (ctypes.c_float * llama_cpp.llama_max_devices())(*counts)
+
+
 def address(obj: ctypes.Array) -> int:
     return ctypes.addressof(obj)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import math
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +39,7 @@ def upload_bytes_per_s(dev: Device, nbytes: int = 256 * 2**20, repeats: int = 3,
         raise UserError(f"could not allocate {nbytes} bytes of host memory to measure uploads to {dev.name}")
     try:
         with _device_tensor(dev, nbytes) as tensor:
-            return nbytes / _best_time(repeats, lambda: _tensor_set(tensor, _buffer_base(src), 0, nbytes))
+            return nbytes / _typical_time(repeats, lambda: _tensor_set(tensor, _buffer_base(src), 0, nbytes))
     finally:
         _buffer_free(src)
 
@@ -58,7 +58,7 @@ def _backend(dev: Device, n_threads: int | None) -> Iterator[int]:
 
 
 def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, fill=None) -> float:
-    """Best time of computing the graph `build(ctx, weights_ctx)` returns the output of (tensors
+    """Median time of computing the graph `build(ctx, weights_ctx)` returns the output of (tensors
     made in `weights_ctx` are weights, zeroed) and reading 4 bytes of that output back: the read
     waits for backends that compute asynchronously (ggml-rpc, CUDA). The CPU's weights are in the
     layout llama.cpp gives them (repacked, for the types that have one). `fill()` runs once the
@@ -83,7 +83,7 @@ def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, fill=N
                 _graph_compute(backend, graph)
                 _tensor_get(result, out, 0, 4)
 
-            return _best_time(repeats, run)
+            return _typical_time(repeats, run)
         finally:
             for buf in bufs:
                 if buf:
@@ -95,7 +95,7 @@ MAX_CHAIN = 64  # ops in the longest graph `op_seconds` times
 
 def matmul_seconds(dev: Device, ggml_type: int, n_embd: int, rows: int, batch: int = 1, n_threads: int | None = None,
                    repeats: int = 5) -> float:
-    """Best time of `dev` multiplying a [n_embd, rows] weight of `ggml_type` by `batch` activation
+    """Median time of `dev` multiplying a [n_embd, rows] weight of `ggml_type` by `batch` activation
     vectors (1: what decode does, more: prompt processing), one graph computed and synchronised."""
     return _timed_graph(dev, n_threads, lambda ctx, wctx: _mul_mat(ctx, _new_tensor_2d(wctx, ggml_type, n_embd, rows),
                                                                    _new_tensor_2d(ctx, _GGML_TYPE_F32, n_embd, batch)), repeats)
@@ -166,7 +166,7 @@ def copy_seconds(dev: Device, nbytes: int = 16 * 1024, repeats: int = 20) -> flo
     """The cost of one small host -> device copy (an activation crossing between devices)."""
     src = bytes(nbytes)
     with _device_tensor(dev, nbytes) as tensor:
-        return _best_time(repeats, lambda: _tensor_set(tensor, src, 0, nbytes))
+        return _typical_time(repeats, lambda: _tensor_set(tensor, src, 0, nbytes))
 
 
 def graph_seconds(dev: Device, n_threads: int | None = None) -> float:
@@ -183,11 +183,14 @@ def measure_link(accelerator: Accelerator, expert_type: int, n_embd: int, n_thre
     )
 
 
-def _best_time(repeats: int, fn) -> float:
+def _typical_time(repeats: int, fn) -> float:
+    """The median time of `repeats` calls after a warm-up: what a run of many tokens sees on a
+    machine that is busy now and then (bench reports medians too), where the best call would be
+    a lucky one."""
     fn()  # warm up
-    best = math.inf
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return max(best, 1e-9)
+        times.append(time.perf_counter() - t0)
+    return max(statistics.median(times), 1e-9)

@@ -24,6 +24,9 @@ against the resident blocks the same memory would hold, by the decode-time model
 `decode_cost`, and keeps the fastest (resident blocks only, when nothing beats them); `auto` with
 upload fills what the resident blocks leave.
 
+Over several accelerators (`spreading`): llama.cpp's layer split follows the devices' budgets, the
+resident expert blocks spread over the devices, fastest first, and host experts run on the CPU.
+
 The output, a `Plan`, turns into a `Placement`: what the engine hands to llama.cpp (the device
 list, the tensor_buft_overrides as pattern -> buffer type name, first match wins, and load options).
 """
@@ -35,7 +38,8 @@ from .drafting import DraftUse
 from .figures import Accelerator, LinkFigures, ModelFigures
 from .memory import (DeviceUse, accelerator_compute_bytes, host_compute_bytes, kv_cache_bytes, padded_ctx,
                      recurrent_state_bytes, staging_bytes, ubatch_tokens)
-from .placing import ExpertCachePlan, HitRates, Placement, Plan, make_plan, predicted_host_seconds
+from .placing import DeviceShare, ExpertCachePlan, HitRates, Placement, Plan, make_plan, predicted_host_seconds
+from .spreading import layer_split, layers_by_device, make_spread_plan
 from .settings import (AUTO_CACHE_MIN_USED_MULTIPLE, CACHE_MISSES, CARD_RESERVE, COPY_LATENCY_S, CTX_PADDING,
                        CUDA_OFFLOAD_MIN_BATCH, CUDA_RUNTIME_RESERVE, ESTIMATE_MARGIN_SHARE, FREE_MEMORY_RESERVE, DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE,
                        EXPERT_CACHE_SETTINGS, FLASH_ATTN, HOST_BUFFER_TYPE, HOST_MODES, KV_TYPES, MIN_CTX,
@@ -50,5 +54,6 @@ __all__ = [
     "DraftUse", "ExpertCachePlan", "HitRates", "LinkFigures",
     "ModelFigures", "Placement", "Plan", "accelerator_compute_bytes", "choose_mode", "host_compute_bytes",
     "kv_cache_bytes", "make_plan", "padded_ctx", "predicted_host_seconds", "predicted_token_seconds",
-    "recurrent_state_bytes", "staging_bytes", "ubatch_tokens",
+    "recurrent_state_bytes", "staging_bytes", "ubatch_tokens", "DeviceShare", "layer_split", "layers_by_device",
+    "make_spread_plan",
 ]

@@ -57,7 +57,7 @@ class DraftUse:
             kv_cache=kv_cache_bytes(head, ctx, kv_type),
             recurrent_copies=draft_max * recurrent_state_bytes(model),
             compute=accelerator_compute_bytes(head, ctx, n_ubatch, flash_attn, n_outputs=outputs),
-            verify_outputs=(accelerator_compute_bytes(model, ctx, n_ubatch, flash_attn, all_outputs, outputs)
+            verify_outputs=(accelerator_compute_bytes(model, ctx, n_ubatch, flash_attn, all_outputs, n_outputs=outputs)
                             - one_output),
             host_compute=host_compute_bytes(head, ctx, n_ubatch, experts_on_cpu, flash_attn),
             host_outputs=4 * (2 * outputs * model.n_vocab - model.n_vocab + outputs * model.n_embd),

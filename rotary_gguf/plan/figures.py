@@ -59,6 +59,7 @@ class ModelFigures:
     recurrent_width: int = 0  # widest per-token activation of a linear-attention block, in floats
     n_ctx_train: int = 0  # the context the model was trained for; 0: not known
     mtp_tensors: tuple[tuple[str, int], ...] = ()  # (name, bytes) of its multi-token-prediction (NextN) blocks
+    n_nextn: int = 0  # NextN/MTP blocks after the `n_layer` that run: llama.cpp still counts them in its layer split
 
     @classmethod
     def from_inventory(cls, inv: Inventory) -> "ModelFigures":
@@ -98,6 +99,7 @@ class ModelFigures:
             recurrent_width=2 * conv_channels + d_inner + 4 * 64 * n_v_heads,
             n_ctx_train=inv.hparam("context_length"),
             mtp_tensors=tuple((t.name, t.nbytes) for t in inv.tensors if t.layer is not None and t.layer >= n_layer),
+            n_nextn=n_mtp,
         )
 
     # --- derived sizes ---------------------------------------------------------------------------
@@ -136,6 +138,15 @@ class ModelFigures:
     @property
     def mtp_blocks(self) -> list[int]:
         return sorted({names.block_index(t) for t, _ in self.mtp_tensors})
+    def block_weight_bytes(self, layer: int) -> int:
+        """The bytes of block `layer`'s tensors other than its routed experts."""
+        return sum(n for t, n in self.tensors if names.block_index(t) == layer and not names.expert_kind(t))
+
+    @cached_property
+    def output_weight_bytes(self) -> int:
+        """The bytes of llama.cpp's output layer: the tensors outside the blocks (the token
+        embeddings aside, or their copy when the model has no output tensor)."""
+        return self.base_weight_bytes - sum(self.block_weight_bytes(i) for i in range(self.n_layer))
 
     @cached_property
     def embedding_bytes(self) -> int:

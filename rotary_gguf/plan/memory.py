@@ -58,16 +58,18 @@ def ubatch_tokens(ctx: int, n_ubatch: int) -> int:
 
 
 def accelerator_compute_bytes(model: ModelFigures, ctx: int, n_ubatch: int, flash_attn: bool = True,
-                              all_outputs: bool = False, n_outputs: int = 1) -> int:
+                              all_outputs: bool = False, output: bool = True, n_outputs: int = 1) -> int:
     """Estimate of the accelerator's compute buffer for a micro-batch of `n_ubatch` tokens: the KQ
     mask (f16 for flash attention, else f32) plus the larger of the output phase (logits of
     `n_outputs` tokens, or of every token of the micro-batch with `all_outputs`) and the widest
     block (attention, MoE or linear attention activations; without flash attention also the f32 KQ
-    scores of every head over the whole context)."""
+    scores of every head over the whole context). A device without the output layer (`output`
+    False: one of several) has no output phase."""
     t = ubatch_tokens(ctx, n_ubatch)
     full = "full" in model.attention
     mask = _mask_bytes(model, ctx, t, flash_attn)
-    output_phase = 4 * ((t if all_outputs else min(t, n_outputs)) * model.n_vocab + t * 3 * model.n_embd)
+    logits = t if all_outputs else min(t, n_outputs)
+    output_phase = 4 * (logits * model.n_vocab + t * 3 * model.n_embd) if output else 0
     attention = 3 * model.n_head * model.head_dim_k + 2 * model.n_head_kv * model.head_dim_k
     widest = max(attention, model.moe_width, model.recurrent_width if "linear" in model.attention else 0)
     layer_phase = 4 * t * (3 * model.n_embd + widest)

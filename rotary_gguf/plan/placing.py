@@ -30,6 +30,7 @@ class Placement:
     offload_min_batch: int | None = None  # GGML_OP_OFFLOAD_MIN_BATCH for host-resident ops
     use_mmap: bool = True
     repack: bool = True  # llama.cpp's CPU repacked buffer types (faster CPU matmuls)
+    tensor_split: tuple[int, ...] = ()  # several devices: llama.cpp layers (blocks, then output) each holds
     # more overrides when drafting loads the MTP block; None: its experts in host memory beside an accelerator
     draft_overrides: tuple[tuple[str, str], ...] | None = None
 
@@ -54,6 +55,32 @@ class ExpertCachePlan:
     def bytes(self) -> int:
         """Accelerator bytes of all the slots (and split compute's zero slots)."""
         return (self.slots + self.split) * sum(self.slot_bytes)
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """One accelerator's part of a plan over several: the blocks llama.cpp gives it (their tensors
+    other than the routed experts, KV cache and recurrent state), the output layer, and the expert
+    blocks resident on it."""
+
+    accelerator: Accelerator
+    budget: int
+    layers: tuple[int, ...]
+    output: bool
+    split: int  # its weight in llama.cpp's tensor_split: the llama.cpp layers it holds
+    resident: tuple[int, ...]
+    use: DeviceUse
+
+    @property
+    def margin(self) -> int:
+        return self.budget - self.use.total
+
+    def to_json(self) -> dict:
+        acc = self.accelerator
+        return {"device": acc.name, "buffer_type": acc.buffer_type, "kind": acc.kind, "budget": self.budget,
+                "layers": list(self.layers), "output": self.output, "tensor_split": self.split,
+                "resident_experts": list(self.resident), "predicted_bytes": self.use.total, "predicted": self.use.parts(),
+                "margin_bytes": self.margin}
 
 
 @dataclass(frozen=True)
@@ -87,10 +114,16 @@ class Plan:
     predictions: tuple[tuple[str, Prediction], ...] = ()  # the candidates weighed, this plan first
     speeds_source: str = ""  # where the predictions' speeds come from
     draft: DraftUse | None = None  # what MTP drafting adds (folded into the uses), when planned for it
+    shares: tuple[DeviceShare, ...] = ()  # several accelerators: each one's part (the first is `accelerator`)
 
     def speed_layout(self, host, slots: int = 0, misses: str = "split") -> Layout:
-        """A placement of this plan's model and accelerator as the speed model sees it (`speed_layout`)."""
-        return speed_layout(self.model, self.accelerator, self.hit_rates, host, slots, misses)
+        """A placement of this plan's model and accelerator(s) as the speed model sees it (`speed_layout`)."""
+        layout = speed_layout(self.model, self.accelerator, self.hit_rates, host, slots, misses)
+        return replace(layout, **spread_layout(self.shares, self.model.n_layer)) if self.shares else layout
+
+    def device_of(self, layer: int) -> Accelerator:
+        """The accelerator holding `layer`'s resident experts."""
+        return next((s.accelerator for s in self.shares if layer in s.resident), self.accelerator)
 
     @property
     def host_layers(self) -> list[int]:
@@ -113,13 +146,16 @@ class Plan:
     def overrides(self) -> tuple[tuple[str, str], ...]:
         """tensor_buft_overrides exactly as handed to llama.cpp; everything else follows n_gpu_layers."""
         host = self.host_layers
-        return ((names.expert_pattern(host), self.host_buffer_type),) if host else ()
+        on_host = ((names.expert_pattern(host), self.host_buffer_type),) if host else ()
+        return on_host + tuple((names.expert_pattern(list(s.resident)), s.accelerator.buffer_type)
+                               for s in self.shares if s.resident)
 
     @property
     def placement(self) -> Placement:
         uploads = self.uploads_host_experts
         return Placement(
-            devices=(self.accelerator.name,),
+            devices=tuple(s.accelerator.name for s in self.shares) or (self.accelerator.name,),
+            tensor_split=tuple(s.split for s in self.shares),
             overrides=self.overrides,
             n_gpu_layers=-1,
             offload_min_batch=ROTARY_OFFLOAD_MIN_BATCH if self.mode == "rotary" else None,
@@ -145,7 +181,15 @@ class Plan:
             names.expert_kind(tensor) is not None and names.block_index(tensor) not in self.resident
             and not (mtp_resident and names.block_index(tensor) in self.model.mtp_blocks)
         )
-        return self.host_buffer_type if on_host else self.accelerator.buffer_type
+        if on_host:
+            return self.host_buffer_type
+        if self.shares:
+            layer = names.block_index(tensor)
+            if names.expert_kind(tensor) is not None:
+                return self.device_of(layer).buffer_type
+            return next((s.accelerator.buffer_type for s in self.shares
+                         if (layer in s.layers if layer is not None else s.output)), self.accelerator.buffer_type)
+        return self.accelerator.buffer_type
 
     @property
     def margin(self) -> int:
@@ -203,8 +247,10 @@ class Plan:
                 for i in range(self.model.n_layer)
             ],
             "overrides": [list(o) for o in self.overrides],
+            "devices": [s.to_json() for s in self.shares],
             "placement": {
                 "devices": list(self.placement.devices),
+                "tensor_split": list(self.placement.tensor_split),
                 "n_gpu_layers": self.placement.n_gpu_layers,
                 "offload_min_batch": self.placement.offload_min_batch,
                 "use_mmap": self.placement.use_mmap,
@@ -236,12 +282,17 @@ class Plan:
         """(device, purpose, predicted, actual) for what llama.cpp reported allocating. `report`
         has dicts weight_bytes, kv_bytes, recurrent_bytes, compute_bytes: buffer name -> bytes."""
         rows = []
+        pools = [(s.accelerator.name, s.accelerator.buffer_type, s.use) for s in self.shares] or [
+            ("accelerator", self.accelerator.buffer_type, self.accelerator_use)]
         for purpose, attr in (("weights", "weight_bytes"), ("kv_cache", "kv_bytes"),
                               ("recurrent_state", "recurrent_bytes"), ("compute", "compute_bytes")):
             actual = getattr(report, attr)
-            on_acc = sum(n for b, n in actual.items() if b == self.accelerator.buffer_type)
-            rows.append(("accelerator", purpose, getattr(self.accelerator_use, purpose), on_acc))
-            rows.append(("host", purpose, getattr(self.host_use, purpose), sum(actual.values()) - on_acc))
+            on_accelerators = 0
+            for name, buffer_type, use in pools:
+                here = sum(n for b, n in actual.items() if b == buffer_type)
+                rows.append((name, purpose, getattr(use, purpose), here))
+                on_accelerators += here
+            rows.append(("host", purpose, getattr(self.host_use, purpose), sum(actual.values()) - on_accelerators))
         return rows
 
 
@@ -315,12 +366,14 @@ def make_plan(
                "expert_cache": allocated_slots(slots) * sum(slot_bytes[i] for i in host)}
         )
 
-    def residents_around(slots: int) -> set[int] | None:
+    fill_order = sorted(layers, key=lambda i: (-model.expert_bytes(i), -i))
+
+    def most_residents_around(slots: int) -> set[int] | None:
         """The resident blocks that fit beside `slots` per host block; None if the slots alone do not."""
         if accelerator_use(set(), slots).total > room:
             return None
         resident: set[int] = set()
-        for i in sorted(layers, key=lambda i: (-model.expert_bytes(i), -i)):
+        for i in fill_order:
             if accelerator_use(resident | {i}, slots).total <= room:
                 resident.add(i)
         return resident
@@ -335,6 +388,21 @@ def make_plan(
         if speeds is not None:
             return 1.0 / speeds.predict(layout(host, slots)).decode_tps
         return predicted_host_seconds(model, host, slots, cpu_bps, hit_rates)
+
+    def residents_around(slots: int) -> set[int] | None:
+        """The resident blocks that fit beside `slots`, fewer where the speed model predicts fewer
+        faster (an accelerator whose expert op is slower than the CPU's: a simulated one)."""
+        most = most_residents_around(slots)
+        if most is None or speeds is None:
+            return most
+        best, best_seconds = most, decode_seconds(most, slots)
+        ordered = [i for i in fill_order if i in most]
+        for k in range(len(most)):
+            fewer = set(ordered[:k])
+            seconds = decode_seconds(fewer, slots)
+            if seconds < best_seconds * (1 - FEWER_RESIDENT_MARGIN):
+                best, best_seconds = fewer, seconds
+        return best
 
     minimum = accelerator_use(set())
     if minimum.total > room:
@@ -366,6 +434,12 @@ def make_plan(
         slots, cache_reason = _cache_size(model, expert_cache, room - accelerator_use(resident).total,
                                           len(resident), [slot_bytes[i] for i in host])
     host_layers = [i for i in layers if i not in resident]
+    most = most_residents_around(slots) or set()
+    if len(resident) < len(most):
+        notes = (*notes, f"{len(resident)} of the {len(most)} expert blocks that fit kept resident: the speed model "
+                         f"predicts {1 / decode_seconds(resident, slots):.1f} t/s against "
+                         f"{1 / decode_seconds(most, slots):.1f} t/s with all of them ({speeds.source}; the "
+                         f"accelerator's expert op is slower than the CPU's)")
     cache_split = split and 0 < slots < model.n_expert
     budget_bytes = None
     if cache_split:
@@ -482,6 +556,14 @@ def speed_layout(model: ModelFigures, accelerator: Accelerator, hit_rates: HitRa
     return Layout(tuple(host), slots=slots, hit_rates=rates, misses=misses, streams_prompt=accelerator.streams_host_ops)
 
 
+def spread_layout(shares, n_layer: int) -> dict:
+    """The speed model's fields for a plan over several accelerators (`DeviceShare`s): the device
+    of each block's other tensors, of the output layer, and of each resident block's experts."""
+    return {"layer_devices": tuple(next(s.accelerator.name for s in shares if i in s.layers) for i in range(n_layer)),
+            "output_device": next(s.accelerator.name for s in shares if s.output),
+            "resident_on": {i: s.accelerator.name for s in shares for i in s.resident}}
+
+
 def predicted_host_seconds(model: ModelFigures, host_layers: list[int], slots: int, cpu_bytes_per_s: float,
                            hit_rates: HitRates | None = None) -> float:
     """The decode-time model's seconds a token spends on the experts of `host_layers`, each with a
@@ -510,6 +592,9 @@ def _cache_slots(model: ModelFigures, setting: str | int, split: bool) -> int:
 # Split compute admits missed experts into slots between decode calls: at most this long a call at
 # the measured upload speed, or (unmeasured) the experts one token uses in one block.
 SPLIT_UPLOAD_SECONDS = 2e-3
+# Fewer resident blocks than fit must be predicted this much faster to be planned (noise in the
+# calibration must not trade resident blocks away).
+FEWER_RESIDENT_MARGIN = 0.05
 # Slot counts `auto` weighs for split compute (as fractions of a block's experts), besides none.
 SPLIT_SLOT_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
 
