@@ -209,7 +209,6 @@ def plan_or_cpu(model: Path, *, vram: Optional[str], mode: str, context, rpc: Op
     return the_plan
 
 
-
 _SAID: set[str] = set()
 
 
