@@ -218,13 +218,13 @@ def plan_and_draft(model: Path, draft: str, draft_max: int, threads: int, planne
     for none, and `auto` drafts where the model has an MTP block and `bench` recorded drafts as
     faster on this machine for the placement drafting gets (`draft.verdict`); without a record it
     says once how to get one."""
+    from ..demo import model_inventory
     from ..draft import draft_setting, has_mtp
     from ..draft import verdict as verdicts
     from ..engine import default_threads
-    from ..inventory import read_inventory
     from ..plan import Placement
 
-    if draft_setting(draft) == "off" or (draft == "auto" and not has_mtp(read_inventory(model))):
+    if draft_setting(draft) == "off" or (draft == "auto" and not has_mtp(model_inventory(model))):
         return planner(0), "off"
     try:
         drafting = planner(draft_max)
@@ -246,5 +246,5 @@ def plan_and_draft(model: Path, draft: str, draft_max: int, threads: int, planne
     elif model.name not in _SAID:
         _SAID.add(model.name)
         log.logger.info("MTP drafts off (--draft auto): not measured for %s with this placement on this machine yet; "
-                        "`rotary-gguf bench %s` with the same options decides it (or --draft mtp)", model.name, model)
+                        "`rotary-gguf bench %s` with the same options decides it (or --draft mtp)", model.name, model.name)
     return planner(0), "off"

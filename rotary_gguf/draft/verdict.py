@@ -36,15 +36,16 @@ class Verdict:
                 f"{self.mean_accepted:.2f} a round; bench of {self.measured_at})")
 
 
-def setup_key(model: Path, placement, expert_cache_slots: int | None, split: bool, draft_max: int, threads: int) -> str:
-    """What a verdict holds for: the model file (name and size), how it is loaded (`placement`, a
-    plan.Placement, and its expert cache), the drafts a round and the CPU threads."""
+def setup_key(model, placement, expert_cache_slots: int | None, split: bool, draft_max: int, threads: int) -> str:
+    """What a verdict holds for: the model (its file's name and size; a model on the Hub not pulled
+    yet, its name), how it is loaded (`placement`, a plan.Placement, and its expert cache), the
+    drafts a round and the CPU threads."""
     try:
-        size = Path(model).stat().st_size
+        size = model.stat().st_size if isinstance(model, Path) else None
     except OSError:
         size = None
     p = placement
-    return json.dumps([Path(model).name, size, list(p.devices), [list(o) for o in p.overrides], p.n_gpu_layers,
+    return json.dumps([model.name, size, list(p.devices), [list(o) for o in p.overrides], p.n_gpu_layers,
                        None if p.draft_overrides is None else [list(o) for o in p.draft_overrides],
                        p.offload_min_batch, p.use_mmap, p.repack, expert_cache_slots, split, draft_max, threads])
 
