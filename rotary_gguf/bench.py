@@ -205,12 +205,10 @@ def candidates(plans: Sequence[Plan]) -> list[Candidate]:
 
 def with_drafting(cands: Sequence[Candidate], drafting: Sequence[Candidate]) -> list[Candidate]:
     """`cands` with each of the `drafting` candidates ("X +mtp") right after the one it drafts on (X)."""
-    out, left = [], list(drafting)
+    out: list[Candidate] = []
     for c in cands:
-        out.append(c)
-        out += [d for d in drafting if d.name.removesuffix(" +mtp") == c.names[0]]
-        left = [d for d in left if d not in out]
-    return out + left
+        out += [c] + [d for d in drafting if d.name.removesuffix(" +mtp") == c.names[0]]
+    return out + [d for d in drafting if d not in out]
 
 
 def draft_verdicts(model, results: Sequence[Result], threads: int) -> list[tuple[str, verdicts.Verdict]]:
@@ -231,6 +229,8 @@ def draft_verdicts(model, results: Sequence[Result], threads: int) -> list[tuple
         verdicts.record(key, verdict)
         out.append((c.name, verdict))
     return out
+
+
 def spread_candidates(p: Plan) -> list[Candidate]:
     """A plan over several devices (`Plan.shares`), then the first device alone: its own plan within
     its budget and llama.cpp's baselines on it (`candidates`), where its budget holds every
