@@ -22,7 +22,7 @@ uploads between tokens), or uploaded before the block runs (`upload`, for fast l
 count chooses the resident blocks around the cache. `auto` with split weighs every slot count
 against the resident blocks the same memory would hold, by the decode-time model of
 `decode_cost`, and keeps the fastest (resident blocks only, when nothing beats them); `auto` with
-upload fills what the resident blocks leave.
+upload fills what the resident blocks leave (`caching`).
 
 Over several accelerators (`spreading`): llama.cpp's layer split follows the devices' budgets, the
 resident expert blocks spread over the devices, fastest first, and host experts run on the CPU.
@@ -38,7 +38,8 @@ from .drafting import DraftUse
 from .figures import Accelerator, LinkFigures, ModelFigures
 from .memory import (DeviceUse, accelerator_compute_bytes, host_compute_bytes, kv_cache_bytes, padded_ctx,
                      recurrent_state_bytes, staging_bytes, ubatch_tokens)
-from .placing import DeviceShare, ExpertCachePlan, HitRates, Placement, Plan, make_plan, predicted_host_seconds
+from .caching import ExpertCachePlan, HitRates, predicted_host_seconds
+from .placing import DeviceShare, Placement, Plan, make_plan
 from .spreading import layer_split, layers_by_device, make_spread_plan
 from .settings import (AUTO_CACHE_MIN_USED_MULTIPLE, CACHE_MISSES, CARD_RESERVE, COPY_LATENCY_S, CTX_PADDING,
                        CUDA_OFFLOAD_MIN_BATCH, CUDA_RUNTIME_RESERVE, ESTIMATE_MARGIN_SHARE, FREE_MEMORY_RESERVE, DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE,
