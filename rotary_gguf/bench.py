@@ -79,12 +79,13 @@ class Measurement:
     prompt_tps: float
     decode_tps: float
     ttft_seconds: float
-    peak_accelerator_bytes: int | None
+    peak_accelerator_bytes: int | None  # of all accelerators together
     peak_rss_bytes: int
     tokens: list[int]
     cache_hit_rate: float | None = None  # of the expert cache over the run (prompt and decode)
     draft_acceptance: float | None = None  # share of MTP drafts accepted, with drafts on
     mean_accepted: float | None = None  # drafts accepted per round, with drafts on
+    peak_accelerator_bytes_by_device: dict[str, int] = field(default_factory=dict)  # each one's own peak
 
 
 @dataclass
@@ -108,6 +109,15 @@ class Result:
 
     def values(self, figure: str) -> list[float]:
         return [v for v in (getattr(m, figure) for m in self.runs) if v is not None]
+
+    def device_peaks(self) -> dict[str, dict]:
+        """Each accelerator's peak memory over the runs (median, spread, runs), by device name."""
+        names = dict.fromkeys(name for m in self.runs for name in m.peak_accelerator_bytes_by_device)
+        out = {}
+        for name in names:
+            values = [m.peak_accelerator_bytes_by_device[name] for m in self.runs if name in m.peak_accelerator_bytes_by_device]
+            out[name] = {"median": statistics.median(values), "spread": max(values) - min(values), "runs": values}
+        return out
 
     def summary(self, figure: str) -> dict | None:
         """Median and spread (max - min) of a figure over the runs; None where it was not measured."""
@@ -136,6 +146,7 @@ class Result:
             "devices": list(c.placement.devices),
             "overrides": [list(o) for o in c.placement.overrides],
             "figures": {f: self.summary(f) for f in (*self.FIGURES, "decode_ratio")},
+            "peak_accelerator_bytes_by_device": self.device_peaks(),
             "predicted": self.prediction.to_json() if self.prediction else None,
             "decode_prediction_error": self.prediction_error("decode_tps"),
             "output_tokens": self.runs[0].tokens if self.runs else [],
@@ -274,18 +285,21 @@ def prompt_tokens(engine: Engine, n: int) -> list[int]:
 
 
 def measure(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Measurement:
-    """One greedy generation, with peak RSS and accelerator memory sampled at every token, and
-    the expert cache's hit rate when the engine has one."""
+    """One greedy generation, with peak RSS and accelerator memory (all accelerators together, and
+    each one's) sampled at every token, and the expert cache's hit rate when the engine has one."""
     probe = MemoryProbe(engine)
     process = psutil.Process()
     peak_rss, peak_acc, stats, tokens = process.memory_info().rss, None, None, []
+    by_device: dict[str, int] = {}
 
     def sample() -> None:
         nonlocal peak_rss, peak_acc
         peak_rss = max(peak_rss, process.memory_info().rss)
-        acc = probe.accelerator()
-        if acc is not None:
-            peak_acc = max(peak_acc or 0, acc.used)
+        accs = probe.accelerators()
+        if accs:
+            peak_acc = max(peak_acc or 0, sum(acc.used for acc in accs))
+        for acc in accs:
+            by_device[acc.name] = max(by_device.get(acc.name, 0), acc.used)
 
     sample()
     for event in engine.generate(prompt, max_tokens=gen_tokens):
@@ -298,7 +312,7 @@ def measure(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Measureme
     drafting = engine.drafter is not None
     acceptance = stats.draft_accepted / stats.drafted_tokens if stats.drafted_tokens else None
     return Measurement(stats.prompt_tps, stats.decode_tps, stats.ttft_seconds, peak_acc, peak_rss, tokens, hit_rate,
-                       acceptance, stats.mean_accepted if drafting else None)
+                       acceptance, stats.mean_accepted if drafting else None, by_device)
 
 
 @contextmanager

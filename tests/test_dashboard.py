@@ -20,7 +20,8 @@ from rotary_gguf.experts import cache as ec
 from rotary_gguf import native
 from rotary_gguf.arch import expert_pattern
 from rotary_gguf.convert import convert
-from rotary_gguf.dashboard import Dashboard, heat_rows, hottest, rate_bars, resident_cells, sparkline
+from rotary_gguf.dashboard import AcceleratorMemory, Dashboard, heat_rows, hottest, rate_bars, resident_cells, sparkline
+from rotary_gguf.dashboard.views import grouped_accelerators, memory_rows
 from rotary_gguf.engine import Engine
 from rotary_gguf.experts.cache import ExpertCache
 from rotary_gguf.inventory import read_inventory
@@ -137,6 +138,18 @@ def test_plan_and_placed_memory_on_the_simulated_accelerator(test_model, rpc_end
     assert "routing" not in text  # no telemetry, no heat map
 
 
+def test_many_accelerators_share_the_memory_lines():
+    """One line per accelerator, up to 4 framed and 2 unframed; the last line then sums the rest."""
+    MiB = 2**20
+    accs = tuple(AcceleratorMemory(f"RPC{i}", (i + 1) * MiB, 4 * MiB, "placed") for i in range(5))
+    assert [memory_rows(n, True) for n in (0, 1, 2, 4, 5)] == [1, 1, 2, 4, 4]
+    assert [memory_rows(n, False) for n in (0, 1, 2, 5)] == [1, 1, 2, 2]
+    assert grouped_accelerators(accs[:2], 2) == list(accs[:2])
+    assert grouped_accelerators(accs, 4) == [*accs[:3], AcceleratorMemory("2 more", 9 * MiB, 8 * MiB, "placed")]
+    mixed = (*accs[:2], AcceleratorMemory("CUDA0", MiB, 8 * MiB, "NVML"))
+    assert grouped_accelerators(mixed, 2) == [accs[0], AcceleratorMemory("2 more", 3 * MiB, 12 * MiB, "mixed")]
+
+
 def test_heat_levels_and_sparkline():
     uniform = np.full((4, 256), 10)
     rows = heat_rows(uniform, [0, 1, 2, 3], rows=2, columns=50)
@@ -248,7 +261,7 @@ def test_expert_cache_figures_and_resident_marks(reordered, rpc_endpoint):
         report = engine.load_report
         llama_placed = sum(n for sizes in (report.weight_bytes, report.kv_bytes, report.recurrent_bytes, report.compute_bytes)
                            for buffer, n in sizes.items() if buffer.startswith("RPC"))
-        assert dashboard.reading.accelerator.used == llama_placed + slot_bytes
+        assert dashboard.reading.accelerators[0].used == llama_placed + slot_bytes
     text = "\n".join(t for t, _ in lines)
     assert len(lines) <= 24 and max(len(t) for t, _ in lines) <= 80
     assert snap["enabled"] and 0 < snap["hit_rate"] < 1 and snap["fallback_calls"] > 0

@@ -121,7 +121,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         before = cache_counts(cache)
         m = measure(engine, prompt, args.gen_tokens)
         after = cache_counts(cache)
-        probe = MemoryProbe(engine).accelerator()
+        sources = {acc.source for acc in MemoryProbe(engine).accelerators()}
         disabled = cache.disabled_reason if cache is not None else None
     hit_rate = uploaded = None
     if before is not None and after is not None:
@@ -136,7 +136,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         "prompt_tps": m.prompt_tps,
         "ttft_seconds": m.ttft_seconds,
         "peak_accelerator_bytes": peak,
-        "peak_accelerator_source": probe.source if probe is not None else None,
+        "peak_accelerator_source": "+".join(sorted(sources)) or None,
         "peak_vram_bytes": peak - (baseline or 0) if peak is not None else None,
         "peak_rss_bytes": m.peak_rss_bytes,
         "hit_rate": hit_rate,

@@ -9,7 +9,7 @@ dashboard measures no speed itself.
 
 from .board import SAMPLE_SECONDS, Dashboard, Reading
 from .cells import heat_rows, hottest, rate_bars, resident_cells, sparkline
-from .memory import AcceleratorMemory, MemoryProbe
+from .memory import AcceleratorMemory, MemoryProbe, device_budgets
 
-__all__ = ["SAMPLE_SECONDS", "AcceleratorMemory", "Dashboard", "MemoryProbe", "Reading", "heat_rows", "hottest", "rate_bars",
-           "resident_cells", "sparkline"]
+__all__ = ["SAMPLE_SECONDS", "AcceleratorMemory", "Dashboard", "MemoryProbe", "Reading", "device_budgets", "heat_rows",
+           "hottest", "rate_bars", "resident_cells", "sparkline"]

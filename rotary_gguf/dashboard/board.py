@@ -19,7 +19,7 @@ from rich.segment import Segment
 from ..stats import Snapshot
 from .memory import AcceleratorMemory, MemoryProbe
 from .views import (CacheView, CompactView, HeaderView, HeatMapView, HottestView, MemoryView, PlanView, Section,
-                    ServingView, SpeedView, sections)
+                    ServingView, SpeedView, memory_rows, sections)
 
 SAMPLE_SECONDS = 0.5  # a new reading (and drawing) twice a second
 LIVE_REFRESH_PER_SECOND = 4  # redraws of a line streamed above the dashboard (its drawing is reused)
@@ -34,7 +34,7 @@ class Reading:
     """Everything the dashboard shows, taken at one moment (each one a new drawing)."""
 
     at: float
-    accelerator: AcceleratorMemory | None
+    accelerators: tuple[AcceleratorMemory, ...]  # one per accelerator of the placement; none on the CPU
     rss: int
     ram_used: int
     ram_total: int
@@ -132,7 +132,7 @@ class Dashboard:
         cache = self.engine.expert_cache.snapshot() if self.engine.expert_cache is not None else None
         self.reading = Reading(
             at=now,
-            accelerator=self.memory.accelerator(),
+            accelerators=tuple(self.memory.accelerators()),
             rss=rss,
             ram_used=ram_used,
             ram_total=ram_total,
@@ -192,7 +192,7 @@ class Dashboard:
         frame = 2 if boxed else 0
         for section in sections(self.layout):
             section.boxed = boxed
-        self.layout["figures"].size = 3 + frame
+        self.layout["figures"].size = max(3, 2 + memory_rows(len(self.reading.accelerators), boxed)) + frame
         self.layout["plan"].size = (2 if self.plan is not None and width >= 100 else 1) + frame
         self.layout["serving"].size = (2 if self.reading.last_request else 1) + frame
         cache = self.reading.cache  # on: two framed lines, or one unframed; off: one line saying why

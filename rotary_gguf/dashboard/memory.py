@@ -1,5 +1,5 @@
-"""How memory is measured for the dashboard: the accelerator's (NVML, ggml, or the bytes placed on
-an RPC device) and the host's."""
+"""How memory is measured for the dashboard and bench: each accelerator's (NVML, ggml, or the bytes
+placed on an RPC device) and the host's."""
 
 from __future__ import annotations
 
@@ -17,45 +17,47 @@ class AcceleratorMemory:
     source: str  # how `used` was measured: "NVML", "ggml", or "placed" (the bytes we put there)
 
 
+def device_budgets(plan) -> dict[str, int]:
+    """The plan's budget for each accelerator, by device name: each share's over several, else
+    the one budget; empty without a plan."""
+    if plan is None:
+        return {}
+    return {s.accelerator.name: s.budget for s in plan.shares} or {plan.accelerator.name: plan.budget}
+
+
 class MemoryProbe:
-    """Accelerator and host memory of one engine's process. NVML for CUDA devices; ggml's device
-    memory for other GPUs; on an RPC device (which reports the server's RAM) the bytes llama.cpp
-    and the expert cache placed there, out of the plan's budget."""
+    """Accelerator and host memory of one engine's process, one figure per accelerator of its
+    placement. NVML for CUDA devices; ggml's device memory for other GPUs; on an RPC device (which
+    reports the server's RAM) the bytes llama.cpp and the expert cache placed there, out of the
+    plan's budget for it (without a plan, out of what the device reports)."""
 
     def __init__(self, engine, plan=None):
         self._engine = engine
         self._process = psutil.Process()
-        self._nvml = None
-        self._placed: AcceleratorMemory | None = None
-        name = next(iter(engine.placement.devices), None)
-        self.device = name
-        if name is None:
-            return
-        if name.startswith("CUDA"):
-            self._nvml = _nvml_handle(int(name[4:] or 0))
-        if name.startswith("RPC"):
-            report = engine.load_report
-            placed = sum(
-                n
-                for sizes in (report.weight_bytes, report.kv_bytes, report.recurrent_bytes, report.compute_bytes)
-                for buffer, n in sizes.items()
-                if buffer.startswith(name)
-            )
-            if engine.expert_cache is not None:
-                placed += engine.expert_cache.slot_bytes
-            total = plan.budget if plan is not None else engine.accelerator_memory().get(name, (0, 0))[1]
-            self._placed = AcceleratorMemory(name, placed, total, "placed")
+        self.devices: tuple[str, ...] = tuple(engine.placement.devices)
+        self._nvml = {name: _nvml_handle(int(name[4:] or 0)) for name in self.devices if name.startswith("CUDA")}
+        self._budgets: dict[str, int] = {}  # RPC devices: what their placed bytes are out of
+        rpc = [name for name in self.devices if name.startswith("RPC")]
+        if rpc:
+            budgets, reported = device_budgets(plan), engine.accelerator_memory()
+            self._budgets = {name: budgets.get(name, reported.get(name, (0, 0))[1]) for name in rpc}
 
-    def accelerator(self) -> AcceleratorMemory | None:
-        if self.device is None:
-            return None
-        if self._placed is not None:
-            return self._placed
-        if self._nvml is not None:
-            info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml)
-            return AcceleratorMemory(self.device, int(info.used), int(info.total), "NVML")
-        used, total = self._engine.accelerator_memory().get(self.device, (0, 0))
-        return AcceleratorMemory(self.device, used, total, "ggml")
+    def accelerators(self) -> list[AcceleratorMemory]:
+        """One figure per accelerator, in the placement's order; empty when all runs on the CPU."""
+        placed = self._engine.placed_bytes() if self._budgets else {}
+        reported = None
+        out = []
+        for name in self.devices:
+            if name in self._budgets:
+                out.append(AcceleratorMemory(name, placed[name], self._budgets[name], "placed"))
+            elif self._nvml.get(name) is not None:
+                info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml[name])
+                out.append(AcceleratorMemory(name, int(info.used), int(info.total), "NVML"))
+            else:
+                reported = reported if reported is not None else self._engine.accelerator_memory()
+                used, total = reported.get(name, (0, 0))
+                out.append(AcceleratorMemory(name, used, total, "ggml"))
+        return out
 
     def host(self) -> tuple[int, int, int]:
         """(process RSS, system RAM used, system RAM total) in bytes."""
@@ -69,5 +71,3 @@ def _nvml_handle(index: int):
         return pynvml.nvmlDeviceGetHandleByIndex(index)
     except pynvml.NVMLError:  # no driver library or no such GPU: ggml's figures then
         return None
-
-

@@ -14,11 +14,13 @@ from rich.text import Text
 from ..units import human_bytes
 from .cells import (HEAT_CHARS, HEAT_STYLES, RESIDENT_CHARS, RESIDENT_MARK, RESIDENT_STYLES, bar, fit, heat_rows,
                     hottest, rate_bars, resident_cells, runs, sparkline)
+from .memory import AcceleratorMemory
 
 if TYPE_CHECKING:
     from .board import Dashboard
 
 WORST_BLOCKS = 3  # blocks named by their cache hit rate
+MAX_ACCELERATOR_ROWS = 4  # memory bars, one per accelerator, in a framed memory view
 BORDER_STYLE = "grey50"
 
 
@@ -96,22 +98,40 @@ class HeaderView(View):
                   [(f" · up {uptime // 3600}:{uptime // 60 % 60:02d}:{uptime % 60:02d}", "dim")])
 
 
+def memory_rows(accelerators: int, boxed: bool) -> int:
+    """Lines the memory view gives accelerators: one each, up to MAX_ACCELERATOR_ROWS when framed
+    (else 2); with more devices than lines, the last line sums the rest."""
+    return max(1, min(accelerators, MAX_ACCELERATOR_ROWS if boxed else 2))
+
+
 class MemoryView(View):
+    """A bar per accelerator (one "VRAM" line for a single device), then the host's RAM and this
+    process's RSS."""
+
     name = "memory"
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         r = self.dashboard.reading
-        acc = r.accelerator
+        accs = r.accelerators
         width = options.max_width
-        if acc is None:
+        if not accs:
             yield fit(width, [("VRAM ", "bold"), ("none", "dim")], [(": everything on the CPU", "dim")])
-        else:
+            label = 5
+        elif len(accs) == 1:
+            acc = accs[0]
             notes = (f"placed on {acc.name}", acc.name) if acc.source == "placed" else (acc.name,)
             yield self._usage("VRAM ", acc.used, acc.total, notes, width)
-        yield self._usage("RAM  ", r.ram_used, r.ram_total, (), width)
+            label = 5
+        else:
+            shown = grouped_accelerators(accs, memory_rows(len(accs), self.boxed))
+            label = max(5, *(len(acc.name) + 1 for acc in shown))
+            for acc in shown:
+                notes = ("placed",) if acc.source == "placed" else ()
+                yield self._usage(acc.name.ljust(label), acc.used, acc.total, notes, width)
+        yield self._usage("RAM".ljust(label), r.ram_used, r.ram_total, (), width)
         c = r.checkpoints  # a hybrid model's prompt checkpoints, in this process's memory
         held = f" · checkpoints {human_bytes(c['bytes'])} / {human_bytes(c['max_bytes'])} ({c['count']})" if c else " this process"
-        yield fit(width, [("RSS  ", "bold"), (human_bytes(r.rss), "")], [(held, "dim")])
+        yield fit(width, [("RSS".ljust(label), "bold"), (human_bytes(r.rss), "")], [(held, "dim")])
 
     @staticmethod
     def _usage(label: str, used: int, total: int, notes: tuple[str, ...], width: int) -> Text:
@@ -124,6 +144,16 @@ class MemoryView(View):
                 return Text.assemble((label, "bold"), bar(used, total, min(20, room)), figures,
                                      (f" {note}" if note else "", "dim"), no_wrap=True)
         return fit(width, [(label, "bold"), (figures.lstrip(), "")])
+
+
+def grouped_accelerators(accs: tuple[AcceleratorMemory, ...], rows: int) -> list[AcceleratorMemory]:
+    """`accs` in `rows` lines: the first ones each, the last line the sum of those left ("2 more")."""
+    if len(accs) <= rows:
+        return list(accs)
+    rest = accs[rows - 1 :]
+    sources = {acc.source for acc in rest}
+    return [*accs[: rows - 1], AcceleratorMemory(f"{len(rest)} more", sum(a.used for a in rest), sum(a.total for a in rest),
+                                                 sources.pop() if len(sources) == 1 else "mixed")]
 
 
 class SpeedView(View):
@@ -284,11 +314,14 @@ class CompactView(View):
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         r = self.dashboard.reading
-        acc, c = r.accelerator, r.cache
-        if acc is None:
+        accs, c = r.accelerators, r.cache
+        if not accs:
             first = [("CPU only", "bold")]
-        else:
-            first = [(f"{acc.name} ", "bold"), (f"{human_bytes(acc.used)} / {human_bytes(acc.total)}", "")]
+        elif len(accs) == 1:
+            first = [(f"{accs[0].name} ", "bold"), (f"{human_bytes(accs[0].used)} / {human_bytes(accs[0].total)}", "")]
+        else:  # several: their sum
+            used, total = sum(a.used for a in accs), sum(a.total for a in accs)
+            first = [(f"{len(accs)} accelerators ", "bold"), (f"{human_bytes(used)} / {human_bytes(total)}", "")]
         cache = []
         if c is not None:
             cache = ([(" · cache hits ", "dim"), (f"{c['hit_rate']:.1%}", "bold green"), (f" (recent {c['recent_hit_rate']:.1%})", "dim")]

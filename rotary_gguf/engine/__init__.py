@@ -50,6 +50,7 @@ class Engine:
     expert_cache = None
     drafter: MtpDrafter | None = None  # the MTP head's context, with draft="mtp"
     before_decode = None  # called with each batch's size before llama_decode (the expert cache)
+    _device_buffers: dict[str, str] | None = None  # buffer type name -> device name (placed_bytes)
 
     def __init__(self, path: Path, model, ctx, placement: Placement, keepalive: list,
                  checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES):
@@ -203,6 +204,26 @@ class Engine:
             for d in native.devices()
             if d.is_accelerator and d.name in self.placement.devices
         }
+
+    def placed_bytes(self) -> dict[str, int]:
+        """Bytes llama.cpp (weights, KV cache, recurrent state, compute and output buffers) and the
+        expert cache's slots took on each accelerator of the placement, by device name. A buffer
+        counts for the device whose buffer type has its exact name: two ggml-rpc servers both call
+        their device "RPC0" inside their buffer names ("RPC0[host:port]"), told apart by endpoint."""
+        if self._device_buffers is None:  # names never change: asked once (an RPC device answers over the network)
+            self._device_buffers = {native.buffer_type_name(d.buffer_type): d.name for d in native.devices()
+                                    if d.name in self.placement.devices}
+        by_buffer = self._device_buffers
+        placed = dict.fromkeys(self.placement.devices, 0)
+        report = self.load_report
+        for sizes in (report.weight_bytes, report.kv_bytes, report.recurrent_bytes, report.compute_bytes, report.output_bytes):
+            for buffer, n in sizes.items():
+                if buffer in by_buffer:
+                    placed[by_buffer[buffer]] += n
+        cache = self.expert_cache
+        if cache is not None and cache.buffer_type in by_buffer:
+            placed[by_buffer[cache.buffer_type]] += cache.slot_bytes
+        return placed
 
     def __enter__(self) -> "Engine":
         return self

@@ -170,6 +170,11 @@ class ExpertCache:
                              upload_budget=cache.upload_budget, n_threads=n_threads)
 
     @property
+    def buffer_type(self) -> str:
+        """The name of the accelerator buffer type its slots are allocated in (e.g. "RPC0[host:port]")."""
+        return native.buffer_type_name(self.buft)
+
+    @property
     def slot_bytes(self) -> int:
         """Accelerator bytes allocated for the slots (and split compute's zero slot)."""
         return sum(self._slots_allocated * t.expert_bytes for tensors in self.tensors.values() for t in tensors if t.slot_buffer)
