@@ -6,10 +6,13 @@ from .stats import Snapshot
 
 
 def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]], cache: dict | None = None,
-                    checkpoints: dict | None = None) -> str:
+                    checkpoints: dict | None = None, placed: dict[str, int] | None = None,
+                    budgets: dict[str, int] | None = None) -> str:
     """The live figures in Prometheus' text exposition format; `cache` is the expert cache's
     snapshot (ExpertCache.snapshot()) and `checkpoints` the prompt checkpoints'
-    (CheckpointStore.snapshot()), when the engine has them."""
+    (CheckpointStore.snapshot()), when the engine has them. Accelerator figures carry a `device`
+    label, one sample per accelerator: `accelerator_memory` as the devices report it (used, total),
+    `placed` the bytes the engine put on each (Engine.placed_bytes()), `budgets` the plan's."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -45,6 +48,12 @@ def prometheus_text(s: Snapshot, accelerator_memory: dict[str, tuple[int, int]],
            labelled("device", {name: used for name, (used, _) in accelerator_memory.items()}))
     metric("accelerator_memory_total_bytes", "gauge", "Memory of each accelerator.",
            labelled("device", {name: total for name, (_, total) in accelerator_memory.items()}))
+    if placed:
+        metric("accelerator_placed_bytes", "gauge",
+               "Bytes llama.cpp and the expert cache placed on each accelerator (a ggml-rpc device reports its server's RAM).",
+               labelled("device", placed))
+    if budgets:
+        metric("accelerator_budget_bytes", "gauge", "The plan's memory budget for each accelerator.", labelled("device", budgets))
     if cache is not None:
         metric("expert_cache_enabled", "gauge", "1 while the expert cache serves decode calls, 0 once it turned itself off.",
                [("", int(cache["enabled"]))])

@@ -385,6 +385,10 @@ def test_rpc_placement_gives_the_cpu_output(rpc_server, rpc_model):
     assert reply.choices[0].message.content == expected
     memory = rpc_server.metrics()
     assert memory['rotary_gguf_accelerator_memory_total_bytes{device="RPC0"}'] > 0
+    # one device: the same names, one sample each; what the engine placed there within the plan's budget
+    placed, budget = (memory[f'rotary_gguf_accelerator_{name}_bytes{{device="RPC0"}}'] for name in ("placed", "budget"))
+    assert 0 < placed <= budget
+    assert not any("RPC1" in name for name in memory)
 
 
 def test_disconnect_cancels_the_generation(rpc_server):

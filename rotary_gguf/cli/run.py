@@ -108,6 +108,7 @@ def serve(
     and the Anthropic Messages API (/v1/messages)."""
     from .. import access_log as access
     from .. import serve as serving
+    from ..dashboard.memory import device_budgets
     from ..demo import resolve_model
     from ..engine import Engine
     from ..experts.cache import ExpertCache
@@ -133,7 +134,8 @@ def serve(
                      expert_cache=ExpertCache.for_plan(the_plan, inv, n_threads=threads),
                      checkpoint_bytes=checkpoint_bytes, draft=draft, draft_max=draft_max) as engine:
         options = serving.ServeOptions(model_id=path.name.removesuffix(".gguf"), max_queue=max_queue, api_key=api_key,
-                                       thinking_budget=thinking_budget, read_timeout=read_timeout)
+                                       thinking_budget=thinking_budget, read_timeout=read_timeout,
+                                       budgets=device_budgets(the_plan))
         if not dashboard:
             serving.run(engine, options, sock)
             return

@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -43,6 +43,7 @@ class ServeOptions:
     api_key: str | None = None  # required as a Bearer token on everything but /health
     thinking_budget: int | None = None  # for chat requests that set none
     read_timeout: float = READ_TIMEOUT_SECONDS  # see _TimedHttpProtocol
+    budgets: dict[str, int] = field(default_factory=dict)  # the plan's memory budget per accelerator (/metrics)
 
 
 def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
@@ -94,11 +95,11 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        memory = await run_in_threadpool(engine.accelerator_memory)
+        memory, placed = await run_in_threadpool(lambda: (engine.accelerator_memory(), engine.placed_bytes()))
         cache = engine.expert_cache.snapshot() if engine.expert_cache is not None else None
         checkpoints = engine.checkpoints.snapshot() if engine.checkpoints is not None else None
-        return PlainTextResponse(prometheus_text(engine.live.snapshot(), memory, cache, checkpoints),
-                                 media_type="text/plain; version=0.0.4")
+        text = prometheus_text(engine.live.snapshot(), memory, cache, checkpoints, placed, options.budgets)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
