@@ -6,20 +6,29 @@ placement computes on the same kernels and the comparison is bit for bit."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
+from rich.console import Console
 
 from conftest import assert_one_line_error, free_port, run_cli
+from test_dashboard import assert_laid_out, render
+from test_serve import parse_prometheus
 
 from rotary_gguf import native
+from rotary_gguf.dashboard import Dashboard, device_budgets
 from rotary_gguf.engine import Engine
 from rotary_gguf.errors import UserError
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.plan import (Accelerator, ModelFigures, Placement, estimate_margin, layer_split, layers_by_device,
                               make_plan, make_spread_plan)
+from rotary_gguf.serve import ServeOptions, create_app
 from rotary_gguf.speed_model import ANY_TYPE, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
+from rotary_gguf.units import human_bytes
 
 MiB = 2**20
 CTX, BATCH = 256, 64
@@ -177,6 +186,55 @@ def test_two_devices_with_mtp_drafts_give_the_cpu_tokens(test_model, endpoints):
     assert generated["two devices, drafts"] == generated["cpu"]
 
 
+# --- memory per device: the dashboard and /metrics -------------------------------------------------
+def placed_on(report, buffer_type: str) -> int:
+    """Bytes llama.cpp's load log puts in buffers of exactly this buffer type."""
+    return sum(n for sizes in (report.weight_bytes, report.kv_bytes, report.recurrent_bytes, report.compute_bytes,
+                               report.output_bytes)
+               for buffer, n in sizes.items() if buffer == buffer_type)
+
+
+def test_dashboard_and_metrics_show_each_devices_memory(test_model, endpoints):
+    path = test_model(arch="qwen35moe")
+    plan, budget = spread_plan(path, endpoints)
+    names = [s.accelerator.name for s in plan.shares]
+    headers = {"Authorization": "Bearer k"}
+    with Engine.load(path, plan.placement, n_ctx=CTX, n_batch=BATCH, n_threads=1) as engine:
+        report = engine.load_report
+        placed = {s.accelerator.name: placed_on(report, s.accelerator.buffer_type) for s in plan.shares}
+        dashboard = Dashboard(engine, plan=plan, serving=True)
+        screens = {size: render(dashboard, *size) for size in ((80, 24), (60, 15), (120, 40))}
+        compact = render_compact(dashboard, 80)
+        with TestClient(create_app(engine, ServeOptions("two", max_queue=1, api_key="k", budgets=device_budgets(plan)))) as client:
+            assert client.post("/v1/completions", headers=headers, json={"prompt": PROMPT, "max_tokens": 4}).status_code == 200
+            samples = parse_prometheus(client.get("/metrics", headers=headers).text)
+    # both servers name their buffers RPC0[host:port]: each device counts its own endpoint's, none twice
+    rpc_total = sum(n for sizes in (report.weight_bytes, report.kv_bytes, report.recurrent_bytes, report.compute_bytes)
+                    for buffer, n in sizes.items() if buffer.startswith("RPC"))
+    assert all(n > 0 for n in placed.values()) and sum(placed.values()) == rpc_total, (placed, rpc_total)
+    assert [(a.name, a.used, a.total, a.source) for a in dashboard.reading.accelerators] == [
+        (name, placed[name], budget, "placed") for name in names]
+    for (width, height), lines in screens.items():
+        assert_laid_out(lines, width, height)
+        for name in names:  # one bar each: name, bar, placed / budget
+            bar = re.compile(rf"^(?:│ )?{name} +[█·]{{4,20}} {re.escape(human_bytes(placed[name]))} / "
+                             rf"{re.escape(human_bytes(budget))}")
+            assert sum(bool(bar.match(line)) for line in lines) == 1, (name, "\n".join(lines))
+    assert f"2 accelerators {human_bytes(sum(placed.values()))} / {human_bytes(2 * budget)}" in compact
+    for name in names:
+        assert samples[f'rotary_gguf_accelerator_placed_bytes{{device="{name}"}}'] == placed[name]
+        assert samples[f'rotary_gguf_accelerator_budget_bytes{{device="{name}"}}'] == budget
+        assert samples[f'rotary_gguf_accelerator_memory_total_bytes{{device="{name}"}}'] > 0
+    assert sorted(k for k in samples if "accelerator_placed" in k) == sorted(
+        f'rotary_gguf_accelerator_placed_bytes{{device="{name}"}}' for name in names)
+
+
+def render_compact(dashboard: Dashboard, width: int) -> str:
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(dashboard.compact())
+    return console.export_text()
+
+
 # --- the CLI ----------------------------------------------------------------------------------------
 def test_plan_json_shows_each_devices_memory(test_model, endpoints):
     path = test_model(arch="qwen35moe")
@@ -236,4 +294,10 @@ def test_bench_compares_two_devices_with_the_first_alone_and_cpu_moe(test_model,
     assert names[0] == "plan RPC0+RPC1" and "plan RPC0 alone" in names and "--cpu-moe" in names
     first = s["candidates"][0]
     assert first["devices"] == ["RPC0", "RPC1"] and first["predicted"] is not None
+    # the peak is both devices' together, each one's own in the breakdown
+    peaks = {name: p["median"] for name, p in first["peak_accelerator_bytes_by_device"].items()}
+    assert list(peaks) == ["RPC0", "RPC1"] and all(p > 0 for p in peaks.values())
+    assert first["figures"]["peak_accelerator_bytes"]["median"] == sum(peaks.values())
+    alone = next(c for c in s["candidates"] if "plan RPC0 alone" in c["name"])
+    assert list(alone["peak_accelerator_bytes_by_device"]) == ["RPC0"]
     assert s["outputs_identical"], s["output_checks"]
