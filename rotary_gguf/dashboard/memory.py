@@ -38,9 +38,9 @@ class MemoryProbe:
         self._nvml = {name: _nvml_handle(int(name[4:] or 0)) for name in self.devices if name.startswith("CUDA")}
         self._budgets: dict[str, int] = {}  # RPC devices: what their placed bytes are out of
         rpc = [name for name in self.devices if name.startswith("RPC")]
-        if rpc:
-            budgets, reported = device_budgets(plan), engine.accelerator_memory()
-            self._budgets = {name: budgets.get(name, reported.get(name, (0, 0))[1]) for name in rpc}
+        budgets = device_budgets(plan)
+        reported = engine.accelerator_memory() if any(name not in budgets for name in rpc) else {}
+        self._budgets = {name: budgets.get(name, reported.get(name, (0, 0))[1]) for name in rpc}
 
     def accelerators(self) -> list[AcceleratorMemory]:
         """One figure per accelerator, in the placement's order; empty when all runs on the CPU."""
