@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from rich.console import Console
 
 from conftest import assert_one_line_error, free_port, run_cli
-from test_dashboard import assert_laid_out, render
+from test_dashboard import SIZES, assert_laid_out, render
 from test_serve import parse_prometheus
 
 from rotary_gguf import native
@@ -203,7 +203,10 @@ def test_dashboard_and_metrics_show_each_devices_memory(test_model, endpoints):
         report = engine.load_report
         placed = {s.accelerator.name: placed_on(report, s.accelerator.buffer_type) for s in plan.shares}
         dashboard = Dashboard(engine, plan=plan, serving=True)
-        screens = {size: render(dashboard, *size) for size in ((80, 24), (60, 15), (120, 40))}
+        screens = {}
+        for width, height, rows in SIZES:  # whole terminals, and the part chat gives it
+            dashboard.height = rows
+            screens[width, rows or height] = render(dashboard, width, height)
         compact = render_compact(dashboard, 80)
         with TestClient(create_app(engine, ServeOptions("two", max_queue=1, api_key="k", budgets=device_budgets(plan)))) as client:
             assert client.post("/v1/completions", headers=headers, json={"prompt": PROMPT, "max_tokens": 4}).status_code == 200
