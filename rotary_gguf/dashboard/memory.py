@@ -36,10 +36,10 @@ class MemoryProbe:
         self._process = psutil.Process()
         self.devices: tuple[str, ...] = tuple(engine.placement.devices)
         self._nvml = {name: _nvml_handle(int(name[4:] or 0)) for name in self.devices if name.startswith("CUDA")}
-        self._budgets: dict[str, int] = {}  # RPC devices: what their placed bytes are out of
         rpc = [name for name in self.devices if name.startswith("RPC")]
         budgets = device_budgets(plan)
         reported = engine.accelerator_memory() if any(name not in budgets for name in rpc) else {}
+        # RPC devices: what their placed bytes are out of
         self._budgets = {name: budgets.get(name, reported.get(name, (0, 0))[1]) for name in rpc}
 
     def accelerators(self) -> list[AcceleratorMemory]:

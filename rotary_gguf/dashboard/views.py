@@ -114,17 +114,15 @@ class MemoryView(View):
         r = self.dashboard.reading
         accs = r.accelerators
         width = options.max_width
+        shown = grouped_accelerators(accs, memory_rows(len(accs), self.boxed)) if len(accs) > 1 else []
+        label = max([5] + [len(acc.name) + 1 for acc in shown])  # the labels' width, bars aligned
         if not accs:
             yield fit(width, [("VRAM ", "bold"), ("none", "dim")], [(": everything on the CPU", "dim")])
-            label = 5
         elif len(accs) == 1:
             acc = accs[0]
             notes = (f"placed on {acc.name}", acc.name) if acc.source == "placed" else (acc.name,)
             yield self._usage("VRAM ", acc.used, acc.total, notes, width)
-            label = 5
         else:
-            shown = grouped_accelerators(accs, memory_rows(len(accs), self.boxed))
-            label = max(5, *(len(acc.name) + 1 for acc in shown))
             for acc in shown:
                 notes = ("placed",) if acc.source == "placed" else ()
                 yield self._usage(acc.name.ljust(label), acc.used, acc.total, notes, width)
