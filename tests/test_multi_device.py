@@ -232,6 +232,22 @@ def test_dashboard_and_metrics_show_each_devices_memory(test_model, endpoints):
         f'rotary_gguf_accelerator_placed_bytes{{device="{name}"}}' for name in names)
 
 
+def test_device_properties_read_as_ggml_writes_them(endpoints):
+    """ggml's device properties (the NVML lookup reads a CUDA GPU's PCI bus id from them) agree with
+    what the single-field calls say: the struct is laid out as ggml's."""
+    native.find_accelerators(endpoints)
+    for dev in native.devices():
+        props = native.device_props(dev.name)
+        assert (props.name.decode(), props.description.decode(), native.DEVICE_TYPES[props.type]) == (
+            dev.name, dev.description, dev.type)
+        assert (props.memory_free, props.memory_total) == (dev.free, dev.total) and dev.total > 0
+        bus = native.pci_bus_id(dev.name)
+        if dev.is_local_gpu:
+            assert bus is not None and re.fullmatch(r"[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-9a-f](-v\d+)?", bus), bus
+        else:  # the CPU and ggml-rpc devices have none
+            assert bus is None
+
+
 def render_compact(dashboard: Dashboard, width: int) -> str:
     console = Console(width=width, record=True, file=io.StringIO())
     console.print(dashboard.compact())

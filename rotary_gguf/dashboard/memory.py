@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import psutil
 import pynvml
 
+from .. import native
+
 
 @dataclass(frozen=True)
 class AcceleratorMemory:
@@ -35,7 +37,7 @@ class MemoryProbe:
         self._engine = engine
         self._process = psutil.Process()
         self.devices: tuple[str, ...] = tuple(engine.placement.devices)
-        self._nvml = {name: _nvml_handle(int(name[4:] or 0)) for name in self.devices if name.startswith("CUDA")}
+        self._nvml = {name: _nvml_handle(name) for name in self.devices if name.startswith("CUDA")}
         rpc = [name for name in self.devices if name.startswith("RPC")]
         budgets = device_budgets(plan)
         reported = engine.accelerator_memory() if any(name not in budgets for name in rpc) else {}
@@ -65,9 +67,15 @@ class MemoryProbe:
         return self._process.memory_info().rss, ram.total - ram.available, ram.total
 
 
-def _nvml_handle(index: int):
+def _nvml_handle(name: str):
+    """NVML's handle of CUDA device `name`, found by its PCI bus id: NVML counts GPUs in bus order
+    and ignores CUDA_VISIBLE_DEVICES, so CUDA1 need not be NVML's GPU 1. By index where ggml gives
+    no bus id."""
     try:
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetHandleByIndex(index)
+        bus = native.pci_bus_id(name)
+        if bus is not None:
+            return pynvml.nvmlDeviceGetHandleByPciBusId(bus.split("-v")[0])  # a virtual device: its GPU's
+        return pynvml.nvmlDeviceGetHandleByIndex(int(name[4:] or 0))
     except pynvml.NVMLError:  # no driver library or no such GPU: ggml's figures then
         return None

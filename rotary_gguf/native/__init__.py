@@ -8,8 +8,8 @@ from __future__ import annotations
 from ..errors import UserError
 
 from .backends import (DEVICE_TYPES, UNSAFE_EXTRA_BUFFER_TYPES, Device, add_rpc_device, buffer_type_name, cpu_backend_features,
-                       cpu_device, cpu_extra_buffer_types, device_by_name, devices, find_accelerator, find_accelerators,
-                       offloads_ops,
+                       cpu_device, cpu_extra_buffer_types, device_by_name, device_props, devices, find_accelerator,
+                       find_accelerators, offloads_ops, pci_bus_id,
                        parse_endpoint, probe_rpc, rpc_available, serve_rpc, unsafe_cpu_buffer_types)
 from .callbacks import GGML_INCLUDE_DIR, NATIVE_HEADERS, NATIVE_SOURCES, EvalCallback, GgmlTensor, MoeTap, tensor_bytes
 from .expert_cache import (EXPERT_CACHE_MODES, SPLIT_ROLES, NativeExpertCache, alloc_buffer, buffer_base, buffer_is_host,

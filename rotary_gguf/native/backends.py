@@ -12,7 +12,7 @@ from functools import cache
 from ..errors import UserError
 from ..plan import CUDA_RUNTIME_RESERVE, Accelerator
 from .ggml import (_GGML_TYPE_F32, c_char_p, c_size_t, c_void_p, _buft_name, _dev_backend_reg, _dev_buffer_type, _dev_count, _dev_description, _dev_get,
-                   _dev_host_buffer_type, _dev_memory, _dev_name, _dev_offload_op, _dev_type, _metadata_context, _mul_mat,
+                   _DevProps, _dev_get_props, _dev_host_buffer_type, _dev_memory, _dev_name, _dev_offload_op, _dev_type, _metadata_context, _mul_mat,
                    _new_tensor_2d, _reg_proc_address, _register, _rpc_add_server, _rpc_start_server)
 
 DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
@@ -81,6 +81,20 @@ def device_by_name(name: str) -> Device:
             return dev
     known = ", ".join(d.name for d in devices())
     raise UserError(f"unknown device {name!r} (llama.cpp sees: {known})")
+
+
+def device_props(name: str) -> _DevProps:
+    """ggml's properties of device `name` (its PCI bus id, "0000:c1:00.0", as `device_id` where the
+    backend knows it: CUDA does; the CPU and ggml-rpc give none). Strings point into the backend."""
+    props = _DevProps()
+    _dev_get_props(device_by_name(name).handle, ctypes.byref(props))
+    return props
+
+
+def pci_bus_id(name: str) -> str | None:
+    """The PCI bus id ggml gives device `name` (a CUDA GPU's, with "-vN" for a virtual device), if any."""
+    bus = device_props(name).device_id
+    return bus.decode() if bus else None
 
 
 def cpu_device() -> Device:

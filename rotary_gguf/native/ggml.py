@@ -41,6 +41,23 @@ _dev_description = _bind("ggml_backend_dev_description", c_char_p, c_void_p)
 _dev_type = _bind("ggml_backend_dev_type", ctypes.c_int, c_void_p)
 _dev_memory = _bind("ggml_backend_dev_memory", None, c_void_p, ctypes.POINTER(c_size_t), ctypes.POINTER(c_size_t))
 _dev_buffer_type = _bind("ggml_backend_dev_buffer_type", c_void_p, c_void_p)
+
+
+class _DevCaps(ctypes.Structure):
+    """struct ggml_backend_dev_caps (ggml-backend.h)."""
+
+    _fields_ = [("async_", ctypes.c_bool), ("host_buffer", ctypes.c_bool), ("buffer_from_host_ptr", ctypes.c_bool),
+                ("events", ctypes.c_bool), ("mmap_support", ctypes.c_bool)]
+
+
+class _DevProps(ctypes.Structure):
+    """struct ggml_backend_dev_props (ggml-backend.h): device_id is the PCI bus id where the backend knows it."""
+
+    _fields_ = [("name", c_char_p), ("description", c_char_p), ("memory_free", c_size_t), ("memory_total", c_size_t),
+                ("type", ctypes.c_int), ("device_id", c_char_p), ("caps", _DevCaps)]
+
+
+_dev_get_props = _bind("ggml_backend_dev_get_props", None, c_void_p, ctypes.POINTER(_DevProps))
 _dev_host_buffer_type = _bind("ggml_backend_dev_host_buffer_type", c_void_p, c_void_p)
 _buft_name = _bind("ggml_backend_buft_name", c_char_p, c_void_p)
 _register = _bind("ggml_backend_register", None, c_void_p)
