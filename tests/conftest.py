@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +18,16 @@ CLI = str(Path(sys.executable).with_name("rotary-gguf"))
 sys.path.insert(0, str(REPO / "tools"))
 
 from make_test_model import make_model  # noqa: E402
+
+# The suite keeps its own user cache (calibrations, bench's draft verdicts, Hub headers), shared by
+# every test and the CLI processes they start, and never touches the user's: a calibration measured
+# once under other load must not decide this run's plans, and a run must leave nothing behind.
+_USER_CACHE = tempfile.mkdtemp(prefix="rotary-gguf-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _USER_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_USER_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
