@@ -96,7 +96,7 @@ def _train(out: Path, work: Path, *extra: str) -> dict:
         "--kv-heads", "1", "--experts", "4", "--used", "2", "--ff", "32", "--vocab", "400",
         "--seq-len", "32", "--batch", "4", "--warmup", "2", "--text-limit", "20000",
         "--eval-every", "3", "--checkpoint-every", "3", *extra,
-    ]
+    ]  # later options override earlier ones
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return json.loads((work / "report.json").read_text())
@@ -118,6 +118,27 @@ def test_tiny_training_run_exports_a_model_llama_cpp_runs(tmp_path):
     with Engine.load(out, n_ctx=32, n_threads=1) as engine:
         assert engine.n_vocab == 400
         assert len(engine.greedy(engine.tokenize("The"), 4)) > 0
+
+
+def test_tiny_qwen35moe_with_an_mtp_head_computes_what_llama_cpp_computes(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "tiny35.gguf"
+    # 80 tokens: the DeltaNet's chunked training form crosses a chunk boundary (64) in the check;
+    # a high learning rate gives logits far enough from zero for the comparison to mean something
+    report = _train(out, tmp_path / "run35", "--arch", "qwen35moe", "--layers", "4", "--seq-len", "80",
+                    "--steps", "12", "--lr", "0.01", "--quant", "f32", "--eval-every", "0")
+
+    for key in ("logits_f32", "mtp_logits_f32"):  # the trunk, then the MTP head through the drafter
+        check = report[key]
+        assert check["tokens"] == 80 and check["logit_range"] > 1.0, check
+        assert check["max_abs_diff"] < 1e-3 * check["logit_range"], check
+        assert check["argmax_agreement"] == 1.0, check
+    # the engine drafts with the trained head and the greedy text is the one without drafts
+    accept = report["mtp_acceptance"]
+    assert accept["drafted"] > 0 and accept["same_as_without_drafts"], accept
+
+    inv = read_inventory(out)
+    assert (inv.arch, inv.n_layer, inv.hparam("nextn_predict_layers")) == ("qwen35moe", 5, 1)
 
 
 def test_training_is_seeded(tmp_path):
