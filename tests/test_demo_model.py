@@ -17,12 +17,13 @@ from rotary_gguf.inventory import read_inventory
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "tools" / "train_demo_model.py"
+DEMO_QWEN35MOE = REPO / "rotary_gguf" / "data" / "demo-qwen35moe.gguf"
 
 
-def readme_figures() -> dict[str, str]:
-    """The rows of the table in the README's "The built-in demo model" section."""
+def readme_figures(heading: str = "The built-in demo model") -> dict[str, str]:
+    """The rows of the two-column table in the README's section `heading`."""
     text = (REPO / "README.md").read_text()
-    section = text.split("## The built-in demo model", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
     return {m[1].strip(): m[2].strip() for m in re.finditer(r"^\| ([^|]+) \| ([^|]+) \|$", section, re.M)}
 
 
@@ -50,6 +51,24 @@ def test_metadata_matches_the_readme():
     assert figures["expert FFN width"] == str(inv.n_ff_exp)
     assert figures["weights"] == "Q8_0"
     assert {t.type_name for t in inv.tensors if ".ffn_up_exps." in t.name} == {"Q8_0"}
+
+
+def test_qwen35moe_demo_matches_the_readme_and_its_head_drafts():
+    inv = read_inventory(DEMO_QWEN35MOE)
+    figures = readme_figures("The qwen35moe demo model")
+    assert DEMO_QWEN35MOE.stat().st_size <= 25 * 1000 * 1000
+    assert figures["architecture"] == f"`{inv.arch}`" == "`qwen35moe`"
+    assert figures["blocks"] == f"{inv.n_layer - 1} + 1 MTP block"
+    assert figures["routed experts"] == f"{inv.n_expert} per block, {inv.n_expert_used} used per token"
+    assert figures["embedding width"] == str(inv.n_embd)
+    assert figures["weights"] == "Q8_0"
+    assert inv.hparam("nextn_predict_layers") == 1
+    # the trained head's drafts are mostly accepted on ordinary text (a random head's almost never)
+    prompt = "<|im_start|>user\nWhat does the len() function do?<|im_end|>\n<|im_start|>assistant\n"
+    with Engine.load(DEMO_QWEN35MOE, n_ctx=256, n_threads=2, draft="mtp") as engine:
+        events = list(engine.generate(engine.tokenize(prompt), max_tokens=48))
+    stats = events[-1].stats
+    assert stats.drafted_tokens > 0 and stats.draft_accepted >= 0.3 * stats.drafted_tokens, stats
 
 
 def test_generates_english_like_text(demo_engine):
