@@ -160,8 +160,10 @@ def test_tiny_qwen35moe_with_an_mtp_head_computes_what_llama_cpp_computes(tmp_pa
     assert (inv.arch, inv.n_layer, inv.hparam("nextn_predict_layers")) == ("qwen35moe", 5, 1)
 
 
-def test_training_is_seeded(tmp_path):
+@pytest.mark.parametrize("arch", [("--arch", "qwen3moe"), ("--arch", "qwen35moe", "--layers", "4")],
+                         ids=["qwen3moe", "qwen35moe"])
+def test_training_is_seeded(tmp_path, arch):
     pytest.importorskip("torch")
-    first = _train(tmp_path / "a.gguf", tmp_path / "a", "--quant", "f32", "--no-report")
-    second = _train(tmp_path / "b.gguf", tmp_path / "b", "--quant", "f32", "--no-report")
+    first = _train(tmp_path / "a.gguf", tmp_path / "a", *arch, "--quant", "f32", "--no-report")
+    second = _train(tmp_path / "b.gguf", tmp_path / "b", *arch, "--quant", "f32", "--no-report")
     assert first["file_sha256"] == second["file_sha256"]
