@@ -17,12 +17,13 @@ from rotary_gguf.inventory import read_inventory
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "tools" / "train_demo_model.py"
+DEMO_QWEN35MOE = REPO / "rotary_gguf" / "data" / "demo-qwen35moe.gguf"
 
 
-def readme_figures() -> dict[str, str]:
-    """The rows of the table in the README's "The built-in demo model" section."""
+def readme_figures(heading: str = "The built-in demo model") -> dict[str, str]:
+    """The rows of the two-column table in the README's section `heading`."""
     text = (REPO / "README.md").read_text()
-    section = text.split("## The built-in demo model", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
     return {m[1].strip(): m[2].strip() for m in re.finditer(r"^\| ([^|]+) \| ([^|]+) \|$", section, re.M)}
 
 
@@ -50,6 +51,24 @@ def test_metadata_matches_the_readme():
     assert figures["expert FFN width"] == str(inv.n_ff_exp)
     assert figures["weights"] == "Q8_0"
     assert {t.type_name for t in inv.tensors if ".ffn_up_exps." in t.name} == {"Q8_0"}
+
+
+def test_qwen35moe_demo_matches_the_readme_and_its_head_drafts():
+    inv = read_inventory(DEMO_QWEN35MOE)
+    figures = readme_figures("The qwen35moe demo model")
+    assert DEMO_QWEN35MOE.stat().st_size <= 25 * 1000 * 1000
+    assert figures["architecture"] == f"`{inv.arch}`" == "`qwen35moe`"
+    assert figures["blocks"] == f"{inv.n_layer - 1} + 1 MTP block"
+    assert figures["routed experts"] == f"{inv.n_expert} per block, {inv.n_expert_used} used per token"
+    assert figures["embedding width"] == str(inv.n_embd)
+    assert figures["weights"] == "Q8_0"
+    assert inv.hparam("nextn_predict_layers") == 1
+    # the trained head's drafts are mostly accepted on ordinary text (a random head's almost never)
+    prompt = "<|im_start|>user\nWhat does the len() function do?<|im_end|>\n<|im_start|>assistant\n"
+    with Engine.load(DEMO_QWEN35MOE, n_ctx=256, n_threads=2, draft="mtp") as engine:
+        events = list(engine.generate(engine.tokenize(prompt), max_tokens=48))
+    stats = events[-1].stats
+    assert stats.drafted_tokens > 0 and stats.draft_accepted >= 0.3 * stats.drafted_tokens, stats
 
 
 def test_generates_english_like_text(demo_engine):
@@ -96,7 +115,7 @@ def _train(out: Path, work: Path, *extra: str) -> dict:
         "--kv-heads", "1", "--experts", "4", "--used", "2", "--ff", "32", "--vocab", "400",
         "--seq-len", "32", "--batch", "4", "--warmup", "2", "--text-limit", "20000",
         "--eval-every", "3", "--checkpoint-every", "3", *extra,
-    ]
+    ]  # later options override earlier ones
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return json.loads((work / "report.json").read_text())
@@ -120,8 +139,31 @@ def test_tiny_training_run_exports_a_model_llama_cpp_runs(tmp_path):
         assert len(engine.greedy(engine.tokenize("The"), 4)) > 0
 
 
-def test_training_is_seeded(tmp_path):
+def test_tiny_qwen35moe_with_an_mtp_head_computes_what_llama_cpp_computes(tmp_path):
     pytest.importorskip("torch")
-    first = _train(tmp_path / "a.gguf", tmp_path / "a", "--quant", "f32", "--no-report")
-    second = _train(tmp_path / "b.gguf", tmp_path / "b", "--quant", "f32", "--no-report")
+    out = tmp_path / "tiny35.gguf"
+    # 80 tokens: the DeltaNet's chunked training form crosses a chunk boundary (64) in the check;
+    # a high learning rate gives logits far enough from zero for the comparison to mean something
+    report = _train(out, tmp_path / "run35", "--arch", "qwen35moe", "--layers", "4", "--seq-len", "80",
+                    "--steps", "12", "--lr", "0.01", "--quant", "f32", "--eval-every", "0")
+
+    for key in ("logits_f32", "mtp_logits_f32"):  # the trunk, then the MTP head through the drafter
+        check = report[key]
+        assert check["tokens"] == 80 and check["logit_range"] > 1.0, check
+        assert check["max_abs_diff"] < 1e-3 * check["logit_range"], check
+        assert check["argmax_agreement"] == 1.0, check
+    # the engine drafts with the trained head and the greedy text is the one without drafts
+    accept = report["mtp_acceptance"]
+    assert accept["drafted"] > 0 and accept["same_as_without_drafts"], accept
+
+    inv = read_inventory(out)
+    assert (inv.arch, inv.n_layer, inv.hparam("nextn_predict_layers")) == ("qwen35moe", 5, 1)
+
+
+@pytest.mark.parametrize("arch", [("--arch", "qwen3moe"), ("--arch", "qwen35moe", "--layers", "4")],
+                         ids=["qwen3moe", "qwen35moe"])
+def test_training_is_seeded(tmp_path, arch):
+    pytest.importorskip("torch")
+    first = _train(tmp_path / "a.gguf", tmp_path / "a", *arch, "--quant", "f32", "--no-report")
+    second = _train(tmp_path / "b.gguf", tmp_path / "b", *arch, "--quant", "f32", "--no-report")
     assert first["file_sha256"] == second["file_sha256"]

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Train the built-in demo model: a small qwen3moe Mixture-of-Experts language model, on CPU.
+"""Train the built-in demo model: a small qwen3moe Mixture-of-Experts language model, on CPU; or
+with ``--arch qwen35moe`` the target's architecture (Gated DeltaNet and full-attention blocks, a
+shared expert) with a trained multi-token-prediction head (``demo_qwen35moe.py``).
 
 Text: the English documentation that ships with CPython (``pydoc_data.topics``, the language
 reference behind ``help()``) and the prose paragraphs of the standard library's docstrings, both
@@ -9,7 +11,8 @@ no download. About 5% of the documents (picked by the seed) are held out for per
 Steps: byte-level BPE tokenizer trained on the text (GPT-2 byte mapping, llama.cpp's "qwen2"
 pre-tokenizer split) -> the model (torch, the same forward as llama.cpp's qwen3moe graph) ->
 GGUF export -> a report: held-out perplexity vs a unigram baseline, llama.cpp vs torch logits,
-samples, routing skew. Training saves a checkpoint in ``--work-dir`` every ``--checkpoint-every``
+samples, routing skew (qwen35moe: also the MTP head's logits and its drafts' acceptance through
+the engine's ``--draft mtp``). Training saves a checkpoint in ``--work-dir`` every ``--checkpoint-every``
 steps and resumes from it when run again with the same settings; equal settings and seed give
 the same model.
 
@@ -18,6 +21,7 @@ Needs torch (``pip install -e .[train]``); the rotary_gguf package itself never 
 Usage::
 
     python tools/train_demo_model.py                        # the shipped model (about 35 minutes)
+    python tools/train_demo_model.py --arch qwen35moe --steps 600   # its qwen35moe sibling
     python tools/train_demo_model.py --steps 3 --embd 32 --layers 1 --experts 4 --used 2 \\
         --ff 32 --vocab 300 --text-limit 20000 -o tiny.gguf --work-dir tiny-run
 """
@@ -54,6 +58,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))
 
+from demo_qwen35moe import (  # noqa: E402
+    Qwen35MoE,
+    RMSNorm,
+    add_hparams,
+    moe_ffn,
+    mtp_acceptance,
+    mtp_heldout,
+    mtp_logit_check,
+)
 from make_test_model import (  # noqa: E402
     _FTYPE_ALL_F32,
     _FTYPE_MOSTLY_F16,
@@ -68,9 +81,9 @@ from make_test_model import (  # noqa: E402
     _tmp_path,
 )
 
-DEFAULT_OUTPUT = REPO / "rotary_gguf" / "data" / "demo-moe.gguf"
-DEFAULT_WORK_DIR = REPO / "build" / "demo-model"
-ARCH = "qwen3moe"
+DEFAULT_OUTPUTS = {"qwen3moe": REPO / "rotary_gguf" / "data" / "demo-moe.gguf",
+                   "qwen35moe": REPO / "rotary_gguf" / "data" / "demo-qwen35moe.gguf"}
+DEFAULT_WORK_DIRS = {"qwen3moe": REPO / "build" / "demo-model", "qwen35moe": REPO / "build" / "demo-qwen35moe"}
 QUANTS = ("f32", "f16", "q8_0")
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
 SETTINGS_KEY = "rotary.demo.settings"
@@ -81,6 +94,7 @@ CORPUS_SHA_KEY = "rotary.demo.corpus_sha256"
 class Settings:
     """Everything that determines the trained model (saved with checkpoints and in the GGUF)."""
 
+    arch: str = "qwen3moe"
     vocab: int = 4096
     layers: int = 4
     embd: int = 256
@@ -103,6 +117,7 @@ class Settings:
     holdout: float = 0.05
     text_limit: int = 0
     seed: int = 0
+    mtp_loss: float = 0.3  # qwen35moe: weight of the MTP head's loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,16 +381,6 @@ class Tokenizer:
 # model: llama.cpp's qwen3moe graph (src/models/qwen3moe.cpp, build_moe_ffn in llama-graph.cpp)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, n: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
 def rope(x: torch.Tensor, base: float) -> torch.Tensor:
     """NEOX-style rotary embedding (pairs i, i + d/2) of x [batch, tokens, heads, head_dim]."""
     d = x.shape[-1]
@@ -420,26 +425,8 @@ class Block(nn.Module):
                           s.dropout, self.training)
 
         h = self.ffn_norm(x).view(B * T, E)
-        probs = torch.softmax(self.ffn_gate_inp(h), dim=-1)
-        weights, chosen = probs.topk(s.used, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
-        flat = chosen.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=s.experts)
-        token_of = order // s.used
-        weight_of = weights.reshape(-1)[order]
-        y = torch.zeros_like(h)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            tok = token_of[start : start + n]
-            xs = h[tok]
-            out = (F.silu(xs @ self.ffn_gate_exps[e].T) * (xs @ self.ffn_up_exps[e].T)) @ self.ffn_down_exps[e].T
-            y.index_add_(0, tok, out * weight_of[start : start + n, None])
-            start += n
-        # Switch-Transformer balance loss: experts' share of selections times their mean probability
-        aux = s.experts * (counts.float() / flat.numel() * probs.mean(0)).sum()
+        y, aux, chosen = moe_ffn(h, self.ffn_gate_inp, self.ffn_gate_exps, self.ffn_up_exps,
+                                 self.ffn_down_exps, s.used)
         return x + F.dropout(y.view(B, T, E), s.dropout, self.training), aux, chosen.view(B, T, s.used)
 
 
@@ -537,10 +524,19 @@ def train(model: DemoMoE, train_stream: np.ndarray, held_stream: np.ndarray, s: 
         inputs, targets = batch_at(train_stream, step, s)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s)
-        logits, aux, _ = model(inputs)
+        if s.arch == "qwen35moe":
+            hidden, aux, _ = model.trunk(inputs)
+            logits = hidden @ model.token_embd.weight.T
+            # the head reads the trunk's states without training them; the tied embedding learns from both
+            mtp_logits, mtp_aux = model.mtp_logits(inputs, hidden.detach())
+            mtp = F.cross_entropy(mtp_logits.reshape(-1, s.vocab), targets.reshape(-1))
+            extra, aux = s.mtp_loss * mtp, aux + mtp_aux / s.layers
+        else:
+            logits, aux, _ = model(inputs)
+            extra = mtp = logits.new_zeros(())
         loss = F.cross_entropy(logits.reshape(-1, s.vocab), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
-        (loss + s.aux_loss * aux).backward()
+        (loss + extra + s.aux_loss * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
@@ -548,7 +544,7 @@ def train(model: DemoMoE, train_stream: np.ndarray, held_stream: np.ndarray, s: 
         seconds += now - t_last
         t_last = now
         if step % 10 == 0 or step == s.steps:
-            print(f"step {step}/{s.steps} loss {loss.item():.3f} aux {aux.item():.3f} "
+            print(f"step {step}/{s.steps} loss {loss.item():.3f} mtp {mtp.item():.3f} aux {aux.item():.3f} "
                   f"lr {lr_at(step - 1, s):.2e} {seconds / step:.2f} s/step", flush=True)
         if eval_every and (step % eval_every == 0 or step == s.steps):
             model.eval()
@@ -582,7 +578,7 @@ def gguf_tensors(model: DemoMoE) -> Iterator[tuple[str, np.ndarray]]:
     yield "output_norm.weight", model.output_norm.weight
 
 
-def write_gguf(path: pathlib.Path, model: DemoMoE, tok: Tokenizer, quant: str, meta: dict) -> None:
+def write_gguf(path: pathlib.Path, model: DemoMoE | Qwen35MoE, tok: Tokenizer, quant: str, meta: dict) -> None:
     """Write the model (f32 or f16 weights; q8_0 goes through llama.cpp's quantizer) atomically."""
     s = model.s
     folder = path.parent
@@ -591,8 +587,8 @@ def write_gguf(path: pathlib.Path, model: DemoMoE, tok: Tokenizer, quant: str, m
     tmp_f32 = _tmp_path(folder, path.name, ".f32.tmp") if quant == "q8_0" else None
     try:
         f16 = quant == "f16"
-        w = gguf.GGUFWriter(tmp_f32 or tmp, ARCH)
-        w.add_name("rotary-gguf demo MoE")
+        w = gguf.GGUFWriter(tmp_f32 or tmp, s.arch)
+        w.add_name("rotary-gguf demo MoE" if s.arch == "qwen3moe" else f"rotary-gguf demo {s.arch}")
         w.add_description(meta["description"])
         w.add_license("MIT")
         w.add_file_type(_FTYPE_MOSTLY_F16 if f16 else _FTYPE_ALL_F32)
@@ -601,7 +597,10 @@ def write_gguf(path: pathlib.Path, model: DemoMoE, tok: Tokenizer, quant: str, m
         w.add_string(CORPUS_SHA_KEY, meta["corpus_sha256"])
         w.add_context_length(s.seq_len)
         w.add_embedding_length(s.embd)
-        w.add_block_count(s.layers)
+        if s.arch == "qwen35moe":
+            add_hparams(w, s)
+        else:
+            w.add_block_count(s.layers)
         w.add_head_count(s.heads)
         w.add_head_count_kv(s.kv_heads)
         w.add_key_length(s.head_dim)
@@ -624,7 +623,7 @@ def write_gguf(path: pathlib.Path, model: DemoMoE, tok: Tokenizer, quant: str, m
         w.add_pad_token_id(vocab["pad_id"])
         w.add_add_bos_token(False)
         w.add_chat_template(CHAT_TEMPLATE)
-        for name, p in gguf_tensors(model):
+        for name, p in model.gguf_tensors() if s.arch == "qwen35moe" else gguf_tensors(model):
             arr = p.detach().float().numpy()
             if f16 and not _keep_f32(name, arr):
                 arr = arr.astype(np.float16)
@@ -790,16 +789,17 @@ def encode_stream(tok: Tokenizer, docs: list[Document]) -> np.ndarray:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Train the built-in demo MoE model on CPU and export it as GGUF.")
     d = Settings()
-    ap.add_argument("-o", "--output", type=pathlib.Path, default=DEFAULT_OUTPUT, help="output .gguf")
-    ap.add_argument("--work-dir", type=pathlib.Path, default=DEFAULT_WORK_DIR,
-                    help="checkpoints, tokenizer, F32 copy and report.json")
+    ap.add_argument("-o", "--output", type=pathlib.Path, help="output .gguf (default: the shipped file of --arch)")
+    ap.add_argument("--work-dir", type=pathlib.Path,
+                    help="checkpoints, tokenizer, F32 copy and report.json (default: build/ per --arch)")
     ap.add_argument("--quant", choices=QUANTS, default="q8_0", help="weight type of the output file")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations (0: never)")
     ap.add_argument("--no-report", action="store_true", help="skip samples, routing and logit checks")
     for f in dataclasses.fields(Settings):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=getattr(d, f.name))
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=getattr(d, f.name),
+                        choices=tuple(DEFAULT_OUTPUTS) if f.name == "arch" else None)
     return ap
 
 
@@ -807,8 +807,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     s = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     torch.set_num_threads(args.threads)
+    if s.arch == "qwen35moe" and s.layers < 4:
+        raise SystemExit("error: --arch qwen35moe needs --layers 4 or more (block 3 is its first full-attention block)")
     torch.manual_seed(s.seed)
-    work_dir = args.work_dir
+    args.output = args.output or DEFAULT_OUTPUTS[s.arch]
+    work_dir = args.work_dir or DEFAULT_WORK_DIRS[s.arch]
     work_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
@@ -821,9 +824,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(train_stream)} training and {len(held_stream)} held-out tokens; "
           f"vocabulary {len(tok)} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    model = DemoMoE(s)
+    model = Qwen35MoE(s) if s.arch == "qwen35moe" else DemoMoE(s)
     n_params = sum(p.numel() for p in model.parameters())
-    n_active = n_params - s.layers * 3 * (s.experts - s.used) * s.ff * s.embd
+    n_moe_blocks = s.layers + (s.arch == "qwen35moe")  # and the MTP head's
+    n_active = n_params - n_moe_blocks * 3 * (s.experts - s.used) * s.ff * s.embd
     print(f"model: {n_params / 1e6:.2f} M parameters, {n_active / 1e6:.2f} M active per token", flush=True)
     report: dict = {"settings": dataclasses.asdict(s), "parameters": n_params, "active_parameters": n_active,
                     "documents": len(docs), "train_tokens": len(train_stream), "heldout_tokens": len(held_stream),
@@ -837,13 +841,16 @@ def main(argv: list[str] | None = None) -> int:
     report["heldout_perplexity"] = round(math.exp(nll), 2)
     report["unigram_perplexity"] = round(math.exp(uni), 2)
     print(f"held-out perplexity {math.exp(nll):.2f}; unigram baseline {math.exp(uni):.2f}", flush=True)
+    if s.arch == "qwen35moe":
+        report["mtp_heldout"] = mtp_heldout(model, held_stream, s.seq_len)
+        print(f"MTP head: {report['mtp_heldout']}", flush=True)
 
     description = (f"Demo MoE trained by rotary-gguf's tools/train_demo_model.py on CPython's documentation "
                    f"(pydoc_data topics and stdlib docstrings, PSF License; Python {report['python']}), "
                    f"{s.steps} steps, seed {s.seed}; held-out perplexity {math.exp(nll):.1f} "
                    f"(unigram {math.exp(uni):.1f}).")
     meta = {"description": description, "corpus_sha256": corpus_sha}
-    f32_path = work_dir / "demo-moe-f32.gguf"
+    f32_path = work_dir / f"{args.output.stem}-f32.gguf"
     write_gguf(f32_path, model, tok, "f32", meta)
     if args.quant != "f32":
         write_gguf(args.output, model, tok, args.quant, meta)
@@ -859,6 +866,11 @@ def main(argv: list[str] | None = None) -> int:
         check_tokens = held_stream[: min(128, s.seq_len)].tolist()
         report["logits_f32"] = logit_check(f32_path, model, check_tokens)
         report["logits_output"] = logit_check(args.output, model, check_tokens)
+        if s.arch == "qwen35moe":
+            report["mtp_logits_f32"] = mtp_logit_check(f32_path, model, check_tokens)
+            report["mtp_logits_output"] = mtp_logit_check(args.output, model, check_tokens)
+            prompts = [tok.encode(format_document(d))[:32] for d in held_docs[:8]]
+            report["mtp_acceptance"] = mtp_acceptance(args.output, prompts, 64)
         report["tokenizer"] = tokenizer_agreement(args.output, tok, [format_document(d) for d in held_docs])
         report["routing"] = routing_skew(args.output, held_stream, s.seq_len)
         for entry, reuse in zip(report["routing"], next_token_reuse(model, held_stream, s.seq_len)):

@@ -93,11 +93,14 @@ class MtpDrafter:
         drafts: list[int] = []
         for _ in range(n):
             self._decode(tokens, start, inputs, output_last=True)
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
-            drafts.append(int(np.argmax(logits)))
+            drafts.append(int(np.argmax(self.logits())))
             h = np.ctypeslib.as_array(native.embeddings_nextn_ith(self._ctx, -1), shape=(self.n_embd,))
             tokens, start, inputs = drafts[-1:], start + len(tokens), h[None, :].copy()
         return drafts
+
+    def logits(self) -> np.ndarray:
+        """The head's logits for the last token of its last batch (a view, valid until its next)."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
 
     def _hidden(self, pos: int) -> np.ndarray:
         """The target's hidden state at `pos`, where the last batch has it; zeros elsewhere (the
