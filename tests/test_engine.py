@@ -223,3 +223,18 @@ def test_prefix_reuse_gives_the_same_tokens(test_model, arch):
         _, fresh, fresh_stats = run(e, second, max_tokens=8)
         assert fresh_stats.cached_prompt_tokens == 0
         assert reused == fresh
+
+
+def test_the_prompt_time_is_the_prompts_on_an_asynchronous_accelerator(test_model, rpc_endpoint):
+    """llama_decode returns before a ggml-rpc device (or CUDA) has computed the batch. A long
+    prompt's compute must count as prompt time, not land in the first token's decode time: a
+    400-token prompt takes longer than one decoded token, not the ~1 ms its launch takes."""
+    from rotary_gguf import native
+    from rotary_gguf.plan import Placement
+
+    device = native.add_rpc_device(rpc_endpoint).name
+    with Engine.load(test_model(), Placement(devices=(device,), n_gpu_layers=-1), n_ctx=512, n_threads=1) as engine:
+        prompt = (engine.tokenize("The river bends past the old mill. ") * 80)[:400]
+        stats = list(engine.generate(prompt, max_tokens=8))[-1].stats
+    assert stats.completion_tokens == 8
+    assert stats.prompt_seconds > 2 * stats.decode_seconds / stats.completion_tokens

@@ -450,6 +450,9 @@ class Engine:
         try:
             t0 = time.perf_counter()
             stats.cached_prompt_tokens = self.prepare(prompt, checkpoint_at)
+            # llama_decode returns before an accelerator (CUDA, ggml-rpc) has computed the batch:
+            # wait here, or the prompt's time lands in the first token's decode time
+            llama_cpp.llama_synchronize(self._ctx)
             stats.prompt_seconds = time.perf_counter() - t0
             t_decode = time.perf_counter()
             held = 0.0  # seconds the consumer held tokens (printing, sending): not the engine's time
