@@ -27,9 +27,11 @@ from .errors import UserError
 from .speed_model import REFERENCE_GPU, DeviceSpeeds, PlanSpeeds, Weights
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 4
+CALIBRATION_FORMAT = 5
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
-DECODE_WEIGHT_BYTES = 32 * 2**20  # weight bytes per decode measurement: more than the CPU's caches hold
+# Weight bytes per decode measurement: far more than a CPU's last-level cache holds (32-96 MiB), so
+# the figure is the memory's speed, as a model of gigabytes sees it, not the cache's.
+DECODE_WEIGHT_BYTES = 256 * 2**20
 PROMPT_WEIGHT_BYTES = 2 * 2**20
 
 

@@ -57,12 +57,13 @@ def _backend(dev: Device, n_threads: int | None) -> Iterator[int]:
         _backend_free(backend)
 
 
-def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, fill=None) -> float:
+def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, prepare=None) -> float:
     """Median time of computing the graph `build(ctx, weights_ctx)` returns the output of (tensors
     made in `weights_ctx` are weights, zeroed) and reading 4 bytes of that output back: the read
     waits for backends that compute asynchronously (ggml-rpc, CUDA). The CPU's weights are in the
-    layout llama.cpp gives them (repacked, for the types that have one). `fill()` runs once the
-    tensors have memory (to set inputs that must not be zero)."""
+    layout llama.cpp gives them (repacked, for the types that have one). `prepare(i)` runs before
+    the i-th computation (0: the warm-up), untimed (to set inputs that must not be zero, or that
+    change between runs)."""
     out = ctypes.create_string_buffer(4)
     weight_buft = cpu_weight_buffer_type() if dev.type == "cpu" else dev.buffer_type
     with _backend(dev, n_threads) as backend, _metadata_context(4 + MAX_CHAIN) as ctx, _metadata_context(2) as wctx:
@@ -76,14 +77,12 @@ def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, fill=N
             for buf in bufs:
                 if buf:  # a context without tensors gets no buffer
                     _buffer_clear(buf, 0)  # zero blocks are valid in every format
-            if fill is not None:
-                fill()
 
             def run() -> None:
                 _graph_compute(backend, graph)
                 _tensor_get(result, out, 0, 4)
 
-            return _typical_time(repeats, run)
+            return _typical_time(repeats, run, prepare)
         finally:
             for buf in bufs:
                 if buf:
@@ -105,9 +104,10 @@ def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_us
                        nbytes: int = 64 * 2**20, batch: int = 1) -> float:
     """Expert weight bytes per second `dev` reads in the op a MoE block runs its experts with
     (MUL_MAT_ID): `batch` tokens each selecting `n_used` distinct experts of [n_embd, n_ff], from
-    enough experts to fill `nbytes`. Decode's speed for experts at batch 1."""
+    enough experts to fill `nbytes`, other experts every run (as a model's tokens pick them, so
+    none is still in a cache). Decode's speed for experts at batch 1."""
     expert = _row_size(ggml_type, n_embd) * n_ff
-    n_expert = max(n_used, nbytes // expert)
+    n_expert = max(n_used * batch, nbytes // expert)
     tensors = {}
 
     def build(ctx, wctx):
@@ -115,13 +115,13 @@ def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_us
         weights = _new_tensor_3d(wctx, ggml_type, n_embd, n_ff, n_expert)
         return _mul_mat_id(ctx, weights, _new_tensor_3d(ctx, _GGML_TYPE_F32, n_embd, 1, batch), tensors["ids"])
 
-    def fill() -> None:  # each token's experts spread over the tensor, as a router's are
-        step = n_expert // n_used
-        ids = (ctypes.c_int32 * (n_used * batch))(*((j * step + t) % n_expert for t in range(batch) for j in range(n_used)))
+    def prepare(run: int) -> None:  # the run's experts: the next n_used * batch in the tensor, wrapping
+        first = run * n_used * batch
+        ids = (ctypes.c_int32 * (n_used * batch))(*((first + k) % n_expert for k in range(n_used * batch)))
         _tensor_set(tensors["ids"], ids, 0, ctypes.sizeof(ids))
 
-    seconds = _timed_graph(dev, n_threads, build, 5, fill)
-    return min(n_used * batch, n_expert) * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
+    seconds = _timed_graph(dev, n_threads, build, 5, prepare)
+    return n_used * batch * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 
 def op_seconds(dev: Device, n_threads: int | None = None) -> float:
@@ -183,13 +183,17 @@ def measure_link(accelerator: Accelerator, expert_type: int, n_embd: int, n_thre
     )
 
 
-def _typical_time(repeats: int, fn) -> float:
+def _typical_time(repeats: int, fn, prepare=None) -> float:
     """The median time of `repeats` calls after a warm-up: what a run of many tokens sees on a
     machine that is busy now and then (bench reports medians too), where the best call would be
-    a lucky one."""
+    a lucky one. `prepare(i)` runs, untimed, before call i (0: the warm-up)."""
+    if prepare is not None:
+        prepare(0)
     fn()  # warm up
     times = []
-    for _ in range(repeats):
+    for i in range(1, repeats + 1):
+        if prepare is not None:
+            prepare(i)
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
