@@ -260,10 +260,11 @@ def spread_candidates(p: Plan) -> list[Candidate]:
                   for c in candidates([alone])]
 
 
-def add_predictions(results: Sequence[Result], speeds: PlanSpeeds) -> None:
-    """The speed model's prompt and decode t/s for every candidate, beside what was measured."""
+def add_predictions(results: Sequence[Result], speeds: PlanSpeeds, prompt_batch: int | None = None) -> None:
+    """The speed model's prompt and decode t/s for every candidate, beside what was measured (the
+    prompt at the tokens per graph the runs evaluated)."""
     for r in results:
-        r.prediction = speeds.predict(r.candidate.layout)
+        r.prediction = speeds.predict(r.candidate.layout, prompt_batch)
 
 
 def merged(cands: Sequence[Candidate]) -> list[Candidate]:

@@ -27,8 +27,11 @@ from .errors import UserError
 from .speed_model import REFERENCE_GPU, DeviceSpeeds, PlanSpeeds, Weights
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 5
+CALIBRATION_FORMAT = 7
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
+# A prompt's experts: 64 tokens, each selected expert shared by 8 of them (a batch of 64 over 64
+# experts at top-8), the op (MUL_MAT_ID) that is far from the dense multiply's speed on CPUs.
+PROMPT_EXPERT_BATCH, PROMPT_EXPERT_SHARING = 64, 8
 # Weight bytes per decode measurement: far more than a CPU's last-level cache holds (32-96 MiB), so
 # the figure is the memory's speed, as a model of gigabytes sees it, not the cache's.
 DECODE_WEIGHT_BYTES = 256 * 2**20
@@ -73,7 +76,8 @@ class Calibration:
         devices = [self.cpu] + ([self.accelerator] if self.accelerator else [])
         if self.accelerator is not None and self.accelerator.host_block_seconds is None:
             return False
-        return all(t in dev.decode and t in dev.prompt and t in dev.experts for dev in devices for t in type_names)
+        return all(t in dev.decode and t in dev.prompt and t in dev.experts and t in dev.prompt_experts
+                   for dev in devices for t in type_names)
 
 
 def calibration_path(cpu_name: str, accelerator, threads: int) -> Path:
@@ -130,6 +134,7 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
     def device_speeds(dev, previous: DeviceSpeeds | None, n_threads: int | None) -> DeviceSpeeds:
         decode, prompt = dict(previous.decode) if previous else {}, dict(previous.prompt) if previous else {}
         experts = dict(previous.experts) if previous else {}
+        prompt_experts = dict(previous.prompt_experts) if previous else {}
         for name, ggml_type in types.items():
             if name not in decode:
                 step(f"{dev.name}: {name} matrix-vector")
@@ -141,8 +146,13 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
                 step(f"{dev.name}: {name} at batch {PROMPT_BATCH}")
                 prompt[name] = PROMPT_BATCH * measure.matvec_bytes_per_s(dev, ggml_type, n_embd, n_threads,
                                                                          PROMPT_WEIGHT_BYTES, batch=PROMPT_BATCH)
+            if name not in prompt_experts:
+                step(f"{dev.name}: {name} experts at batch {PROMPT_EXPERT_BATCH}")
+                prompt_experts[name] = measure.expert_bytes_per_s(
+                    dev, ggml_type, n_embd, *expert_shape, n_threads, DECODE_WEIGHT_BYTES, batch=PROMPT_EXPERT_BATCH,
+                    tokens_per_expert=PROMPT_EXPERT_SHARING)
         if previous is not None:
-            return replace(previous, decode=decode, prompt=prompt, experts=experts)
+            return replace(previous, decode=decode, prompt=prompt, experts=experts, prompt_experts=prompt_experts)
         step(f"{dev.name}: graph and copy latency")
         extra = {}
         if dev.type != "cpu":
@@ -150,8 +160,11 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
             extra["upload_pageable"] = measure.upload_bytes_per_s(dev, 64 * 2**20, pinned=False)
             if dev.host_buffer_type:
                 extra["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
+        step(f"{dev.name}: recurrent state update")
+        extra["recurrent"] = measure.recurrent_bytes_per_s(dev, n_threads)
         return DeviceSpeeds(dev.name, dev.description, decode, prompt, PROMPT_BATCH, measure.graph_seconds(dev, n_threads),
-                            measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), experts=experts, **extra)
+                            measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), experts=experts,
+                            prompt_experts=prompt_experts, **extra)
 
     if acc_dev is not None:  # the demo model measures host expert blocks: its types too
         types = {**demo_weight_types(), **types}

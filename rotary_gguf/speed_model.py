@@ -39,13 +39,28 @@ class DeviceSpeeds:
     upload_pinned: float | None = None  # host -> device bytes per second, from page-locked memory
     upload_pageable: float | None = None  # from ordinary host memory
     experts: dict[str, float] = field(default_factory=dict)  # decode's expert op (MUL_MAT_ID), per type
+    # a prompt's expert op, bytes of every token's selected experts per second (each shared by a few tokens)
+    prompt_experts: dict[str, float] = field(default_factory=dict)
     host_block_seconds: float | None = None  # what a block with host experts adds beside this accelerator
+    recurrent: float | None = None  # recurrent-state bytes per second of a Gated DeltaNet block's update
+
+    def recurrent_rate(self) -> float:
+        """State bytes per second of the linear-attention update: as measured, else at the speed
+        f32 weights are read."""
+        return self.recurrent or self.rate("decode", "F32")
 
     def expert_rate(self, phase: str, type_name: str) -> float:
-        """Bytes per second of the experts' own op at decode, else the plain matrix-vector rate."""
-        if phase == "decode" and type_name in self.experts:
-            return self.experts[type_name]
-        return self.rate(phase, type_name)
+        """Bytes per second of the experts' own op (per token in a prompt), else the plain
+        matrix-vector or batched rate."""
+        measured = self.experts if phase == "decode" else self.prompt_experts
+        return measured[type_name] if type_name in measured else self.rate(phase, type_name)
+
+    def read_seconds(self, nbytes: float, phase: str, type_name: str, batch: int = 1) -> float:
+        """Seconds per token to use `nbytes` of weights of `type_name`: at decode, their read; in a
+        prompt of `batch` tokens, one read shared by the batch unless its compute takes longer."""
+        if phase == "decode" or batch <= 1:
+            return nbytes / self.rate("decode", type_name)
+        return max(nbytes / (batch * self.rate("decode", type_name)), nbytes / self.rate("prompt", type_name))
 
     def rate(self, phase: str, type_name: str) -> float:
         """Bytes per second for `type_name` in `phase` ("decode" or "prompt"); a type that was not
@@ -76,6 +91,7 @@ class Weights:
     n_expert_used: int
     n_vocab: int = 0
     graph_nodes: int = 0  # ops in a decode graph (estimated from the blocks' kinds: `estimated_nodes`)
+    recurrent_state: int = 0  # recurrent-state bytes every linear-attention block updates per token, all together
 
     @classmethod
     def from_tensors(cls, tensors, n_expert: int, n_expert_used: int, attention: list[str], n_vocab: int) -> "Weights":
@@ -101,13 +117,23 @@ class Weights:
         """From a model's header (`inventory.Inventory`)."""
         n_run = inv.n_layer - inv.hparam("nextn_predict_layers")
         embd = inv.by_name.get("token_embd.weight")
-        return cls.from_tensors([(t.name, t.type_name, t.nbytes) for t in inv.tensors], inv.n_expert, inv.n_expert_used,
-                                inv.attention_layout()[:n_run], embd.shape[1] if embd else 0)
+        attention = inv.attention_layout()[:n_run]
+        weights = cls.from_tensors([(t.name, t.type_name, t.nbytes) for t in inv.tensors], inv.n_expert,
+                                   inv.n_expert_used, attention, embd.shape[1] if embd else 0)
+        state = 4 * inv.hparam("ssm.state_size") * inv.hparam("ssm.inner_size")  # f32, per linear block
+        return replace(weights, recurrent_state=attention.count("linear") * state)
 
-    def used_seconds(self, layer: int, device: DeviceSpeeds, phase: str, share: float = 1.0) -> float:
-        """Seconds `device` spends on `share` of the experts a token selects in `layer`."""
+    def used_seconds(self, layer: int, device: DeviceSpeeds, phase: str, share: float = 1.0, batch: int = 1) -> float:
+        """Seconds `device` spends on `share` of the experts a token selects in `layer`. In a prompt
+        of `batch` tokens each expert the batch selects is read once for the few tokens that chose
+        it: the time of its bytes at decode's rate over those tokens, unless computing them at the prompt expert
+        op (measured per token, `prompt_experts`) takes longer."""
         per_expert = self.expert.get(layer, {})
-        return share * sum(self.n_expert_used * n / device.expert_rate(phase, t) for t, n in per_expert.items())
+        if phase == "decode" or batch <= 1:
+            return share * sum(self.n_expert_used * n / device.expert_rate("decode", t) for t, n in per_expert.items())
+        distinct = self.n_expert * (1.0 - (1.0 - self.n_expert_used / self.n_expert) ** batch)
+        return share * sum(max(distinct * n / (batch * device.expert_rate("decode", t)),
+                               self.n_expert_used * n / device.expert_rate("prompt", t)) for t, n in per_expert.items())
 
 
 # Ops per block in llama.cpp's decode graph, counted in its log ("graph: nodes = N") for our test
@@ -115,6 +141,7 @@ class Weights:
 # input and output.
 NODES_PER_BLOCK = {"full": 55, "linear": 95}
 NODES_OUTSIDE_BLOCKS = 6
+STATE_COPIES = 4  # reads and writes of the whole recurrent state besides its update (get_rows in, cpy out)
 GRAPH_INPUTS = 6  # tensors set before every decode graph (token, position, mask, KV indices, ...)
 SPLIT_SYNCS = 3  # graph syncs split compute adds per cached block (its eval callback reads three nodes)
 
@@ -162,19 +189,25 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
         return _spread_seconds(weights, layout, cpu, devices, phase, batch)
     main = acc if layout.accelerator and acc is not None else cpu
     parts = {
-        "weights": sum(n / main.rate(phase, t) for t, n in weights.other.items()),
-        "resident experts": sum(weights.used_seconds(i, main, phase) for i in weights.expert if i not in layout.host),
+        "weights": sum(main.read_seconds(n, phase, t, batch) for t, n in weights.other.items()),
+        # a Gated DeltaNet block's state update, and llama.cpp's gather of the state from its cache and
+        # store of the new one, reading and writing it whole. Prompts run the update in chunks of 64
+        # tokens with plain matrix ops, not calibrated: charged the same per token, which the prompt
+        # speeds bench measured on qwen35moe test models bear out (tools/bench_predictions.py)
+        "recurrent": weights.recurrent_state * (1 / main.recurrent_rate() + STATE_COPIES / main.rate("decode", "F32")),
+        "resident experts": sum(weights.used_seconds(i, main, phase, batch=batch) for i in weights.expert
+                                 if i not in layout.host),
         "host experts": 0.0,
         "graph": (main.graph_seconds + weights.graph_nodes * main.op_seconds + GRAPH_INPUTS * main.copy_seconds
                   + weights.n_vocab * 4 / _download_rate(main)) / batch,
         "splits": 0.0,
     }
     if main is cpu:
-        parts["resident experts"] += sum(weights.used_seconds(i, cpu, phase) for i in layout.host)
+        parts["resident experts"] += sum(weights.used_seconds(i, cpu, phase, batch=batch) for i in layout.host)
         return parts
     if phase == "prompt" and layout.streams_prompt:
         uploads = sum(sum(weights.expert.get(i, {}).values()) * weights.n_expert for i in layout.host)
-        parts["host experts"] = sum(weights.used_seconds(i, main, phase) for i in layout.host) + (
+        parts["host experts"] = sum(weights.used_seconds(i, main, phase, batch=batch) for i in layout.host) + (
             uploads / ((main.upload_pinned or main.upload_pageable or 1e9) * batch))
         return parts
     for i in layout.host:
@@ -182,10 +215,10 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
         if layout.slots and layout.misses == "upload":  # the missed experts cross the link, then all run on the accelerator
             missed = (1.0 - hit) * weights.n_expert_used * sum(weights.expert.get(i, {}).values())
             upload = main.upload_pinned or main.upload_pageable or 1e9
-            parts["host experts"] += missed / (upload * batch) + weights.used_seconds(i, main, phase)
+            parts["host experts"] += missed / (upload * batch) + weights.used_seconds(i, main, phase, batch=batch)
             continue
-        on_cpu = weights.used_seconds(i, cpu, phase, 1.0 - hit)
-        parts["host experts"] += max(on_cpu, weights.used_seconds(i, main, phase, hit))
+        on_cpu = weights.used_seconds(i, cpu, phase, 1.0 - hit, batch)
+        parts["host experts"] += max(on_cpu, weights.used_seconds(i, main, phase, hit, batch))
         if layout.slots:  # split compute syncs three more times per block: routing, weights, the weighted sum
             parts["splits"] += SPLIT_SYNCS * main.graph_seconds / batch
     parts["splits"] += len(layout.host) * host_block_seconds(main, cpu) / batch
@@ -211,11 +244,11 @@ def _spread_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, devices
     single = replace(layout, layer_devices=(), output_device="", resident_on={})
     parts = token_seconds(weights, single, cpu, first, phase, batch)
     n_blocks = len(layout.layer_devices)
-    parts["weights"] = sum(layout.layer_devices.count(name) / n_blocks * sum(n / dev.rate(phase, t)
-                                                                             for t, n in weights.other.items())
+    parts["weights"] = sum(layout.layer_devices.count(name) / n_blocks
+                           * sum(dev.read_seconds(n, phase, t, batch) for t, n in weights.other.items())
                            for name, dev in devices.items())
     parts["resident experts"] = sum(
-        weights.used_seconds(i, devices[layout.resident_on.get(i, layout.layer_devices[i])], phase)
+        weights.used_seconds(i, devices[layout.resident_on.get(i, layout.layer_devices[i])], phase, batch=batch)
         for i in weights.expert if i not in layout.host and i < n_blocks)
     order: list[str] = []
     for i, name in enumerate(layout.layer_devices):
@@ -239,8 +272,8 @@ class PlanSpeeds:
     source: str
     devices: dict[str, DeviceSpeeds] = field(default_factory=dict)  # several accelerators: each one's, by name
 
-    def predict(self, layout: Layout) -> Prediction:
-        return predict(self.weights, layout, self.cpu, self.accelerator, self.devices)
+    def predict(self, layout: Layout, prompt_batch: int | None = None) -> Prediction:
+        return predict(self.weights, layout, self.cpu, self.accelerator, self.devices, prompt_batch)
 
 
 # A GPU that is not on this machine (plan --vram on a machine without one) is predicted as an
@@ -269,10 +302,11 @@ def _download_rate(device: DeviceSpeeds) -> float:
 
 
 def predict(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: DeviceSpeeds | None,
-            devices: dict[str, DeviceSpeeds] | None = None) -> Prediction:
+            devices: dict[str, DeviceSpeeds] | None = None, prompt_batch: int | None = None) -> Prediction:
     """Predicted prompt and decode tokens per second of one placement (over several accelerators:
-    each one's speeds in `devices`)."""
+    each one's speeds in `devices`); prompts at `prompt_batch` tokens per graph (by default the
+    batch the prompt speeds were measured at)."""
     decode = token_seconds(weights, layout, cpu, acc, "decode", devices=devices)
-    batch = (acc if layout.accelerator and acc is not None else cpu).batch
+    batch = prompt_batch or (acc if layout.accelerator and acc is not None else cpu).batch
     prompt = token_seconds(weights, layout, cpu, acc, "prompt", batch, devices)
     return Prediction(1.0 / sum(prompt.values()), 1.0 / sum(decode.values()), decode)

@@ -10,7 +10,7 @@ import pytest
 from rotary_gguf import calibration, native
 from rotary_gguf.errors import UserError
 from rotary_gguf.inventory import read_inventory
-from rotary_gguf.speed_model import DeviceSpeeds, Layout, Weights, estimated_nodes, predict
+from rotary_gguf.speed_model import STATE_COPIES, DeviceSpeeds, Layout, Weights, estimated_nodes, predict
 
 Q4_K, Q8_0, F32 = 12, 8, 0
 
@@ -80,7 +80,7 @@ def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     first = calibration.calibrate({"Q4_K": Q4_K, "F32": F32}, 256, 1, on_step=steps.append)
     assert first.path is not None and first.path.is_relative_to(cache_home)
     assert first.seconds < 30
-    for rates in (first.cpu.decode, first.cpu.prompt, first.cpu.experts):
+    for rates in (first.cpu.decode, first.cpu.prompt, first.cpu.experts, first.cpu.prompt_experts):
         assert set(rates) == {"Q4_K", "F32"} and all(v > 1e6 for v in rates.values())
     assert first.cpu.graph_seconds > 0 and first.accelerator is None
     assert set(first.cpu_decode_by_threads["Q4_K"]) == {1}
@@ -120,3 +120,32 @@ def test_an_rpc_accelerator_is_calibrated_too(cache_home, rpc_endpoint, test_mod
                              inv.attention_layout(), inv.by_name["token_embd.weight"].shape[1])
     host = predict(w, Layout(host=tuple(w.expert)), cal.cpu, acc)
     assert 0 < host.decode_tps < predict(w, Layout(), cal.cpu, acc).decode_tps
+
+
+def test_gated_deltanet_blocks_pay_for_their_recurrent_state(test_model):
+    """A qwen35moe token updates every linear-attention block's state, and llama.cpp gathers and
+    stores it whole besides: the speed model counts those bytes; a qwen3moe model has none."""
+    inv = read_inventory(test_model(arch="qwen35moe", layers=4))
+    w = Weights.from_inventory(inv)
+    per_block = 4 * inv.hparam("ssm.state_size") * inv.hparam("ssm.inner_size")
+    assert w.recurrent_state == inv.attention_layout().count("linear") * per_block > 0
+    cpu = replace(_speeds("CPU", 1e9), recurrent=5e8)
+    parts = predict(w, Layout(accelerator=False), cpu, None).decode_parts
+    assert parts["recurrent"] == pytest.approx(w.recurrent_state * (1 / 5e8 + STATE_COPIES / 1e9))
+    plain = predict(replace(w, recurrent_state=0), Layout(accelerator=False), cpu, None)
+    assert plain.decode_tps > 1 / sum(parts.values())
+    assert Weights.from_inventory(read_inventory(test_model())).recurrent_state == 0
+
+
+def test_a_prompts_experts_cost_their_reads_or_their_own_op():
+    """In a prompt each selected expert is read once for the tokens that chose it; computing them
+    runs at the expert op's measured prompt rate, not the dense multiply's."""
+    w = _weights()  # 32 experts, 4 used, 100 kB each
+    cpu = replace(_speeds("CPU", 1e9), prompt_experts={"Q4_K": 2e9})
+    few = w.used_seconds(0, cpu, "prompt", batch=2)  # two tokens: up to 8 distinct experts, read for 2 tokens
+    distinct = 32 * (1 - (1 - 4 / 32) ** 2)
+    assert few == pytest.approx(distinct * 100_000 / (2 * 1e9))
+    many = w.used_seconds(0, cpu, "prompt", batch=512)  # every expert shared by 64 tokens: the op's rate bounds it
+    assert many == pytest.approx(4 * 100_000 / 2e9)
+    assert w.used_seconds(0, replace(cpu, prompt_experts={}), "prompt", batch=512) == pytest.approx(4 * 100_000 / 4e9)
+    assert w.used_seconds(0, cpu, "decode") == pytest.approx(4 * 100_000 / 1e9)

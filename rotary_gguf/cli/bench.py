@@ -98,7 +98,7 @@ def bench(
     results, prompt = benching.run_bench(model, cands, n_ctx=context.ctx, n_batch=context.n_batch, prompt_len=prompt_tokens,
                                          gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress,
                                          load_options=load_options)
-    _predict(model, results, cpu_plan, threads, calibrate)
+    _predict(model, results, cpu_plan, threads, calibrate, min(prompt_tokens, context.n_ubatch))
     best = benching.recommend(results)
     from ..engine import default_threads
 
@@ -162,7 +162,7 @@ def _drafting(model, draft: str, draft_max: int, n_ubatch: int, cpu_plan, notes:
     return [c.with_drafts(draft_max) for p in plans for c in benching.plan_candidates(p)]
 
 
-def _predict(model, results, the_plan, threads: int, refresh: bool) -> None:
+def _predict(model, results, the_plan, threads: int, refresh: bool, prompt_batch: int) -> None:
     """Calibrate this machine (seconds, the first time or with `refresh`; kept in the cache folder)
     and add the speed model's predictions to `results`."""
     from .. import bench as benching
@@ -180,7 +180,7 @@ def _predict(model, results, the_plan, threads: int, refresh: bool) -> None:
                                        refresh=refresh, on_step=on_step)
     else:
         speeds, _ = plan_speeds(inv, accelerator, threads or default_threads(), refresh=refresh, on_step=on_step)
-    benching.add_predictions(results, speeds)
+    benching.add_predictions(results, speeds, prompt_batch)
 
 
 def _wide_console(table: Table) -> Console:

@@ -200,12 +200,14 @@ def _print_predictions(p) -> None:
     if not p.predictions:
         return
     table = Table(title=f"predicted speed ({p.speeds_source})", title_justify="left", box=None, pad_edge=False)
-    for col in ("candidate", "prompt t/s", "decode t/s", "decode ms: weights", "experts", "host experts", "graph", "splits"):
+    for col in ("candidate", "prompt t/s", "decode t/s", "decode ms: weights", "state", "experts", "host experts",
+                "graph", "splits"):
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for name, pred in p.predictions:
         parts = pred.decode_parts
         table.add_row(name, f"{pred.prompt_tps:.0f}", f"{pred.decode_tps:.1f}",
-                      *(f"{parts[k] * 1e3:.2f}" for k in ("weights", "resident experts", "host experts", "graph", "splits")))
+                      *(f"{parts[k] * 1e3:.2f}" for k in ("weights", "recurrent", "resident experts", "host experts",
+                                                          "graph", "splits")))
     out.print(table)
 
 
@@ -213,8 +215,8 @@ def _print_calibration(cal) -> None:
     """This machine's calibration: throughput per weight type and the fixed costs, per device."""
     table = Table(title=f"calibration ({cal.seconds:.1f} s of measuring, kept in {cal.path})", title_justify="left",
                   box=None, pad_edge=False)
-    columns = ("device", "type", "decode GB/s", "prompt GB/s", "graph us", "op us", "copy us", "host block us",
-               "upload GB/s")
+    columns = ("device", "type", "decode GB/s", "prompt GB/s", "experts GB/s", "graph us", "op us", "copy us", "host block us",
+               "state GB/s", "upload GB/s")
     for col in columns:
         table.add_column(col, justify="left" if col in ("device", "type") else "right")
 
@@ -223,10 +225,14 @@ def _print_calibration(cal) -> None:
 
     for dev in (d for d in (cal.cpu, cal.accelerator) if d is not None):
         upload = "/".join(f"{v / 1e9:.1f}" for v in (dev.upload_pinned, dev.upload_pageable) if v) or "-"
-        fixed = (us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds), us(dev.host_block_seconds), upload)
+        state = f"{dev.recurrent / 1e9:.1f}" if dev.recurrent else "-"
+        fixed = (us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds), us(dev.host_block_seconds), state,
+                 upload)
         for i, name in enumerate(sorted(dev.decode)):
+            experts = "/".join(f"{rates[name] / 1e9:.1f}" if name in rates else "-"
+                               for rates in (dev.experts, dev.prompt_experts))  # the op at decode / in a prompt
             table.add_row(dev.name if i == 0 else "", name, f"{dev.decode[name] / 1e9:.1f}",
-                          f"{dev.prompt.get(name, 0) / 1e9:.1f}", *(fixed if i == 0 else ("",) * len(fixed)))
+                          f"{dev.prompt.get(name, 0) / 1e9:.1f}", experts, *(fixed if i == 0 else ("",) * len(fixed)))
     out.print(table)
     for name, by_threads in sorted(cal.cpu_decode_by_threads.items()):
         out.print(f"CPU {name} decode by threads: " + ", ".join(f"{n}: {v / 1e9:.1f} GB/s" for n, v in sorted(by_threads.items())))

@@ -100,6 +100,8 @@ _new_tensor_3d = _bind("ggml_new_tensor_3d", c_void_p, c_void_p, ctypes.c_int, c
 _new_graph = _bind("ggml_new_graph", c_void_p, c_void_p)
 _build_forward_expand = _bind("ggml_build_forward_expand", None, c_void_p, c_void_p)
 _row_size = _bind("ggml_row_size", c_size_t, ctypes.c_int, ctypes.c_int64)
+_gated_delta_net = _bind("ggml_gated_delta_net", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
+                         c_void_p, ctypes.c_int64)
 
 
 _tensor_get = _bind("ggml_backend_tensor_get", None, c_void_p, c_void_p, c_size_t, c_size_t)

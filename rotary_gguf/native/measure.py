@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..plan import Accelerator, LinkFigures
 from .backends import Device, cpu_device, cpu_weight_buffer_type, device_by_name
 from .ggml import (_GGML_TYPE_F32, _GGML_TYPE_I32, _alloc_ctx_tensors, _backend_free, _buffer_base, _buffer_clear, _buffer_free,
-                   _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads, _dev_init, _graph_compute,
+                   _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads, _dev_init, _gated_delta_net, _graph_compute,
                    _metadata_context, _mul_mat, _new_graph, _new_tensor_2d, _new_tensor_3d, _row_size, _tensor_get, _tensor_set, _add, _mul_mat_id)
 
 
@@ -101,13 +101,15 @@ def matmul_seconds(dev: Device, ggml_type: int, n_embd: int, rows: int, batch: i
 
 
 def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_used: int, n_threads: int | None = None,
-                       nbytes: int = 64 * 2**20, batch: int = 1) -> float:
+                       nbytes: int = 64 * 2**20, batch: int = 1, tokens_per_expert: int = 1) -> float:
     """Expert weight bytes per second `dev` reads in the op a MoE block runs its experts with
-    (MUL_MAT_ID): `batch` tokens each selecting `n_used` distinct experts of [n_embd, n_ff], from
-    enough experts to fill `nbytes`, other experts every run (as a model's tokens pick them, so
-    none is still in a cache). Decode's speed for experts at batch 1."""
+    (MUL_MAT_ID), counted once per token that uses them: `batch` tokens each selecting `n_used`
+    distinct experts of [n_embd, n_ff], each selected expert shared by `tokens_per_expert` of the
+    tokens (as in a prompt), from enough experts to fill `nbytes`, other experts every run (as a
+    model's tokens pick them, so none is still in a cache). Decode's speed for experts at batch 1."""
     expert = _row_size(ggml_type, n_embd) * n_ff
-    n_expert = max(n_used * batch, nbytes // expert)
+    pool = max(n_used, n_used * batch // tokens_per_expert)  # the experts one run selects
+    n_expert = max(pool, nbytes // expert)
     tensors = {}
 
     def build(ctx, wctx):
@@ -115,13 +117,32 @@ def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_us
         weights = _new_tensor_3d(wctx, ggml_type, n_embd, n_ff, n_expert)
         return _mul_mat_id(ctx, weights, _new_tensor_3d(ctx, _GGML_TYPE_F32, n_embd, 1, batch), tensors["ids"])
 
-    def prepare(run: int) -> None:  # the run's experts: the next n_used * batch in the tensor, wrapping
-        first = run * n_used * batch
-        ids = (ctypes.c_int32 * (n_used * batch))(*((first + k) % n_expert for k in range(n_used * batch)))
+    def prepare(run: int) -> None:  # the run's experts: the next `pool` in the tensor, wrapping
+        first = run * pool
+        ids = (ctypes.c_int32 * (n_used * batch))(*((first + k % pool) % n_expert for k in range(n_used * batch)))
         _tensor_set(tensors["ids"], ids, 0, ctypes.sizeof(ids))
 
     seconds = _timed_graph(dev, n_threads, build, 5, prepare)
     return n_used * batch * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
+
+
+def recurrent_bytes_per_s(dev: Device, n_threads: int | None = None, state_size: int = 128, n_v_heads: int = 32,
+                          n_k_heads: int = 16) -> float:
+    """Recurrent-state bytes per second `dev` updates in a Gated DeltaNet block's fused op
+    (GATED_DELTA_NET) for one token, at Qwen3.6's widths by default: every linear-attention block
+    reads and rewrites a [state_size, state_size] f32 state per value head each token."""
+
+    def build(ctx, _weights_ctx):
+        def new(*shape):
+            return _new_tensor_3d(ctx, _GGML_TYPE_F32, *shape)
+
+        return _gated_delta_net(ctx, new(state_size, n_k_heads, 1), new(state_size, n_k_heads, 1),
+                                new(state_size, n_v_heads, 1), new(1, n_v_heads, 1), new(1, n_v_heads, 1),
+                                new(state_size, state_size, n_v_heads), 1)
+
+    seconds = _timed_graph(dev, n_threads, build, 10)
+    state = 4 * state_size * state_size * n_v_heads
+    return state / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 
 def op_seconds(dev: Device, n_threads: int | None = None) -> float:
