@@ -5,8 +5,8 @@ from them).
 Per device (the CPU at the thread count used, and the accelerator): matrix-vector and batched
 matrix-multiply throughput for each weight type a model has, the fixed cost of one graph (launch
 and sync) and of one small copy, and host -> device upload speed from page-locked and ordinary
-memory; beside an accelerator, what a block with host experts adds, measured by decoding the
-built-in demo model both ways. The CPU's decode speed is also measured at 1, half and all threads
+memory; beside an accelerator, what each op of a real decode graph and a block with host experts
+add, measured by decoding the built-in demo model both ways. The CPU's decode speed is also measured at 1, half and all threads
 (`plan --calibrate` shows them). A later model with a type not measured yet adds only that type's
 figures.
 """
@@ -24,10 +24,10 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
-from .speed_model import REFERENCE_GPU, DeviceSpeeds, PlanSpeeds, Weights
+from .speed_model import REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 7
+CALIBRATION_FORMAT = 8
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
 # A prompt's experts: 64 tokens, each selected expert shared by 8 of them (a batch of 64 over 64
 # experts at top-8), the op (MUL_MAT_ID) that is far from the dense multiply's speed on CPUs.
@@ -171,8 +171,9 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
     cpu = device_speeds(native.cpu_device(), known.cpu if known else None, threads)
     acc = device_speeds(acc_dev, known.accelerator if known else None, None) if acc_dev else None
     if acc is not None and acc.host_block_seconds is None:
-        step(f"{acc.name}: host expert blocks (the built-in demo model)")
-        acc = replace(acc, host_block_seconds=host_block_seconds(cpu, acc, threads))
+        step(f"{acc.name}: a real decode and host expert blocks (the built-in demo model)")
+        op, host_block = demo_decode_costs(cpu, acc, threads)
+        acc = replace(acc, op_seconds=max(acc.op_seconds, op), host_block_seconds=host_block)
     by_threads = dict(known.cpu_decode_by_threads) if known else {}
     counts = sorted({1, max(1, threads // 2), threads})
     for name, ggml_type in types.items():
@@ -199,14 +200,19 @@ def demo_weight_types() -> dict[str, int]:
     return {t.type_name: t.ggml_type for t in read_inventory(DEMO_MODEL).tensors}
 
 
-def host_block_seconds(cpu: DeviceSpeeds, acc: DeviceSpeeds, threads: int) -> float:
-    """What a block whose experts stay in host memory adds to a decoded token beside the
-    accelerator `acc`, beyond its experts' own reads: measured on a real llama.cpp model, the
-    built-in demo, decoded with every expert on `acc` and with every expert in host memory. The
-    difference, less what the experts' reads at the calibrated speeds explain, per block: the
-    scheduler's two graph splits, the copies of a block's input and routing to the CPU and of the
-    result back, with every wake-up and round trip between them (on ggml-rpc, every split graph is
-    sent again, as no two in a row are the same)."""
+def demo_decode_costs(cpu: DeviceSpeeds, acc: DeviceSpeeds, threads: int) -> tuple[float, float]:
+    """What a real llama.cpp decode costs on the accelerator `acc` beyond the parts measured one
+    by one, from the built-in demo model decoded with every expert on `acc` and with every expert
+    in host memory:
+    - per op of its graph: the resident decode's time less what the speed model explains without
+      op costs (weight reads, the graph's launch, its inputs and logits), over its ops: what
+      ggml-rpc's work per node or a GPU's launches add in a whole decode graph, which an isolated
+      chain of additions does not show;
+    - per block whose experts stay in host memory, beyond its experts' own reads: the difference
+      of the two decodes, less what the experts' reads at the calibrated speeds explain, per
+      block: the scheduler's two graph splits, the copies of a block's input and routing to the
+      CPU and of the result back, with every wake-up and round trip between them (on ggml-rpc,
+      every split graph is sent again, as no two in a row are the same)."""
     from . import arch as names
     from .demo import DEMO_MODEL
     from .inventory import read_inventory
@@ -216,9 +222,12 @@ def host_block_seconds(cpu: DeviceSpeeds, acc: DeviceSpeeds, threads: int) -> fl
     blocks = sorted(weights.expert)
     resident = Placement(devices=(acc.name,), n_gpu_layers=-1)
     on_host = Placement(devices=(acc.name,), overrides=((names.expert_pattern(None), HOST_BUFFER_TYPE),), n_gpu_layers=-1)
-    gap = _demo_decode_seconds(on_host, threads) - _demo_decode_seconds(resident, threads)
+    resident_seconds = _demo_decode_seconds(resident, threads)
+    gap = _demo_decode_seconds(on_host, threads) - resident_seconds
     experts = sum(weights.used_seconds(i, cpu, "decode") - weights.used_seconds(i, acc, "decode") for i in blocks)
-    return max(gap - experts, 0.0) / len(blocks)
+    explained = sum(token_seconds(weights, Layout(), cpu, replace(acc, op_seconds=0.0), "decode").values())
+    op = max(resident_seconds - explained, 0.0) / max(weights.graph_nodes, 1)
+    return op, max(gap - experts, 0.0) / len(blocks)
 
 
 def _demo_decode_seconds(placement, threads: int) -> float:

@@ -116,6 +116,8 @@ def test_an_rpc_accelerator_is_calibrated_too(cache_home, rpc_endpoint, test_mod
     assert acc.graph_seconds > cal.cpu.graph_seconds  # a round trip over a socket
     # a host block's splits: round trips and graphs both ways, more than one graph's round trip
     assert acc.host_block_seconds > acc.graph_seconds and cal.cpu.host_block_seconds is None
+    # each op of a real decode graph costs something over a socket (found by decoding the demo model)
+    assert acc.op_seconds > 0
     w = Weights.from_tensors([(t.name, t.type_name, t.nbytes) for t in inv.tensors], inv.n_expert, inv.n_expert_used,
                              inv.attention_layout(), inv.by_name["token_embd.weight"].shape[1])
     host = predict(w, Layout(host=tuple(w.expert)), cal.cpu, acc)
