@@ -1,7 +1,7 @@
 """Multi-token-prediction drafts measured: decode speed with and without `--draft mtp` on a qwen35moe
 with Qwen3.6's expert widths (make_test_model --bench-dims: n_embd 2048, 256 experts, top-8, FFN
 512, Q4_K) and an MTP block, its experts in host memory: on the CPU alone, and (with --rpc) with
-everything else on a ggml-rpc device serving this machine's CPU.
+everything else on a ggml-rpc device serving this machine's CPU, or (with --device) on a GPU.
 
 The test model's MTP head is the "mirror" kind (it drafts what the trunk predicts from the last
 token alone), not a trained head: its acceptance rate is set by how much the trunk adds to that
@@ -18,7 +18,7 @@ run's time goes: the mean milliseconds of a target batch by its size (1 token, o
 drafts) and of one step of the MTP head.
 
     python tools/bench_mtp.py [--model bench|small] [--layers 8] [--trunk-gain 0.1] [--tokens 64] [--runs 3]
-                              [--draft-max 1,2,3] [--rpc] [--breakdown] [--json]
+                              [--draft-max 1,2,3] [--rpc] [--device CUDA0] [--breakdown] [--json]
 """
 
 from __future__ import annotations
@@ -128,6 +128,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rpc", action="store_true", help="also measure with everything but the experts on a ggml-rpc device")
     ap.add_argument("--port", type=int, default=50157, help="port of the ggml-rpc server --rpc starts")
+    ap.add_argument("--device", action="append", default=[],
+                    help="also measure with everything but the experts on this device (e.g. CUDA0); repeatable")
     ap.add_argument("--breakdown", action="store_true", help="time target batches by size and MTP head steps")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -149,6 +151,13 @@ def main() -> int:
         rpc = native.add_rpc_device(f"127.0.0.1:{args.port}")
         placements["rpc, experts on host"] = Placement(devices=(rpc.name,), n_gpu_layers=-1,
                                                        overrides=((expert_pattern(), "CPU"),), repack=False)
+    for name in args.device:
+        try:
+            native.device_by_name(name)
+        except native.UserError as e:  # a device this build does not have: one line, before any run
+            raise SystemExit(str(e)) from None
+        placements[f"{name}, experts on host"] = Placement(devices=(name,), n_gpu_layers=-1,
+                                                           overrides=((expert_pattern(), "CPU"),), repack=False)
     rows, identical = [], True
     if not args.json:
         print(f"{path.name}: {args.tokens} tokens, median of {args.runs} runs, {args.threads} threads")

@@ -7,6 +7,11 @@
 #              tools/bench_gpu.py's variants (resident blocks only, rotary streaming, split compute and
 #              an uploading expert cache) under a VRAM budget, decode t/s and NVML peak memory
 #   telemetry  tools/bench_telemetry.py on the GPU (what the routing tap costs there)
+# and two more, not in the default list (a session has 15 minutes of GPU in all):
+#   mtp        tools/bench_mtp.py: decode with and without MTP drafts, experts on the host, the rest
+#              on CUDA0 (a bench-dims model of 8 blocks with an MTP block)
+#   predict    `rotary-gguf bench --calibrate` on the bench model: the speed model's prompt and
+#              decode t/s beside the measured ones on this GPU
 #
 # Usage: OUT=gpu-out bash tools/gpu_check.sh
 # The CUDA build alone takes minutes: where one command may run 10 minutes, run STEPS=build first
@@ -15,7 +20,8 @@
 # LAYERS (16), VRAM (6.3GB), SPLIT_SIZES ("auto 64"), UPLOAD_SIZES ("64"),
 # CUDA_CMAKE_ARGS (the CMake flags of the build), FULL_SUITE=1 (also the whole test suite), and
 # the per-step time limits in seconds BUILD_TIMEOUT (540), TESTS_TIMEOUT (180), MODEL_TIMEOUT
-# (240), VARIANT_TIMEOUT (120 per bench variant), TELEMETRY_TIMEOUT (150).
+# (240), VARIANT_TIMEOUT (120 per bench variant), TELEMETRY_TIMEOUT (150), MTP_TIMEOUT (300),
+# PREDICT_TIMEOUT (300).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -116,6 +122,20 @@ fi
 if wanted telemetry && [ -f tools/bench_telemetry.py ]; then
     step telemetry "${TELEMETRY_TIMEOUT:-150}" "$PY" tools/bench_telemetry.py --device CUDA0 --layers 40 \
         --rounds 3 --tokens 64 | tee "$OUT/telemetry.txt"
+fi
+
+if wanted mtp; then
+    step mtp "${MTP_TIMEOUT:-300}" "$PY" tools/bench_mtp.py --device CUDA0 --layers 8 --runs 2 --tokens 64 \
+        --draft-max 1,2 --threads "$(nproc)" | tee "$OUT/mtp.txt"
+fi
+
+if wanted predict; then
+    model=$MODEL_DIR/bench-$LAYERS.gguf
+    if [ ! -s "$model" ]; then
+        step bench-model "${MODEL_TIMEOUT:-240}" "$PY" tools/make_test_model.py -o "$model" --bench-dims --layers "$LAYERS"
+    fi
+    step predict "${PREDICT_TIMEOUT:-300}" .venv/bin/rotary-gguf bench "$model" --vram "$VRAM" --calibrate --runs 2 \
+        --gen-tokens 48 --prompt-tokens 64 --ctx 1024 | tee "$OUT/predict.txt"
 fi
 
 echo "gpu check done after $((SECONDS - START))s; results in $OUT"
