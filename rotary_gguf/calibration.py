@@ -171,7 +171,7 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
     cpu = device_speeds(native.cpu_device(), known.cpu if known else None, threads)
     acc = device_speeds(acc_dev, known.accelerator if known else None, None) if acc_dev else None
     if acc is not None and acc.host_block_seconds is None:
-        step(f"{acc.name}: a real decode and host expert blocks (the built-in demo model)")
+        step(f"{acc.name}: host expert blocks and a real decode's ops (the built-in demo model)")
         op, host_block = demo_decode_costs(cpu, acc, threads)
         acc = replace(acc, op_seconds=max(acc.op_seconds, op), host_block_seconds=host_block)
     by_threads = dict(known.cpu_decode_by_threads) if known else {}

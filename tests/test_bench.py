@@ -52,10 +52,12 @@ def test_json_has_every_candidate_and_figure_and_one_output(test_model, rpc_endp
     outputs = {n: c["output_tokens"] for n, c in by_name.items()}
     assert len(outputs[plan]) == 8 and all(o == outputs[plan] for o in outputs.values())
     assert doc["outputs_identical"] is True and doc["output_checks"] == [] and doc["recommended"] in by_name
-    # the speed model's prediction beside every measurement: host experts cost the baseline decode speed
-    predicted = {n: c["predicted"]["decode_tps"] for n, c in by_name.items()}
+    # the speed model's prediction beside every measurement: the baseline's CPU computes the experts
+    # of four blocks, the plan's of two (which is faster depends on this machine's calibration: on
+    # ggml-rpc the "accelerator" is this CPU too)
+    host = {n: c["predicted"]["decode_ms"]["host experts"] for n, c in by_name.items()}
     assert all(c["predicted"]["prompt_tps"] > 0 and c["decode_prediction_error"] is not None for c in by_name.values())
-    assert predicted[BASELINE] < predicted[plan]
+    assert host[BASELINE] == pytest.approx(2 * host[plan], rel=0.01) and host[plan] > 0
 
 
 def test_table_shows_every_candidate_figure_and_a_recommendation(test_model, rpc_endpoint):
