@@ -87,9 +87,28 @@ DIVERGING = dict(arch="qwen35moe", quant="q4_k_m")
 DIVERGING_ARGS = ("--threads", "1", "--ctx", "256", "--prompt-tokens", "128", "--gen-tokens", "32", "--runs", "1")
 
 
+@pytest.fixture(scope="module")
+def diverging_model(test_model):
+    """A Q4_K qwen35moe test model whose greedy tokens part between the repacked and the plain CPU
+    kernels within 32 tokens of bench's prompt. Where they part depends on the CPU's instruction
+    sets (a near tie rounds either way), so the first of a few seeds that does, on this CPU."""
+    for seed in range(8):
+        path = test_model(**DIVERGING, seed=seed)
+        if greedy_and_trace(path, 32)[0] != greedy_and_trace(path, 32, placement=Placement(repack=False))[0]:
+            return path
+    pytest.skip("the repacked and plain CPU kernels give the same 32 tokens on 8 test models on this CPU")
+
+
 def test_kernel_paths_that_round_differently_pass_with_a_note(test_model, rpc_endpoint):
-    result = run_cli("bench", test_model(**DIVERGING), "--rpc", rpc_endpoint, *DIVERGING_ARGS, "--json")
-    assert result.returncode == 0, result.stderr
+    """bench's candidates run their experts on other kernels (ggml-rpc's plain ones, the CPU's
+    repacked ones): where their tokens part (on some CPUs, at a near tie), a note, not a BUG."""
+    for seed in range(4):
+        result = run_cli("bench", test_model(**DIVERGING, seed=seed), "--rpc", rpc_endpoint, *DIVERGING_ARGS, "--json")
+        assert result.returncode == 0, result.stderr
+        if json.loads(result.stdout)["output_checks"]:
+            break
+    else:
+        pytest.skip("bench's candidates give the same tokens on 4 test models on this CPU: no near tie to judge")
     doc = json.loads(result.stdout)
     paths = {c["name"]: c["kernel_path"] for c in doc["candidates"]}
     assert paths[doc["candidates"][0]["name"]] == "RPC0" and "CPU_REPACK" in paths[BASELINE]
@@ -134,10 +153,11 @@ def test_a_real_difference_is_a_bug_even_across_kernel_paths(test_model):
     assert "greedy outputs differ in other (CPU_REPACK) vs reference (RPC0)" in check.describe()
 
 
-def test_the_same_kernels_are_held_to_the_tight_tolerance(test_model):
+def test_the_same_kernels_are_held_to_the_tight_tolerance(diverging_model):
     """The repacked and the plain CPU kernels, passed off as the same kernels: their real difference
-    (about 1% of the largest logit) is beyond LOGIT_RTOL, so it is a BUG; as what they are, a note."""
-    path = test_model(**DIVERGING)
+    (1-7% of the largest logit, by CPU) is beyond LOGIT_RTOL, so it is a BUG; as what they are, with
+    the kernel noise bench measures (this very difference), a note."""
+    path = diverging_model
     repacked, expected = greedy_and_trace(path, 32)
     plain, _ = greedy_and_trace(path, 32, placement=Placement(repack=False))
     _, got = greedy_and_trace(path, 32, feed=repacked, placement=Placement(repack=False))
@@ -145,7 +165,9 @@ def test_the_same_kernels_are_held_to_the_tight_tolerance(test_model):
     same = compare_outputs(run_of("repacked", repacked, {"t": "CPU"}), run_of("plain", plain, {"t": "CPU"}), expected, got)
     assert same.same_kernels and same.max_abs_diff > same.tolerance > 0 and not same.legitimate
     honest = compare_outputs(run_of("repacked", repacked, {"t": "CPU_REPACK"}), run_of("plain", plain, {"t": "CPU"}),
-                             expected, got)
+                             expected, got, kernel_noise=same.max_abs_diff)
+    assert honest.tolerance == pytest.approx(max(KERNEL_RTOL * max(abs(v).max() for v in expected),
+                                                 KERNEL_NOISE_FACTOR * same.max_abs_diff))
     assert honest.legitimate and honest.first_step == next(i for i, (x, y) in enumerate(zip(repacked, plain)) if x != y)
 
 
