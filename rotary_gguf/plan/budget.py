@@ -5,6 +5,7 @@ need when a budget is too small."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..errors import UserError
@@ -66,9 +67,12 @@ def estimate_margin(use: DeviceUse) -> int:
 def largest_ctx(model: ModelFigures, accelerator: Accelerator, budget: int, mode: str, sizing: Sizing) -> int:
     """The largest context (at most the trained one) whose least budget fits `budget`, by
     bisection over the memory model; 0 when not even MIN_CTX tokens fit."""
-    def fits(ctx: int) -> bool:
-        return replace(sizing, ctx=ctx).needed(model, accelerator, mode) <= budget
+    return largest_fitting_ctx(model, lambda ctx: replace(sizing, ctx=ctx).needed(model, accelerator, mode) <= budget)
 
+
+def largest_fitting_ctx(model: ModelFigures, fits: Callable[[int], bool]) -> int:
+    """The largest context from MIN_CTX up to the trained one that `fits` (which must stay false
+    once it turns false as the context grows), by bisection; 0 when not even MIN_CTX fits."""
     low, high = MIN_CTX, model.n_ctx_train or 2**24
     if not fits(low):
         return 0

@@ -26,12 +26,12 @@ from dataclasses import replace
 from ..errors import UserError
 from ..speed_model import Layout, PlanSpeeds, Prediction
 from ..units import human_bytes
-from .budget import estimate_margin
+from .budget import estimate_margin, largest_fitting_ctx
 from .figures import Accelerator, ModelFigures
 from .memory import (DeviceUse, accelerator_compute_bytes, host_compute_bytes, kv_cache_bytes, recurrent_state_bytes,
                      staging_bytes, ubatch_tokens)
 from .placing import DeviceShare, Plan, make_plan, speed_layout, spread_layout
-from .settings import DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE, FLASH_ATTN, MIN_CTX
+from .settings import DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE, FLASH_ATTN
 
 SINGLE_DEVICE_CACHE = "the expert cache uses one accelerator: it is off in a plan over several devices"
 
@@ -233,15 +233,7 @@ def _largest_ctx(model: ModelFigures, budgets: Sequence[int], fixed) -> int:
         return all(use.total + estimate_margin(use) <= budget
                    for use, budget in ((fixed(d, ctx), budget) for d, budget in enumerate(budgets)))
 
-    low, high = MIN_CTX, model.n_ctx_train or 2**24
-    if not fits(low):
-        return 0
-    if fits(high):
-        return high
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return largest_fitting_ctx(model, fits)
 
 
 def _weighed(model: ModelFigures, devices: Sequence[tuple[Accelerator, int]], layout: Layout, layers: list[int],
