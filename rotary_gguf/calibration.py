@@ -6,9 +6,9 @@ Per device (the CPU at the thread count used, and the accelerator): matrix-vecto
 matrix-multiply throughput for each weight type a model has, the fixed cost of one graph (launch
 and sync) and of one small copy, and host -> device upload speed from page-locked and ordinary
 memory; beside an accelerator, what each op of a real decode graph and a block with host experts
-add, measured by decoding the built-in demo model both ways. The CPU's decode speed is also measured at 1, half and all threads
-(`plan --calibrate` shows them). A later model with a type not measured yet adds only that type's
-figures.
+add, measured by decoding the built-in demo model both ways. The CPU's decode speed is also
+measured at 1, half and all threads (`plan --calibrate` shows them). A later model with a type not
+measured yet adds only that type's figures.
 """
 
 from __future__ import annotations
