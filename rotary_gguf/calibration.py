@@ -3,9 +3,10 @@ in seconds and kept per machine and device in the user's cache folder (`speed_mo
 from them).
 
 Per device (the CPU at the thread count used, and the accelerator): matrix-vector and batched
-matrix-multiply throughput for each weight type a model has, the fixed cost of one graph (launch
-and sync) and of one small copy, and host -> device upload speed from page-locked and ordinary
-memory; beside an accelerator, what each op of a real decode graph and a block with host experts
+matrix-multiply throughput and the experts' own op at decode and in a prompt, for each weight type
+a model has; a Gated DeltaNet block's state update at decode and in a prompt; the fixed cost of one
+graph (launch and sync) and of one small copy, and host -> device upload speed from page-locked
+and ordinary memory; beside an accelerator, what each op of a real decode graph and a block with host experts
 add, measured by decoding the built-in demo model both ways. The CPU's decode speed is also
 measured at 1, half and all threads (`plan --calibrate` shows them). A later model with a type not
 measured yet adds only that type's figures.
@@ -27,11 +28,14 @@ from .errors import UserError
 from .speed_model import REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 8
+CALIBRATION_FORMAT = 9
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
-# A prompt's experts: 64 tokens, each selected expert shared by 8 of them (a batch of 64 over 64
-# experts at top-8), the op (MUL_MAT_ID) that is far from the dense multiply's speed on CPUs.
-PROMPT_EXPERT_BATCH, PROMPT_EXPERT_SHARING = 64, 8
+# A prompt's experts: the op (MUL_MAT_ID), far from the dense multiply's speed on CPUs, timed for 64
+# tokens that all select the same experts, so that their weights are read from memory once and the
+# figure is the op's compute; `speed_model` adds the reads of the experts a batch selects.
+PROMPT_EXPERT_BATCH = 64
+# A prompt's recurrent-state update: the fused op over this many tokens carries the state itself.
+PROMPT_RECURRENT_TOKENS = 64
 # Weight bytes per decode measurement: far more than a CPU's last-level cache holds (32-96 MiB), so
 # the figure is the memory's speed, as a model of gigabytes sees it, not the cache's.
 DECODE_WEIGHT_BYTES = 256 * 2**20
@@ -150,7 +154,7 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
                 step(f"{dev.name}: {name} experts at batch {PROMPT_EXPERT_BATCH}")
                 prompt_experts[name] = measure.expert_bytes_per_s(
                     dev, ggml_type, n_embd, *expert_shape, n_threads, DECODE_WEIGHT_BYTES, batch=PROMPT_EXPERT_BATCH,
-                    tokens_per_expert=PROMPT_EXPERT_SHARING)
+                    tokens_per_expert=PROMPT_EXPERT_BATCH)
         if previous is not None:
             return replace(previous, decode=decode, prompt=prompt, experts=experts, prompt_experts=prompt_experts)
         step(f"{dev.name}: graph and copy latency")
@@ -162,6 +166,7 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
                 extra["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
         step(f"{dev.name}: recurrent state update")
         extra["recurrent"] = measure.recurrent_bytes_per_s(dev, n_threads)
+        extra["prompt_recurrent"] = measure.recurrent_bytes_per_s(dev, n_threads, tokens=PROMPT_RECURRENT_TOKENS)
         return DeviceSpeeds(dev.name, dev.description, decode, prompt, PROMPT_BATCH, measure.graph_seconds(dev, n_threads),
                             measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), experts=experts,
                             prompt_experts=prompt_experts, **extra)

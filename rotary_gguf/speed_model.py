@@ -39,15 +39,17 @@ class DeviceSpeeds:
     upload_pinned: float | None = None  # host -> device bytes per second, from page-locked memory
     upload_pageable: float | None = None  # from ordinary host memory
     experts: dict[str, float] = field(default_factory=dict)  # decode's expert op (MUL_MAT_ID), per type
-    # a prompt's expert op, bytes of every token's selected experts per second (each shared by a few tokens)
+    # a prompt's expert op with its weights in cache: bytes of every token's selected experts per second
     prompt_experts: dict[str, float] = field(default_factory=dict)
     host_block_seconds: float | None = None  # what a block with host experts adds beside this accelerator
     recurrent: float | None = None  # recurrent-state bytes per second of a Gated DeltaNet block's update
+    prompt_recurrent: float | None = None  # the same per token of a prompt's batch, the state carried along
 
-    def recurrent_rate(self) -> float:
-        """State bytes per second of the linear-attention update: as measured, else at the speed
-        f32 weights are read."""
-        return self.recurrent or self.rate("decode", "F32")
+    def recurrent_rate(self, phase: str = "decode") -> float:
+        """State bytes per second (and token) of the linear-attention update in `phase`: as
+        measured, else at the speed f32 weights are read."""
+        measured = self.recurrent if phase == "decode" else self.prompt_recurrent or self.recurrent
+        return measured or self.rate("decode", "F32")
 
     def expert_rate(self, phase: str, type_name: str) -> float:
         """Bytes per second of the experts' own op (per token in a prompt), else the plain
@@ -125,15 +127,19 @@ class Weights:
 
     def used_seconds(self, layer: int, device: DeviceSpeeds, phase: str, share: float = 1.0, batch: int = 1) -> float:
         """Seconds `device` spends on `share` of the experts a token selects in `layer`. In a prompt
-        of `batch` tokens each expert the batch selects is read once for the few tokens that chose
-        it: the time of its bytes at decode's rate over those tokens, unless computing them at the prompt expert
-        op (measured per token, `prompt_experts`) takes longer."""
+        of `batch` tokens, every token's experts are computed at the op's speed with its weights in
+        cache (`prompt_experts`), and each expert the batch selects is read from memory once for the
+        tokens that chose it: what decode's rate takes beyond that compute, shared by the batch."""
         per_expert = self.expert.get(layer, {})
         if phase == "decode" or batch <= 1:
             return share * sum(self.n_expert_used * n / device.expert_rate("decode", t) for t, n in per_expert.items())
         distinct = self.n_expert * (1.0 - (1.0 - self.n_expert_used / self.n_expert) ** batch)
-        return share * sum(max(distinct * n / (batch * device.expert_rate("decode", t)),
-                               self.n_expert_used * n / device.expert_rate("prompt", t)) for t, n in per_expert.items())
+        seconds = 0.0
+        for t, n in per_expert.items():
+            compute = n / device.expert_rate("prompt", t)
+            read = max(n / device.expert_rate("decode", t) - compute, 0.0)
+            seconds += self.n_expert_used * compute + distinct * read / batch
+        return share * seconds
 
 
 # Ops per block in llama.cpp's decode graph, counted in its log ("graph: nodes = N") for our test
@@ -191,10 +197,10 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
     parts = {
         "weights": sum(main.read_seconds(n, phase, t, batch) for t, n in weights.other.items()),
         # a Gated DeltaNet block's state update, and llama.cpp's gather of the state from its cache and
-        # store of the new one, reading and writing it whole. Prompts run the update in chunks of 64
-        # tokens with plain matrix ops, not calibrated: charged the same per token, which the prompt
-        # speeds bench measured on qwen35moe test models bear out (tools/bench_predictions.py)
-        "recurrent": weights.recurrent_state * (1 / main.recurrent_rate() + STATE_COPIES / main.rate("decode", "F32")),
+        # store of the new one, reading and writing it whole once per graph (a prompt's batch: the fused
+        # update carries the state from token to token)
+        "recurrent": weights.recurrent_state * (1 / main.recurrent_rate(phase)
+                                                + STATE_COPIES / (batch * main.rate("decode", "F32"))),
         "resident experts": sum(weights.used_seconds(i, main, phase, batch=batch) for i in weights.expert
                                  if i not in layout.host),
         "host experts": 0.0,

@@ -10,7 +10,8 @@ import pytest
 from rotary_gguf import calibration, native
 from rotary_gguf.errors import UserError
 from rotary_gguf.inventory import read_inventory
-from rotary_gguf.speed_model import STATE_COPIES, DeviceSpeeds, Layout, Weights, estimated_nodes, predict
+from rotary_gguf.speed_model import (STATE_COPIES, DeviceSpeeds, Layout, Weights, estimated_nodes, predict,
+                                     token_seconds)
 
 Q4_K, Q8_0, F32 = 12, 8, 0
 
@@ -83,6 +84,7 @@ def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     for rates in (first.cpu.decode, first.cpu.prompt, first.cpu.experts, first.cpu.prompt_experts):
         assert set(rates) == {"Q4_K", "F32"} and all(v > 1e6 for v in rates.values())
     assert first.cpu.graph_seconds > 0 and first.accelerator is None
+    assert first.cpu.recurrent > 1e6 and first.cpu.prompt_recurrent > 1e6  # the state update at decode, in a prompt
     assert set(first.cpu_decode_by_threads["Q4_K"]) == {1}
     # the second call reads the file; a new type measures only that type
     steps.clear()
@@ -139,15 +141,35 @@ def test_gated_deltanet_blocks_pay_for_their_recurrent_state(test_model):
     assert Weights.from_inventory(read_inventory(test_model())).recurrent_state == 0
 
 
-def test_a_prompts_experts_cost_their_reads_or_their_own_op():
-    """In a prompt each selected expert is read once for the tokens that chose it; computing them
-    runs at the expert op's measured prompt rate, not the dense multiply's."""
+def test_a_prompts_experts_cost_their_compute_and_one_read_per_batch():
+    """In a prompt every token's experts are computed at the expert op's measured prompt rate (its
+    weights in cache), and each expert the batch selects is read from memory once: what decode's
+    rate takes beyond the compute, shared by the tokens of the batch. One token costs what decode does."""
     w = _weights()  # 32 experts, 4 used, 100 kB each
     cpu = replace(_speeds("CPU", 1e9), prompt_experts={"Q4_K": 2e9})
+    compute, read = 100_000 / 2e9, 100_000 / 1e9 - 100_000 / 2e9
+    decode = w.used_seconds(0, cpu, "decode")
+    assert decode == pytest.approx(4 * 100_000 / 1e9)
+    assert w.used_seconds(0, cpu, "prompt", batch=1) == pytest.approx(decode)
     few = w.used_seconds(0, cpu, "prompt", batch=2)  # two tokens: up to 8 distinct experts, read for 2 tokens
     distinct = 32 * (1 - (1 - 4 / 32) ** 2)
-    assert few == pytest.approx(distinct * 100_000 / (2 * 1e9))
-    many = w.used_seconds(0, cpu, "prompt", batch=512)  # every expert shared by 64 tokens: the op's rate bounds it
-    assert many == pytest.approx(4 * 100_000 / 2e9)
-    assert w.used_seconds(0, replace(cpu, prompt_experts={}), "prompt", batch=512) == pytest.approx(4 * 100_000 / 4e9)
-    assert w.used_seconds(0, cpu, "decode") == pytest.approx(4 * 100_000 / 1e9)
+    assert few == pytest.approx(4 * compute + distinct * read / 2)
+    many = w.used_seconds(0, cpu, "prompt", batch=512)  # every expert read once for 512 tokens: nearly all compute
+    assert many == pytest.approx(4 * compute + 32 * read / 512, rel=1e-6)
+    assert many < few < decode
+    # no prompt figure for the op: the batched dense rate; never below the compute when that is the faster
+    assert w.used_seconds(0, replace(cpu, prompt_experts={}), "prompt", batch=512) == pytest.approx(
+        4 * 100_000 / 4e9 + 32 * (100_000 / 1e9 - 100_000 / 4e9) / 512)
+    slow_op = replace(cpu, prompt_experts={"Q4_K": 5e8})
+    assert w.used_seconds(0, slow_op, "prompt", batch=512) == pytest.approx(4 * 100_000 / 5e8)
+
+
+def test_a_prompt_carries_the_recurrent_state_through_its_batch(test_model):
+    """A prompt's Gated DeltaNet update runs at its own measured rate per token, and the state is
+    gathered and stored whole once per batch, not once per token."""
+    w = Weights.from_inventory(read_inventory(test_model(arch="qwen35moe", layers=4)))
+    cpu = replace(_speeds("CPU", 1e9), recurrent=5e8, prompt_recurrent=2e9)
+    prompt = token_seconds(w, Layout(accelerator=False), cpu, None, "prompt", 64)
+    assert prompt["recurrent"] == pytest.approx(w.recurrent_state * (1 / 2e9 + STATE_COPIES / (64 * 1e9)))
+    unmeasured = token_seconds(w, Layout(accelerator=False), replace(cpu, prompt_recurrent=None), None, "prompt", 64)
+    assert unmeasured["recurrent"] == pytest.approx(w.recurrent_state * (1 / 5e8 + STATE_COPIES / (64 * 1e9)))

@@ -113,7 +113,8 @@ def main() -> None:
                                  "decode_spread": figures["decode_tps"]["spread"] / figures["decode_tps"]["median"],
                                  "predicted_decode_tps": predicted["decode_tps"],
                                  "prompt_tps": figures["prompt_tps"]["median"],
-                                 "predicted_prompt_tps": predicted["prompt_tps"]})
+                                 "predicted_prompt_tps": predicted["prompt_tps"],
+                                 "predicted_decode_ms": predicted["decode_ms"]})
     finally:
         server.kill()
     firsts = {(r["shape"], r["candidate"]): r for r in reversed(rows)}  # a placement every budget has: its first run

@@ -225,7 +225,7 @@ def _print_calibration(cal) -> None:
 
     for dev in (d for d in (cal.cpu, cal.accelerator) if d is not None):
         upload = "/".join(f"{v / 1e9:.1f}" for v in (dev.upload_pinned, dev.upload_pageable) if v) or "-"
-        state = f"{dev.recurrent / 1e9:.1f}" if dev.recurrent else "-"
+        state = "/".join(f"{v / 1e9:.1f}" for v in (dev.recurrent, dev.prompt_recurrent) if v) or "-"  # decode / prompt
         fixed = (us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds), us(dev.host_block_seconds), state,
                  upload)
         for i, name in enumerate(sorted(dev.decode)):

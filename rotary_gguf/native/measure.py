@@ -127,22 +127,24 @@ def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_us
 
 
 def recurrent_bytes_per_s(dev: Device, n_threads: int | None = None, state_size: int = 128, n_v_heads: int = 32,
-                          n_k_heads: int = 16) -> float:
-    """Recurrent-state bytes per second `dev` updates in a Gated DeltaNet block's fused op
-    (GATED_DELTA_NET) for one token, at Qwen3.6's widths by default: every linear-attention block
-    reads and rewrites a [state_size, state_size] f32 state per value head each token."""
+                          n_k_heads: int = 16, tokens: int = 1) -> float:
+    """Recurrent-state bytes per second and token `dev` updates in a Gated DeltaNet block's fused
+    op (GATED_DELTA_NET), at Qwen3.6's widths by default: every linear-attention block reads and
+    rewrites a [state_size, state_size] f32 state per value head each token. With `tokens` > 1 (a
+    prompt's batch) the op carries the state from token to token itself, in the CPU's caches or
+    the GPU's registers, and reads and writes it whole only once."""
 
     def build(ctx, _weights_ctx):
         def new(*shape):
             return _new_tensor_3d(ctx, _GGML_TYPE_F32, *shape)
 
-        return _gated_delta_net(ctx, new(state_size, n_k_heads, 1), new(state_size, n_k_heads, 1),
-                                new(state_size, n_v_heads, 1), new(1, n_v_heads, 1), new(1, n_v_heads, 1),
+        return _gated_delta_net(ctx, new(state_size, n_k_heads, tokens), new(state_size, n_k_heads, tokens),
+                                new(state_size, n_v_heads, tokens), new(1, n_v_heads, tokens), new(1, n_v_heads, tokens),
                                 new(state_size, state_size, n_v_heads), 1)
 
     seconds = _timed_graph(dev, n_threads, build, 10)
     state = 4 * state_size * state_size * n_v_heads
-    return state / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
+    return state * tokens / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 
 def op_seconds(dev: Device, n_threads: int | None = None) -> float:
