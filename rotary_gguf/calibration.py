@@ -28,7 +28,7 @@ from .errors import UserError
 from .speed_model import REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 9
+CALIBRATION_FORMAT = 10
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
 # A prompt's experts: the op (MUL_MAT_ID), far from the dense multiply's speed on CPUs, timed for 64
 # tokens that all select the same experts, so that their weights are read from memory once and the
@@ -195,7 +195,7 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
 
 
 DEMO_TOKENS = 32  # tokens per timed generation of the demo model; the median of DEMO_RUNS is kept
-DEMO_RUNS = 3
+DEMO_RUNS = 5
 
 
 def demo_weight_types() -> dict[str, int]:
@@ -227,28 +227,36 @@ def demo_decode_costs(cpu: DeviceSpeeds, acc: DeviceSpeeds, threads: int) -> tup
     blocks = sorted(weights.expert)
     resident = Placement(devices=(acc.name,), n_gpu_layers=-1)
     on_host = Placement(devices=(acc.name,), overrides=((names.expert_pattern(None), HOST_BUFFER_TYPE),), n_gpu_layers=-1)
-    resident_seconds = _demo_decode_seconds(resident, threads)
-    gap = _demo_decode_seconds(on_host, threads) - resident_seconds
+    resident_seconds, on_host_seconds = _demo_decode_seconds([resident, on_host], threads)
+    gap = on_host_seconds - resident_seconds
     experts = sum(weights.used_seconds(i, cpu, "decode") - weights.used_seconds(i, acc, "decode") for i in blocks)
     explained = sum(token_seconds(weights, Layout(), cpu, replace(acc, op_seconds=0.0), "decode").values())
     op = max(resident_seconds - explained, 0.0) / max(weights.graph_nodes, 1)
     return op, max(gap - experts, 0.0) / len(blocks)
 
 
-def _demo_decode_seconds(placement, threads: int) -> float:
-    """Median seconds per decoded token of the built-in demo model loaded the `placement` way."""
+def _demo_decode_seconds(placements: list, threads: int) -> list[float]:
+    """Median seconds per decoded token of the built-in demo model loaded each of the `placements`
+    ways, all loaded at once and their runs taken in turn, so that a machine growing busier or
+    quieter meanwhile moves every median alike (their differences are what calibration keeps)."""
+    from contextlib import ExitStack
+
     from .demo import DEMO_MODEL
     from .engine import Engine
 
-    seconds = []
-    with Engine.load(DEMO_MODEL, placement, n_ctx=4 * DEMO_TOKENS, n_threads=threads) as engine:
-        prompt = engine.tokenize("The list type", add_special=True)
-        for _ in range(DEMO_RUNS):
-            stats = None
-            for event in engine.generate(prompt, max_tokens=DEMO_TOKENS):
-                stats = event.stats
-            seconds.append(1.0 / stats.decode_tps)
-    return statistics.median(seconds)
+    with ExitStack() as stack:
+        engines = [stack.enter_context(Engine.load(DEMO_MODEL, placement, n_ctx=4 * DEMO_TOKENS, n_threads=threads))
+                   for placement in placements]
+        prompt = engines[0].tokenize("The list type", add_special=True)
+        seconds: list[list[float]] = [[] for _ in engines]
+        for run in range(DEMO_RUNS + 1):  # the first: a warm-up
+            for engine, timed in zip(engines, seconds):
+                stats = None
+                for event in engine.generate(prompt, max_tokens=DEMO_TOKENS):
+                    stats = event.stats
+                if run:
+                    timed.append(1.0 / stats.decode_tps)
+    return [statistics.median(timed) for timed in seconds]
 
 
 def plan_speeds(inv, accelerator_name: str | None, threads: int, *, refresh: bool = False,

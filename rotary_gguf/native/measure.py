@@ -58,18 +58,21 @@ def _backend(dev: Device, n_threads: int | None) -> Iterator[int]:
 
 
 def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, prepare=None) -> float:
-    """Median time of computing the graph `build(ctx, weights_ctx)` returns the output of (tensors
-    made in `weights_ctx` are weights, zeroed) and reading 4 bytes of that output back: the read
-    waits for backends that compute asynchronously (ggml-rpc, CUDA). The CPU's weights are in the
+    """Median time of computing the graph `build(ctx, weights_ctx)` returns the output of, or the
+    outputs (tensors made in `weights_ctx` are weights, zeroed), and reading 4 bytes of the last
+    output back: the read waits for backends that compute asynchronously (ggml-rpc, CUDA). The CPU's weights are in the
     layout llama.cpp gives them (repacked, for the types that have one). `prepare(i)` runs before
     the i-th computation (0: the warm-up), untimed (to set inputs that must not be zero, or that
     change between runs)."""
     out = ctypes.create_string_buffer(4)
     weight_buft = cpu_weight_buffer_type() if dev.type == "cpu" else dev.buffer_type
-    with _backend(dev, n_threads) as backend, _metadata_context(4 + MAX_CHAIN) as ctx, _metadata_context(2) as wctx:
-        result = build(ctx, wctx)
+    with _backend(dev, n_threads) as backend, _metadata_context(GRAPH_TENSORS) as ctx, _metadata_context(2) as wctx:
+        outputs = build(ctx, wctx)
+        outputs = outputs if isinstance(outputs, list) else [outputs]
         graph = _new_graph(ctx)
-        _build_forward_expand(graph, result)
+        for output in outputs:
+            _build_forward_expand(graph, output)
+        result = outputs[-1]
         bufs = [_alloc_ctx_tensors(c, buft) for c, buft in ((ctx, dev.buffer_type), (wctx, weight_buft))]
         try:
             if not bufs[0]:
@@ -90,6 +93,11 @@ def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, prepar
 
 
 MAX_CHAIN = 64  # ops in the longest graph `op_seconds` times
+# Independent Gated DeltaNet states updated in one timed decode graph: 32 MiB at Qwen3.6's widths,
+# as many as half of its linear-attention blocks hold; enough work that a slow round trip to the
+# device (ggml-rpc on a busy machine) does not pass for a slow update.
+RECURRENT_STATES = 16
+GRAPH_TENSORS = 8 * MAX_CHAIN  # tensor slots of a timed graph's context (metadata only)
 
 
 def matmul_seconds(dev: Device, ggml_type: int, n_embd: int, rows: int, batch: int = 1, n_threads: int | None = None,
@@ -130,21 +138,23 @@ def recurrent_bytes_per_s(dev: Device, n_threads: int | None = None, state_size:
                           n_k_heads: int = 16, tokens: int = 1) -> float:
     """Recurrent-state bytes per second and token `dev` updates in a Gated DeltaNet block's fused
     op (GATED_DELTA_NET), at Qwen3.6's widths by default: every linear-attention block reads and
-    rewrites a [state_size, state_size] f32 state per value head each token. With `tokens` > 1 (a
-    prompt's batch) the op carries the state from token to token itself, in the CPU's caches or
-    the GPU's registers, and reads and writes it whole only once."""
+    rewrites a [state_size, state_size] f32 state per value head each token. At decode
+    (`tokens` 1) RECURRENT_STATES blocks' states are updated in one graph, as a model's blocks
+    are; with `tokens` > 1 (a prompt's batch) one op carries its state from token to token itself,
+    in the CPU's caches or the GPU's registers, and reads and writes it whole only once."""
+    states = RECURRENT_STATES if tokens == 1 else 1
 
     def build(ctx, _weights_ctx):
         def new(*shape):
             return _new_tensor_3d(ctx, _GGML_TYPE_F32, *shape)
 
-        return _gated_delta_net(ctx, new(state_size, n_k_heads, tokens), new(state_size, n_k_heads, tokens),
-                                new(state_size, n_v_heads, tokens), new(1, n_v_heads, tokens), new(1, n_v_heads, tokens),
-                                new(state_size, state_size, n_v_heads), 1)
+        return [_gated_delta_net(ctx, new(state_size, n_k_heads, tokens), new(state_size, n_k_heads, tokens),
+                                 new(state_size, n_v_heads, tokens), new(1, n_v_heads, tokens), new(1, n_v_heads, tokens),
+                                 new(state_size, state_size, n_v_heads), 1) for _ in range(states)]
 
     seconds = _timed_graph(dev, n_threads, build, 10)
     state = 4 * state_size * state_size * n_v_heads
-    return state * tokens / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
+    return states * state * tokens / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 
 def op_seconds(dev: Device, n_threads: int | None = None) -> float:
