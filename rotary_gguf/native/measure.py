@@ -97,6 +97,7 @@ MAX_CHAIN = 64  # ops in the longest graph `op_seconds` times
 # as many as half of its linear-attention blocks hold; enough work that a slow round trip to the
 # device (ggml-rpc on a busy machine) does not pass for a slow update.
 RECURRENT_STATES = 16
+EXPERT_OPS = 16  # decode's expert ops timed in one graph
 GRAPH_TENSORS = 8 * MAX_CHAIN  # tensor slots of a timed graph's context (metadata only)
 
 
@@ -114,24 +115,31 @@ def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_us
     (MUL_MAT_ID), counted once per token that uses them: `batch` tokens each selecting `n_used`
     distinct experts of [n_embd, n_ff], each selected expert shared by `tokens_per_expert` of the
     tokens (as in a prompt), from enough experts to fill `nbytes`, other experts every run (as a
-    model's tokens pick them, so none is still in a cache). Decode's speed for experts at batch 1."""
+    model's tokens pick them, so none is still in a cache). Decode's speed for experts at batch 1,
+    where EXPERT_OPS such ops run in one graph, as a model's blocks do, so that one run reads tens
+    of MiB rather than a few, and a timer's or scheduler's hiccup is not taken for the memory's speed."""
     expert = _row_size(ggml_type, n_embd) * n_ff
-    pool = max(n_used, n_used * batch // tokens_per_expert)  # the experts one run selects
-    n_expert = max(pool, nbytes // expert)
-    tensors = {}
+    pool = max(n_used, n_used * batch // tokens_per_expert)  # the experts one op selects
+    ops = EXPERT_OPS if batch == 1 else 1
+    n_expert = max(pool * ops, nbytes // expert)
+    ids: list[int] = []
 
     def build(ctx, wctx):
-        tensors["ids"] = _new_tensor_2d(ctx, _GGML_TYPE_I32, n_used, batch)
         weights = _new_tensor_3d(wctx, ggml_type, n_embd, n_ff, n_expert)
-        return _mul_mat_id(ctx, weights, _new_tensor_3d(ctx, _GGML_TYPE_F32, n_embd, 1, batch), tensors["ids"])
+        outputs = []
+        for _ in range(ops):
+            ids.append(_new_tensor_2d(ctx, _GGML_TYPE_I32, n_used, batch))
+            outputs.append(_mul_mat_id(ctx, weights, _new_tensor_3d(ctx, _GGML_TYPE_F32, n_embd, 1, batch), ids[-1]))
+        return outputs
 
-    def prepare(run: int) -> None:  # the run's experts: the next `pool` in the tensor, wrapping
-        first = run * pool
-        ids = (ctypes.c_int32 * (n_used * batch))(*((first + k % pool) % n_expert for k in range(n_used * batch)))
-        _tensor_set(tensors["ids"], ids, 0, ctypes.sizeof(ids))
+    def prepare(run: int) -> None:  # each op's experts: the next `pool` in the tensor, wrapping
+        for op, tensor in enumerate(ids):
+            first = (run * ops + op) * pool
+            chosen = (ctypes.c_int32 * (n_used * batch))(*((first + k % pool) % n_expert for k in range(n_used * batch)))
+            _tensor_set(tensor, chosen, 0, ctypes.sizeof(chosen))
 
     seconds = _timed_graph(dev, n_threads, build, 5, prepare)
-    return n_used * batch * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
+    return ops * n_used * batch * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 
 def recurrent_bytes_per_s(dev: Device, n_threads: int | None = None, state_size: int = 128, n_v_heads: int = 32,
