@@ -200,7 +200,11 @@ def candidates(plans: Sequence[Plan]) -> list[Candidate]:
         return Placement(devices=(device,), overrides=overrides, n_gpu_layers=-1, repack=repack)
 
     layers = [i for i in range(model.n_layer) if model.expert_bytes(i)]
-    out.append(Candidate(BASELINE, host_experts(None), "cpu", "llama.cpp --cpu-moe: every expert in host memory",
+    # a plan with every expert block on the host names them one by one: the same placement as
+    # --cpu-moe, which then takes that spelling, so that the two are measured once, as one row
+    every_block = host_experts(layers)
+    cpu_moe = every_block if any(c.placement == every_block for c in out) else host_experts(None)
+    out.append(Candidate(BASELINE, cpu_moe, "cpu", "llama.cpp --cpu-moe: every expert in host memory",
                          layout=base.speed_layout(layers)))
     resident_bytes = sum(model.expert_bytes(i) for i in base.resident)
     n = next(k for k in range(len(layers) + 1) if sum(model.expert_bytes(i) for i in layers[k:]) <= resident_bytes)

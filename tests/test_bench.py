@@ -11,11 +11,12 @@ import pytest
 
 from conftest import CLI, assert_one_line_error, free_port, run_cli
 
-from rotary_gguf import native
-from rotary_gguf.bench import (BASELINE, KERNEL_NOISE_FACTOR, KERNEL_RTOL, Candidate, Measurement, Result, compare_outputs, merged,
-                               noise_warnings, prompt_tokens, recommend)
+from rotary_gguf import arch as names, native
+from rotary_gguf.bench import (BASELINE, KERNEL_NOISE_FACTOR, KERNEL_RTOL, Candidate, Measurement, Result, candidates, compare_outputs,
+                               merged, noise_warnings, prompt_tokens, recommend)
 from rotary_gguf.engine import Engine
-from rotary_gguf.plan import Placement
+from rotary_gguf.inventory import read_inventory
+from rotary_gguf.plan import HOST_BUFFER_TYPE, Accelerator, ModelFigures, Placement, make_plan
 from rotary_gguf.verify import logit_trace, max_logit_difference
 
 QUICK = ("--ctx", "256", "--prompt-tokens", "16", "--gen-tokens", "8", "--runs", "2")
@@ -200,6 +201,23 @@ def test_identical_placements_are_measured_once_as_one_row():
              Candidate("all-accel", all_accel, "accelerator", "")]
     assert [c.name for c in merged(cands)] == ["plan cpu = all-accel", BASELINE, "plan cpu+cache 4"]
     assert merged(cands)[0].names == ("plan cpu", "all-accel")
+
+
+def test_a_plan_with_every_expert_on_the_host_is_cpu_moe_measured_once(test_model):
+    """Such a plan names every block in its override; --cpu-moe matches them all with one pattern:
+    the same placement, one row (two rows measured the same load twice, apart by the noise)."""
+    figures = ModelFigures.from_inventory(read_inventory(test_model()))
+    rpc = Accelerator("RPC0", "RPC0", None, None, streams_host_ops=False, runtime_reserve=0)
+    least = make_plan(figures, rpc, 2**40, ctx=256, n_batch=512).minimum_budget
+    all_host = make_plan(figures, rpc, least, ctx=256, n_batch=512)
+    assert not all_host.resident
+    rows = candidates([all_host])
+    assert [c.names for c in rows if BASELINE in c.names] == [("plan cpu", BASELINE, f"--n-cpu-moe {figures.n_layer}")]
+    # with blocks resident, --cpu-moe is llama.cpp's own pattern, a row of its own
+    half = make_plan(figures, rpc, least + 2 * figures.expert_bytes(0), ctx=256, n_batch=512)
+    assert half.resident and half.host_layers
+    baseline = next(c for c in candidates([half]) if c.names == (BASELINE,))
+    assert baseline.placement.overrides == ((names.expert_pattern(None), HOST_BUFFER_TYPE),)
 
 
 def test_the_recommendation_is_the_fastest():
