@@ -60,10 +60,10 @@ def _backend(dev: Device, n_threads: int | None) -> Iterator[int]:
 def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, prepare=None) -> float:
     """Median time of computing the graph `build(ctx, weights_ctx)` returns the output of, or the
     outputs (tensors made in `weights_ctx` are weights, zeroed), and reading 4 bytes of the last
-    output back: the read waits for backends that compute asynchronously (ggml-rpc, CUDA). The CPU's weights are in the
-    layout llama.cpp gives them (repacked, for the types that have one). `prepare(i)` runs before
-    the i-th computation (0: the warm-up), untimed (to set inputs that must not be zero, or that
-    change between runs)."""
+    output back: the read waits for backends that compute asynchronously (ggml-rpc, CUDA). The
+    CPU's weights are in the layout llama.cpp gives them (repacked, for the types that have one).
+    `prepare(i)` runs before the i-th computation (0: the warm-up), untimed (to set inputs that
+    must not be zero, or that change between runs)."""
     out = ctypes.create_string_buffer(4)
     weight_buft = cpu_weight_buffer_type() if dev.type == "cpu" else dev.buffer_type
     with _backend(dev, n_threads) as backend, _metadata_context(GRAPH_TENSORS) as ctx, _metadata_context(2) as wctx:
@@ -98,7 +98,9 @@ MAX_CHAIN = 64  # ops in the longest graph `op_seconds` times
 # device (ggml-rpc on a busy machine) does not pass for a slow update.
 RECURRENT_STATES = 16
 EXPERT_OPS = 16  # decode's expert ops timed in one graph
-GRAPH_TENSORS = 8 * MAX_CHAIN  # tensor slots of a timed graph's context (metadata only)
+# Tensor slots of a timed graph's context (metadata only): the largest graphs are op_seconds's
+# MAX_CHAIN additions and RECURRENT_STATES updates of seven tensors each.
+GRAPH_TENSORS = 512
 
 
 def matmul_seconds(dev: Device, ggml_type: int, n_embd: int, rows: int, batch: int = 1, n_threads: int | None = None,
