@@ -28,12 +28,15 @@ from .errors import UserError
 from .speed_model import REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 11
+CALIBRATION_FORMAT = 12
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
 # A prompt's experts: the op (MUL_MAT_ID), far from the dense multiply's speed on CPUs, timed for 64
-# tokens that all select the same experts, so that their weights are read from memory once and the
-# figure is the op's compute; `speed_model` adds the reads of the experts a batch selects.
+# tokens at each of these shares (tokens selecting each expert the op uses: 64 share eight experts,
+# 1 spreads the tokens over 512). Its speed per byte depends on the share, and not in proportion to
+# the reads of the distinct experts (ggml-rpc at Q4_K: 50 GB/s at 64 tokens per expert, 35 at 16,
+# 17 at 8); `speed_model` takes each batch's shares from the routing.
 PROMPT_EXPERT_BATCH = 64
+PROMPT_EXPERT_SHARES = (1, 4, 8, 16, 64)
 # A prompt's recurrent-state update: the fused op over this many tokens carries the state itself.
 PROMPT_RECURRENT_TOKENS = 64
 # Weight bytes per decode measurement: far more than a CPU's last-level cache holds (32-96 MiB), so
@@ -152,9 +155,9 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
                                                                          PROMPT_WEIGHT_BYTES, batch=PROMPT_BATCH)
             if name not in prompt_experts:
                 step(f"{dev.name}: {name} experts at batch {PROMPT_EXPERT_BATCH}")
-                prompt_experts[name] = measure.expert_bytes_per_s(
+                prompt_experts[name] = {share: measure.expert_bytes_per_s(
                     dev, ggml_type, n_embd, *expert_shape, n_threads, DECODE_WEIGHT_BYTES, batch=PROMPT_EXPERT_BATCH,
-                    tokens_per_expert=PROMPT_EXPERT_BATCH)
+                    tokens_per_expert=share) for share in PROMPT_EXPERT_SHARES}
         if previous is not None:
             return replace(previous, decode=decode, prompt=prompt, experts=experts, prompt_experts=prompt_experts)
         step(f"{dev.name}: graph and copy latency")

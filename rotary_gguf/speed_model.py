@@ -15,9 +15,14 @@ accelerator to another costs a graph launch on each side and a copy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+import numpy as np
 
 from . import arch as names
+from .decode_cost import field_hit_rate
 
 
 ANY_TYPE = "*"  # a rate for every weight type (published figures know no per-type speeds)
@@ -39,8 +44,9 @@ class DeviceSpeeds:
     upload_pinned: float | None = None  # host -> device bytes per second, from page-locked memory
     upload_pageable: float | None = None  # from ordinary host memory
     experts: dict[str, float] = field(default_factory=dict)  # decode's expert op (MUL_MAT_ID), per type
-    # a prompt's expert op with its weights in cache: bytes of every token's selected experts per second
-    prompt_experts: dict[str, float] = field(default_factory=dict)
+    # a prompt's expert op, per type and tokens of the batch sharing each selected expert: bytes of every
+    # token's selected experts per second, each expert's read from memory included
+    prompt_experts: dict[str, dict[int, float]] = field(default_factory=dict)
     host_block_seconds: float | None = None  # what a block with host experts adds beside this accelerator
     recurrent: float | None = None  # recurrent-state bytes per second of a Gated DeltaNet block's update
     prompt_recurrent: float | None = None  # the same per token of a prompt's batch, the state carried along
@@ -51,11 +57,21 @@ class DeviceSpeeds:
         measured = self.recurrent if phase == "decode" else self.prompt_recurrent or self.recurrent
         return measured or self.rate("decode", "F32")
 
-    def expert_rate(self, phase: str, type_name: str) -> float:
-        """Bytes per second of the experts' own op (per token in a prompt), else the plain
-        matrix-vector or batched rate."""
-        measured = self.experts if phase == "decode" else self.prompt_experts
-        return measured[type_name] if type_name in measured else self.rate(phase, type_name)
+    def expert_rate(self, type_name: str) -> float:
+        """Bytes per second of decode's expert op, else the plain matrix-vector rate."""
+        return self.experts.get(type_name) or self.rate("decode", type_name)
+
+    def prompt_expert_seconds(self, type_name: str, nbytes: int, pairs: np.ndarray) -> float | None:
+        """Seconds of a prompt's expert op over experts of `nbytes`, where `pairs[k]` tokens use an
+        expert that k + 1 tokens of the batch share: at the op's speed measured at that share (its
+        seconds per byte interpolated on a log scale between the shares measured, the nearest beyond
+        them). None where the op was not measured for `type_name`."""
+        curve = self.prompt_experts.get(type_name)
+        if not curve:
+            return None
+        shares = sorted(curve)
+        per_byte = np.interp(np.log(np.arange(1, len(pairs) + 1)), np.log(shares), [1.0 / curve[k] for k in shares])
+        return float(nbytes * np.dot(pairs, per_byte))
 
     def read_seconds(self, nbytes: float, phase: str, type_name: str, batch: int = 1) -> float:
         """Seconds per token to use `nbytes` of weights of `type_name`: at decode, their read; in a
@@ -79,7 +95,10 @@ class DeviceSpeeds:
 
     @classmethod
     def from_json(cls, d: dict) -> "DeviceSpeeds":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if "prompt_experts" in fields:  # JSON keys are strings: the shares back to ints
+            fields["prompt_experts"] = {t: {int(k): v for k, v in c.items()} for t, c in fields["prompt_experts"].items()}
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -125,21 +144,55 @@ class Weights:
         state = 4 * inv.hparam("ssm.state_size") * inv.hparam("ssm.inner_size")  # f32, per linear block
         return replace(weights, recurrent_state=attention.count("linear") * state)
 
-    def used_seconds(self, layer: int, device: DeviceSpeeds, phase: str, share: float = 1.0, batch: int = 1) -> float:
-        """Seconds `device` spends on `share` of the experts a token selects in `layer`. In a prompt
-        of `batch` tokens, every token's experts are computed at the op's speed with its weights in
-        cache (`prompt_experts`), and each expert the batch selects is read from memory once for the
-        tokens that chose it: what decode's rate takes beyond that compute, shared by the batch."""
+    def used_seconds(self, layer: int, device: DeviceSpeeds, phase: str, share: float = 1.0, batch: int = 1,
+                     routing: tuple[float, ...] | None = None) -> float:
+        """Seconds per token `device` spends on `share` of the experts a token selects in `layer`. In
+        a prompt of `batch` tokens the op's speed depends on how many tokens share each expert it
+        selects, taken from `routing` (the block's hit-rate curve: the share of its selections its
+        S busiest experts take, S = 0..n_expert; the field figures without one), each token drawing
+        its experts independently. Where the op was not measured in a prompt: every token's experts
+        at the batched rate, and each expert the batch selects read once for its tokens."""
         per_expert = self.expert.get(layer, {})
         if phase == "decode" or batch <= 1:
-            return share * sum(self.n_expert_used * n / device.expert_rate("decode", t) for t, n in per_expert.items())
-        distinct = self.n_expert * (1.0 - (1.0 - self.n_expert_used / self.n_expert) ** batch)
+            return share * sum(self.n_expert_used * n / device.expert_rate(t) for t, n in per_expert.items())
+        curve = routing or field_routing(self.n_expert)
+        pairs = batch_pairs(curve, self.n_expert_used, batch)
         seconds = 0.0
         for t, n in per_expert.items():
-            compute = n / device.expert_rate("prompt", t)
-            read = max(n / device.expert_rate("decode", t) - compute, 0.0)
-            seconds += self.n_expert_used * compute + distinct * read / batch
+            measured = device.prompt_expert_seconds(t, n, pairs)
+            if measured is None:
+                compute = n / device.rate("prompt", t)
+                read = max(n / device.expert_rate(t) - compute, 0.0)
+                measured = batch * self.n_expert_used * compute + batch_distinct(curve, self.n_expert_used, batch) * read
+            seconds += measured / batch
         return share * seconds
+
+
+@lru_cache(maxsize=64)
+def field_routing(n_expert: int) -> tuple[float, ...]:
+    """A block's hit-rate curve by the field figures (`decode_cost.FIELD_HIT_RATES`)."""
+    return tuple(field_hit_rate(s, n_expert) for s in range(n_expert + 1))
+
+
+def _select_chances(curve: tuple[float, ...], n_used: int) -> np.ndarray:
+    """Each expert's chance that a token selects it, from a block's hit-rate curve."""
+    return np.clip(np.diff(np.asarray(curve, dtype=float)) * n_used, 1e-12, 1.0 - 1e-12)
+
+
+@lru_cache(maxsize=256)
+def batch_pairs(curve: tuple[float, ...], n_used: int, batch: int) -> np.ndarray:
+    """Expected token-expert pairs of a batch of `batch` tokens, by how many tokens share the
+    expert: element k is the pairs whose expert k + 1 tokens select (a binomial count per expert)."""
+    p = _select_chances(curve, n_used)[:, None]
+    k = np.arange(batch + 1)
+    log_choose = np.array([math.lgamma(batch + 1) - math.lgamma(i + 1) - math.lgamma(batch - i + 1) for i in k])
+    chances = np.exp(log_choose + k * np.log(p) + (batch - k) * np.log1p(-p))  # experts x tokens sharing
+    return (k * chances.sum(axis=0))[1:]
+
+
+def batch_distinct(curve: tuple[float, ...], n_used: int, batch: int) -> float:
+    """Expected distinct experts a batch of `batch` tokens selects."""
+    return float(np.sum(1.0 - (1.0 - _select_chances(curve, n_used)) ** batch))
 
 
 # Ops per block in llama.cpp's decode graph, counted in its log ("graph: nodes = N") for our test
@@ -168,6 +221,9 @@ class Layout:
     hit_rates: dict[int, float] = field(default_factory=dict)
     misses: str = "split"  # a cache miss: computed by the CPU meanwhile ("split") or uploaded first ("upload")
     streams_prompt: bool = False  # the accelerator runs host experts itself at prompt batches (CUDA)
+    # per block, the hit-rate curve of its routing (a profile's; the field figures for blocks without one):
+    # how many tokens of a prompt's batch share each expert
+    routing: dict[int, tuple[float, ...]] = field(default_factory=dict)
     # several accelerators: the device of each block's other tensors, of the output layer, and of
     # each resident block's experts (a block missing here has its experts on its own device)
     layer_devices: tuple[str, ...] = ()
@@ -194,6 +250,10 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
     if layout.layer_devices and devices:
         return _spread_seconds(weights, layout, cpu, devices, phase, batch)
     main = acc if layout.accelerator and acc is not None else cpu
+
+    def experts(i: int, dev: DeviceSpeeds, share: float = 1.0) -> float:
+        return weights.used_seconds(i, dev, phase, share, batch, layout.routing.get(i))
+
     parts = {
         "weights": sum(main.read_seconds(n, phase, t, batch) for t, n in weights.other.items()),
         # a Gated DeltaNet block's state update, and llama.cpp's gather of the state from its cache and
@@ -201,19 +261,18 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
         # update carries the state from token to token)
         "recurrent": weights.recurrent_state * (1 / main.recurrent_rate(phase)
                                                 + STATE_COPIES / (batch * main.rate("decode", "F32"))),
-        "resident experts": sum(weights.used_seconds(i, main, phase, batch=batch) for i in weights.expert
-                                 if i not in layout.host),
+        "resident experts": sum(experts(i, main) for i in weights.expert if i not in layout.host),
         "host experts": 0.0,
         "graph": (main.graph_seconds + weights.graph_nodes * main.op_seconds + GRAPH_INPUTS * main.copy_seconds
                   + weights.n_vocab * 4 / _download_rate(main)) / batch,
         "splits": 0.0,
     }
     if main is cpu:
-        parts["resident experts"] += sum(weights.used_seconds(i, cpu, phase, batch=batch) for i in layout.host)
+        parts["resident experts"] += sum(experts(i, cpu) for i in layout.host)
         return parts
     if phase == "prompt" and layout.streams_prompt:
         uploads = sum(sum(weights.expert.get(i, {}).values()) * weights.n_expert for i in layout.host)
-        parts["host experts"] = sum(weights.used_seconds(i, main, phase, batch=batch) for i in layout.host) + (
+        parts["host experts"] = sum(experts(i, main) for i in layout.host) + (
             uploads / ((main.upload_pinned or main.upload_pageable or 1e9) * batch))
         return parts
     for i in layout.host:
@@ -221,10 +280,9 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
         if layout.slots and layout.misses == "upload":  # the missed experts cross the link, then all run on the accelerator
             missed = (1.0 - hit) * weights.n_expert_used * sum(weights.expert.get(i, {}).values())
             upload = main.upload_pinned or main.upload_pageable or 1e9
-            parts["host experts"] += missed / (upload * batch) + weights.used_seconds(i, main, phase, batch=batch)
+            parts["host experts"] += missed / (upload * batch) + experts(i, main)
             continue
-        on_cpu = weights.used_seconds(i, cpu, phase, 1.0 - hit, batch)
-        parts["host experts"] += max(on_cpu, weights.used_seconds(i, main, phase, hit, batch))
+        parts["host experts"] += max(experts(i, cpu, 1.0 - hit), experts(i, main, hit))
         if layout.slots:  # split compute syncs three more times per block: routing, weights, the weighted sum
             parts["splits"] += SPLIT_SYNCS * main.graph_seconds / batch
     parts["splits"] += len(layout.host) * host_block_seconds(main, cpu) / batch
@@ -254,7 +312,8 @@ def _spread_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, devices
                            * sum(dev.read_seconds(n, phase, t, batch) for t, n in weights.other.items())
                            for name, dev in devices.items())
     parts["resident experts"] = sum(
-        weights.used_seconds(i, devices[layout.resident_on.get(i, layout.layer_devices[i])], phase, batch=batch)
+        weights.used_seconds(i, devices[layout.resident_on.get(i, layout.layer_devices[i])], phase, batch=batch,
+                             routing=layout.routing.get(i))
         for i in weights.expert if i not in layout.host and i < n_blocks)
     order: list[str] = []
     for i, name in enumerate(layout.layer_devices):

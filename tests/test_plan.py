@@ -367,3 +367,20 @@ def test_a_routing_profile_sets_split_computes_hit_rates():
     assert "no slot count beat" in flat.expert_cache_reason and "hit rates from uniform.json" in flat.expert_cache_reason
     assert sharp.expert_cache is not None and "hit rates from peaked.json" in sharp.expert_cache.reason
     assert sharp.predicted_host_expert_seconds() < field.predicted_host_expert_seconds() < plain.predicted_host_expert_seconds()
+
+
+def test_a_routing_profile_reaches_the_speed_models_prompt_shares():
+    """The speed model takes how many of a prompt's tokens share each expert from the plan's
+    routing profile (its hit-rate curves), every block's, resident or not; without one, from the
+    field figures (no routing in the layout)."""
+    from rotary_gguf.decode_cost import profile_hit_rates
+    from rotary_gguf.plan import HitRates
+
+    real = qwen36_figures()
+    peaked = HitRates("peaked.json", {i: profile_hit_rates([1000] * 16 + [1] * (real.n_expert - 16))
+                                      for i in range(real.n_layer)})
+    budget = int(6.3 * 10**9)
+    with_profile = make_plan(real, CUDA, budget, hit_rates=peaked)
+    layout = with_profile.speed_layout(with_profile.host_layers)
+    assert layout.routing == peaked.by_layer and layout.routing[0][16] > 0.9
+    assert make_plan(real, CUDA, budget).speed_layout([]).routing == {}

@@ -71,7 +71,7 @@ def test_measured_host_blocks_cost_what_was_measured():
 
 
 def test_an_unmeasured_type_takes_the_slowest_rate():
-    s = DeviceSpeeds("CPU", "", {"Q4_K": 2e9, "F32": 8e9}, {}, 128, 0.0)
+    s = DeviceSpeeds("CPU", "", {"Q4_K": 2e9, "F32": 8e9}, {}, 128, 0.0, prompt_experts={"Q4_K": {1: 1e9, 64: 3e9}})
     assert s.rate("decode", "Q6_K") == 2e9
     assert DeviceSpeeds.from_json(json.loads(json.dumps(s.to_json()))) == s
 
@@ -81,8 +81,11 @@ def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     first = calibration.calibrate({"Q4_K": Q4_K, "F32": F32}, 256, 1, on_step=steps.append)
     assert first.path is not None and first.path.is_relative_to(cache_home)
     assert first.seconds < 30
-    for rates in (first.cpu.decode, first.cpu.prompt, first.cpu.experts, first.cpu.prompt_experts):
+    for rates in (first.cpu.decode, first.cpu.prompt, first.cpu.experts):
         assert set(rates) == {"Q4_K", "F32"} and all(v > 1e6 for v in rates.values())
+    assert set(first.cpu.prompt_experts) == {"Q4_K", "F32"}  # a prompt's expert op at each share of tokens per expert
+    for by_share in first.cpu.prompt_experts.values():
+        assert tuple(by_share) == calibration.PROMPT_EXPERT_SHARES and all(v > 1e6 for v in by_share.values())
     assert first.cpu.graph_seconds > 0 and first.accelerator is None
     assert first.cpu.recurrent > 1e6 and first.cpu.prompt_recurrent > 1e6  # the state update at decode, in a prompt
     assert set(first.cpu_decode_by_threads["Q4_K"]) == {1}
@@ -141,27 +144,60 @@ def test_gated_deltanet_blocks_pay_for_their_recurrent_state(test_model):
     assert Weights.from_inventory(read_inventory(test_model())).recurrent_state == 0
 
 
-def test_a_prompts_experts_cost_their_compute_and_one_read_per_batch():
-    """In a prompt every token's experts are computed at the expert op's measured prompt rate (its
-    weights in cache), and each expert the batch selects is read from memory once: what decode's
-    rate takes beyond the compute, shared by the tokens of the batch. One token costs what decode does."""
+def _curve(shares: list[float]) -> tuple[float, ...]:
+    """A block's hit-rate curve from each expert's share of its selections, busiest first."""
+    out, running = [0.0], 0.0
+    for share in shares:
+        running += share
+        out.append(running)
+    return tuple(out)
+
+
+UNIFORM = _curve([1 / 32] * 32)  # 32 experts, each a token's choice as often
+NARROW = _curve([1 / 4] * 4 + [0.0] * 28)  # every token selects the same four
+
+
+def test_a_prompts_experts_run_at_the_speed_measured_for_their_share():
+    """In a prompt, the expert op's speed depends on how many tokens of the batch share each
+    expert: each token-expert pair costs what the op was measured at for that share (interpolated
+    on a log scale, the nearest beyond the shares measured); the shares come from the routing, each
+    token drawing its experts independently. One token costs what decode does."""
     w = _weights()  # 32 experts, 4 used, 100 kB each
-    cpu = replace(_speeds("CPU", 1e9), prompt_experts={"Q4_K": 2e9})
-    compute, read = 100_000 / 2e9, 100_000 / 1e9 - 100_000 / 2e9
+    cpu = replace(_speeds("CPU", 1e9), prompt_experts={"Q4_K": {1: 1e9, 64: 4e9}})
     decode = w.used_seconds(0, cpu, "decode")
     assert decode == pytest.approx(4 * 100_000 / 1e9)
-    assert w.used_seconds(0, cpu, "prompt", batch=1) == pytest.approx(decode)
-    few = w.used_seconds(0, cpu, "prompt", batch=2)  # two tokens: up to 8 distinct experts, read for 2 tokens
+    assert w.used_seconds(0, cpu, "prompt", batch=1, routing=UNIFORM) == pytest.approx(decode)
+    # every token on the same four experts: 64 tokens share each, 128 beyond the shares measured
+    assert w.used_seconds(0, cpu, "prompt", batch=64, routing=NARROW) == pytest.approx(4 * 100_000 / 4e9)
+    assert w.used_seconds(0, cpu, "prompt", batch=128, routing=NARROW) == pytest.approx(4 * 100_000 / 4e9)
+    # two tokens, uniform routing: of their 8 pairs, 32 x 2p(1-p) = 7 have an expert to themselves and
+    # 32 x 2p^2 = 1 shares one with the other token (p = 4/32), at 1/6 of the way from 1 to 64 on a log scale
+    shared = 5 / 6 * 1e-9 + 1 / 6 * 0.25e-9
+    assert w.used_seconds(0, cpu, "prompt", batch=2, routing=UNIFORM) == pytest.approx(
+        100_000 * (7 * 1e-9 + 1 * shared) / 2)
+    # skewed routing shares experts among more tokens than uniform routing does: faster
+    skewed = w.used_seconds(0, cpu, "prompt", batch=64, routing=_curve([0.15] * 4 + [0.4 / 28] * 28))
+    uniform = w.used_seconds(0, cpu, "prompt", batch=64, routing=UNIFORM)
+    assert w.used_seconds(0, cpu, "prompt", batch=64, routing=NARROW) < skewed < uniform < decode
+    # the blocks' routing reaches the prediction through the layout; without it, the field figures'
+    layouts = [Layout(accelerator=False, routing={i: curve for i in range(4)}) for curve in (NARROW, UNIFORM)]
+    narrow, spread = (token_seconds(w, layout, cpu, None, "prompt", 64)["resident experts"] for layout in layouts)
+    field = token_seconds(w, Layout(accelerator=False), cpu, None, "prompt", 64)["resident experts"]
+    assert narrow == pytest.approx(4 * w.used_seconds(0, cpu, "prompt", batch=64, routing=NARROW))
+    assert narrow < field < spread
+
+
+def test_an_unmeasured_prompt_expert_op_computes_at_the_batched_rate_and_reads_each_expert_once():
+    """Without the op measured in a prompt: every token's experts at the batched dense rate, and
+    each expert the batch selects read from memory once for the tokens that chose it."""
+    w = _weights()
+    cpu = _speeds("CPU", 1e9)  # batched: 4e9
+    many = w.used_seconds(0, cpu, "prompt", batch=512, routing=UNIFORM)  # every expert read once for 512 tokens
+    assert many == pytest.approx(4 * 100_000 / 4e9 + 32 * (100_000 / 1e9 - 100_000 / 4e9) / 512, rel=1e-6)
+    few = w.used_seconds(0, cpu, "prompt", batch=2, routing=UNIFORM)  # up to 8 distinct experts for 2 tokens
     distinct = 32 * (1 - (1 - 4 / 32) ** 2)
-    assert few == pytest.approx(4 * compute + distinct * read / 2)
-    many = w.used_seconds(0, cpu, "prompt", batch=512)  # every expert read once for 512 tokens: nearly all compute
-    assert many == pytest.approx(4 * compute + 32 * read / 512, rel=1e-6)
-    assert many < few < decode
-    # no prompt figure for the op: the batched dense rate; never below the compute when that is the faster
-    assert w.used_seconds(0, replace(cpu, prompt_experts={}), "prompt", batch=512) == pytest.approx(
-        4 * 100_000 / 4e9 + 32 * (100_000 / 1e9 - 100_000 / 4e9) / 512)
-    slow_op = replace(cpu, prompt_experts={"Q4_K": 5e8})
-    assert w.used_seconds(0, slow_op, "prompt", batch=512) == pytest.approx(4 * 100_000 / 5e8)
+    assert few == pytest.approx(4 * 100_000 / 4e9 + distinct * (100_000 / 1e9 - 100_000 / 4e9) / 2)
+    assert many < few < w.used_seconds(0, cpu, "decode")
 
 
 def test_a_prompt_carries_the_recurrent_state_through_its_batch(test_model):

@@ -229,11 +229,16 @@ def _print_calibration(cal) -> None:
         fixed = (us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds), us(dev.host_block_seconds), state,
                  upload)
         for i, name in enumerate(sorted(dev.decode)):
-            experts = "/".join(f"{rates[name] / 1e9:.1f}" if name in rates else "-"
-                               for rates in (dev.experts, dev.prompt_experts))  # the op at decode / in a prompt
+            experts = f"{dev.experts[name] / 1e9:.1f}" if name in dev.experts else "-"
+            by_share = dev.prompt_experts.get(name, {})  # in a prompt: at the fewest and the most tokens per expert
+            experts += "/" + ("-".join(f"{by_share[k] / 1e9:.1f}" for k in (min(by_share), max(by_share))) if by_share else "-")
             table.add_row(dev.name if i == 0 else "", name, f"{dev.decode[name] / 1e9:.1f}",
                           f"{dev.prompt.get(name, 0) / 1e9:.1f}", experts, *(fixed if i == 0 else ("",) * len(fixed)))
     out.print(table)
+    shares = sorted({k for dev in (cal.cpu, cal.accelerator) if dev for c in dev.prompt_experts.values() for k in c})
+    if shares:
+        out.print(f"experts: the expert op at decode / in a prompt at {shares[0]}-{shares[-1]} tokens per expert; "
+                  "state: the recurrent update at decode / in a prompt")
     for name, by_threads in sorted(cal.cpu_decode_by_threads.items()):
         out.print(f"CPU {name} decode by threads: " + ", ".join(f"{n}: {v / 1e9:.1f} GB/s" for n, v in sorted(by_threads.items())))
 

@@ -98,6 +98,7 @@ MAX_CHAIN = 64  # ops in the longest graph `op_seconds` times
 # device (ggml-rpc on a busy machine) does not pass for a slow update.
 RECURRENT_STATES = 16
 EXPERT_OPS = 16  # decode's expert ops timed in one graph
+PROMPT_EXPERT_REPEATS = 9  # a prompt's expert op runs alone in its graph: more runs to take the median of
 # Tensor slots of a timed graph's context (metadata only): the largest graphs are op_seconds's
 # MAX_CHAIN additions and RECURRENT_STATES updates of seven tensors each.
 GRAPH_TENSORS = 512
@@ -140,7 +141,7 @@ def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_us
             chosen = (ctypes.c_int32 * (n_used * batch))(*((first + k % pool) % n_expert for k in range(n_used * batch)))
             _tensor_set(tensor, chosen, 0, ctypes.sizeof(chosen))
 
-    seconds = _timed_graph(dev, n_threads, build, 5, prepare)
+    seconds = _timed_graph(dev, n_threads, build, 5 if batch == 1 else PROMPT_EXPERT_REPEATS, prepare)
     return ops * n_used * batch * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 

@@ -511,7 +511,8 @@ def speed_layout(model: ModelFigures, accelerator: Accelerator, hit_rates: HitRa
     """How the speed model sees a placement with the experts of `host` in host memory, each with a
     cache of `slots` whose misses are split or uploaded."""
     rates = {i: cache_hit_rate(hit_rates, i, slots, model.n_expert) for i in host} if slots else {}
-    return Layout(tuple(host), slots=slots, hit_rates=rates, misses=misses, streams_prompt=accelerator.streams_host_ops)
+    return Layout(tuple(host), slots=slots, hit_rates=rates, misses=misses, streams_prompt=accelerator.streams_host_ops,
+                  routing=dict(hit_rates.by_layer) if hit_rates else {})
 
 
 def spread_layout(shares, n_layer: int) -> dict:
