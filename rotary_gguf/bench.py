@@ -20,6 +20,7 @@ from .draft import verdict as verdicts
 from .engine import Engine
 from .errors import UserError
 from .experts.cache import ExpertCache
+from .experts.policies import CacheStats
 from .inventory import read_inventory
 from .plan import HOST_BUFFER_TYPE, Placement, Plan, make_plan
 from .speed_model import Layout, PlanSpeeds, Prediction
@@ -291,7 +292,16 @@ def prompt_tokens(engine: Engine, n: int) -> list[int]:
 
 def measure(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Measurement:
     """One greedy generation, with peak RSS and accelerator memory (all accelerators together, and
-    each one's) sampled at every token, and the expert cache's hit rate when the engine has one."""
+    each one's) sampled at every token, and the expert cache's hit rate over it when the engine
+    has one. A freshly loaded engine's first prompt also pays for first touching the weights (page
+    faults of the mapped file, the first graph's allocations; a ggml-rpc server's first graph):
+    10-25% of a 64-token prompt on a 2-core machine. So the prompt runs once first, untimed, and is
+    forgotten: the figures are those of a loaded engine, as a server or a chat sees them."""
+    for _ in engine.generate(prompt, max_tokens=1):
+        pass
+    engine.reset()
+    cache = engine.expert_cache
+    counted = cache.summary() if cache is not None and cache.enabled else None
     probe = MemoryProbe(engine)
     process = psutil.Process()
     peak_rss, peak_acc, stats, tokens = process.memory_info().rss, None, None, []
@@ -312,8 +322,10 @@ def measure(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Measureme
         stats = event.stats
         if event.token is not None:
             tokens.append(event.token)
-    cache = engine.expert_cache
-    hit_rate = cache.summary().hit_rate if cache is not None and cache.enabled else None
+    hit_rate = None
+    if counted is not None and cache.enabled:
+        now = cache.summary()
+        hit_rate = CacheStats(now.hits - counted.hits, now.misses - counted.misses).hit_rate
     drafting = engine.drafter is not None
     acceptance = stats.draft_accepted / stats.drafted_tokens if stats.drafted_tokens else None
     return Measurement(stats.prompt_tps, stats.decode_tps, stats.ttft_seconds, peak_acc, peak_rss, tokens, hit_rate,

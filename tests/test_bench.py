@@ -13,7 +13,7 @@ from conftest import CLI, assert_one_line_error, free_port, run_cli
 
 from rotary_gguf import arch as names, native
 from rotary_gguf.bench import (BASELINE, KERNEL_NOISE_FACTOR, KERNEL_RTOL, Candidate, Measurement, Result, candidates, compare_outputs,
-                               merged, noise_warnings, prompt_tokens, recommend)
+                               measure, merged, noise_warnings, prompt_tokens, recommend)
 from rotary_gguf.engine import Engine
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.plan import HOST_BUFFER_TYPE, Accelerator, ModelFigures, Placement, make_plan
@@ -191,6 +191,18 @@ def test_a_deep_model_is_judged_by_its_own_kernel_noise(test_model, rpc_endpoint
     check = compare_outputs(reference, other, expected, got, kernel_noise=noise)
     assert check.tolerance == pytest.approx(KERNEL_NOISE_FACTOR * noise) and check.legitimate
     assert "CPU's repacked kernels alone move this model's logits" in check.describe()
+
+
+def test_the_prompt_is_timed_on_a_warm_engine(test_model):
+    """A freshly loaded model's first prompt pays for touching its weights: bench runs the prompt
+    once, untimed, and forgets it before the timed generation evaluates it again."""
+    with Engine.load(test_model(), Placement(), n_ctx=128, n_threads=1) as engine:
+        prompt = prompt_tokens(engine, 12)
+        batches: list[int] = []
+        engine.before_decode = batches.append
+        m = measure(engine, prompt, 4)
+    assert batches == [12, 12, 1, 1, 1]  # warm-up, then the timed prompt and three tokens after the first
+    assert len(m.tokens) == 4 and m.prompt_tps > 0
 
 
 def test_identical_placements_are_measured_once_as_one_row():
