@@ -79,7 +79,8 @@ def test_plan_calibrates_on_first_use_and_shows_the_predictions(test_model, rpc_
     assert "Q4_K" in cal["cpu"]["decode"] and "Q4_K" in cal["accelerator"]["decode"]  # the model's expert type
     table = run_cli("plan", path, "--rpc", rpc_endpoint, "--ctx", "256", "--threads", "1", "--calibrate", env={**env, "COLUMNS": "160"})
     assert table.returncode == 0, table.stderr
-    for text in ("calibration (", "decode GB/s", "predicted speed (calibrated: CPU at 1 thread, RPC0)", "this plan", "--cpu-moe"):
+    for text in ("calibration (", "x1", "x64", "fixed costs", "host block us", "predicted speed (calibrated: CPU at 1 thread, RPC0)",
+                 "this plan", "--cpu-moe"):
         assert text in table.stdout, text
 
 

@@ -212,33 +212,37 @@ def _print_predictions(p) -> None:
 
 
 def _print_calibration(cal) -> None:
-    """This machine's calibration: throughput per weight type and the fixed costs, per device."""
-    table = Table(title=f"calibration ({cal.seconds:.1f} s of measuring, kept in {cal.path})", title_justify="left",
-                  box=None, pad_edge=False)
-    columns = ("device", "type", "decode GB/s", "prompt GB/s", "experts GB/s", "graph us", "op us", "copy us", "host block us",
-               "state GB/s", "upload GB/s")
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("device", "type") else "right")
+    """This machine's calibration: throughput per device and weight type (the expert op in a prompt
+    at each share of tokens per expert), then each device's fixed costs."""
+    devices = [d for d in (cal.cpu, cal.accelerator) if d is not None]
+    shares = sorted({k for dev in devices for by_share in dev.prompt_experts.values() for k in by_share})
+    rates = Table(title=f"calibration ({cal.seconds:.1f} s of measuring, kept in {cal.path}), GB/s",
+                  title_justify="left", box=None, pad_edge=False)
+    for col in ("device", "type", "decode", "prompt", "experts", *(f"x{k}" for k in shares)):
+        rates.add_column(col, justify="left" if col in ("device", "type") else "right")
+    for dev in devices:
+        for i, name in enumerate(sorted(dev.decode)):
+            by_share = dev.prompt_experts.get(name, {})
+            rates.add_row(dev.name if i == 0 else "", name, f"{dev.decode[name] / 1e9:.1f}",
+                          f"{dev.prompt.get(name, 0) / 1e9:.1f}",
+                          f"{dev.experts[name] / 1e9:.1f}" if name in dev.experts else "-",
+                          *(f"{by_share[k] / 1e9:.1f}" if k in by_share else "-" for k in shares))
+    out.print(rates)
+    out.print("experts: the expert op at decode; xN: in a prompt, N tokens on each expert it selects")
 
     def us(seconds: float | None, digits: int = 1) -> str:
         return "-" if seconds is None else f"{seconds * 1e6:.{digits}f}"
 
-    for dev in (d for d in (cal.cpu, cal.accelerator) if d is not None):
+    fixed = Table(title="fixed costs", title_justify="left", box=None, pad_edge=False)
+    for col in ("device", "graph us", "op us", "copy us", "host block us", "state GB/s", "upload GB/s"):
+        fixed.add_column(col, justify="left" if col == "device" else "right")
+    for dev in devices:
         upload = "/".join(f"{v / 1e9:.1f}" for v in (dev.upload_pinned, dev.upload_pageable) if v) or "-"
-        state = "/".join(f"{v / 1e9:.1f}" for v in (dev.recurrent, dev.prompt_recurrent) if v) or "-"  # decode / prompt
-        fixed = (us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds), us(dev.host_block_seconds), state,
-                 upload)
-        for i, name in enumerate(sorted(dev.decode)):
-            experts = f"{dev.experts[name] / 1e9:.1f}" if name in dev.experts else "-"
-            by_share = dev.prompt_experts.get(name, {})  # in a prompt: at the fewest and the most tokens per expert
-            experts += "/" + ("-".join(f"{by_share[k] / 1e9:.1f}" for k in (min(by_share), max(by_share))) if by_share else "-")
-            table.add_row(dev.name if i == 0 else "", name, f"{dev.decode[name] / 1e9:.1f}",
-                          f"{dev.prompt.get(name, 0) / 1e9:.1f}", experts, *(fixed if i == 0 else ("",) * len(fixed)))
-    out.print(table)
-    shares = sorted({k for dev in (cal.cpu, cal.accelerator) if dev for c in dev.prompt_experts.values() for k in c})
-    if shares:
-        out.print(f"experts: the expert op at decode / in a prompt at {shares[0]}-{shares[-1]} tokens per expert; "
-                  "state: the recurrent update at decode / in a prompt")
+        state = "/".join(f"{v / 1e9:.1f}" for v in (dev.recurrent, dev.prompt_recurrent) if v) or "-"
+        fixed.add_row(dev.name, us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds),
+                      us(dev.host_block_seconds), state, upload)
+    out.print(fixed)
+    out.print("state: the recurrent update at decode / in a prompt; upload: from page-locked / ordinary memory")
     for name, by_threads in sorted(cal.cpu_decode_by_threads.items()):
         out.print(f"CPU {name} decode by threads: " + ", ".join(f"{n}: {v / 1e9:.1f} GB/s" for n, v in sorted(by_threads.items())))
 
