@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from rotary_gguf import calibration, native
+from rotary_gguf.decode_cost import profile_hit_rates
 from rotary_gguf.errors import UserError
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.speed_model import (STATE_COPIES, DeviceSpeeds, Layout, Weights, estimated_nodes, predict,
@@ -144,17 +145,8 @@ def test_gated_deltanet_blocks_pay_for_their_recurrent_state(test_model):
     assert Weights.from_inventory(read_inventory(test_model())).recurrent_state == 0
 
 
-def _curve(shares: list[float]) -> tuple[float, ...]:
-    """A block's hit-rate curve from each expert's share of its selections, busiest first."""
-    out, running = [0.0], 0.0
-    for share in shares:
-        running += share
-        out.append(running)
-    return tuple(out)
-
-
-UNIFORM = _curve([1 / 32] * 32)  # 32 experts, each a token's choice as often
-NARROW = _curve([1 / 4] * 4 + [0.0] * 28)  # every token selects the same four
+UNIFORM = profile_hit_rates([1] * 32)  # 32 experts, each a token's choice as often
+NARROW = profile_hit_rates([1] * 4 + [0] * 28)  # every token selects the same four
 
 
 def test_a_prompts_experts_run_at_the_speed_measured_for_their_share():
@@ -176,7 +168,7 @@ def test_a_prompts_experts_run_at_the_speed_measured_for_their_share():
     assert w.used_seconds(0, cpu, "prompt", batch=2, routing=UNIFORM) == pytest.approx(
         100_000 * (7 * 1e-9 + 1 * shared) / 2)
     # skewed routing shares experts among more tokens than uniform routing does: faster
-    skewed = w.used_seconds(0, cpu, "prompt", batch=64, routing=_curve([0.15] * 4 + [0.4 / 28] * 28))
+    skewed = w.used_seconds(0, cpu, "prompt", batch=64, routing=profile_hit_rates([0.15] * 4 + [0.4 / 28] * 28))
     uniform = w.used_seconds(0, cpu, "prompt", batch=64, routing=UNIFORM)
     assert w.used_seconds(0, cpu, "prompt", batch=64, routing=NARROW) < skewed < uniform < decode
     # the blocks' routing reaches the prediction through the layout; without it, the field figures'
