@@ -6,8 +6,9 @@ Per device (the CPU at the thread count used, and the accelerator): matrix-vecto
 matrix-multiply throughput and the experts' own op at decode and in a prompt, for each weight type
 a model has; a Gated DeltaNet block's state update at decode and in a prompt; the fixed cost of one
 graph (launch and sync) and of one small copy, and host -> device upload speed from page-locked
-and ordinary memory; beside an accelerator, what each op of a real decode graph and a block with host experts
-add, measured by decoding the built-in demo model both ways. The CPU's decode speed is also
+and ordinary memory; what each op of a real decode graph adds, and beside an accelerator what a
+block with host experts adds, measured by decoding the built-in demo model on the CPU alone, and
+on the accelerator with its experts there and in host memory. The CPU's decode speed is also
 measured at 1, half and all threads (`plan --calibrate` shows them). A later model with a type not
 measured yet adds only that type's figures.
 """
@@ -28,7 +29,7 @@ from .errors import UserError
 from .speed_model import REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 12
+CALIBRATION_FORMAT = 13
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
 # A prompt's experts: the op (MUL_MAT_ID), far from the dense multiply's speed on CPUs, timed for 64
 # tokens at each of these shares (tokens selecting each expert the op uses: 64 share eight experts,
@@ -79,12 +80,14 @@ class Calibration:
             path=path,
         )
 
-    def covers(self, type_names: Iterable[str]) -> bool:
+    def covers(self, type_names: Iterable[str], expert_type_names: Iterable[str] = ()) -> bool:
+        """Whether every figure the speed model needs for weights of `type_names` and experts of
+        `expert_type_names` is here."""
         devices = [self.cpu] + ([self.accelerator] if self.accelerator else [])
         if self.accelerator is not None and self.accelerator.host_block_seconds is None:
             return False
-        return all(t in dev.decode and t in dev.prompt and t in dev.experts and t in dev.prompt_experts
-                   for dev in devices for t in type_names)
+        return all(t in dev.decode and t in dev.prompt for dev in devices for t in type_names) and all(
+            t in dev.experts and t in dev.prompt_experts for dev in devices for t in expert_type_names)
 
 
 def calibration_path(cpu_name: str, accelerator, threads: int) -> Path:
@@ -120,68 +123,64 @@ def _save(calibration: Calibration, path: Path) -> None:
         raise UserError(f"cannot write the calibration to {path} ({e.strerror}); set XDG_CACHE_HOME to a writable folder") from None
 
 
+# The machines this runs on drift: on a shared 2-core machine the CPU's expert op read 10 to 22 GB/s
+# in 0.2 s windows of one minute, and averages over 8 s windows still moved by 9% either way. A
+# generation of many tokens sees the mean time over such states; decode's figures are timed in
+# passes some seconds apart and their mean time kept, where one timing kept the state it fell in.
+DECODE_PASSES = 3
+
+
 def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name: str | None = None, *,
-              refresh: bool = False, on_step: Callable[[str], None] | None = None,
-              expert_shape: tuple[int, int] = (512, 8)) -> Calibration:
+              expert_types: Iterable[str] | None = None, refresh: bool = False,
+              on_step: Callable[[str], None] | None = None, expert_shape: tuple[int, int] = (512, 8)) -> Calibration:
     """This machine's calibration for weight `types` (name -> ggml type) at rows of `n_embd`, and
-    for experts of `expert_shape` (FFN width, experts a token uses), from the cache folder where it
-    has them, else measured now (and kept). `refresh` measures everything again."""
+    for experts of `expert_types` (default: every type) of `expert_shape` (FFN width, experts a
+    token uses), from the cache folder where it has them, else measured now (and kept). `refresh`
+    measures everything again."""
     from . import native
     from .doctor import host_cpu
     from .native import measure
 
     acc_dev = native.device_by_name(accelerator_name) if accelerator_name else None
     path = calibration_path(host_cpu()[0], acc_dev, threads)
+    expert_types = set(types) if expert_types is None else set(expert_types)
     known = None if refresh else load(path)
-    if known is not None and known.covers(types):
+    if known is not None and known.covers(types, expert_types):
         return known
     step = on_step or (lambda _what: None)
     started = time.perf_counter()
+    # the demo model decoded on the CPU alone (a new calibration), and on the accelerator both ways (a new one)
+    demo_placements = (["cpu"] if known is None else []) + (
+        ["resident", "on_host"] if acc_dev is not None and (known is None or known.accelerator.host_block_seconds is None)
+        else [])
+    if demo_placements:  # its speed is explained from its own types' figures
+        demo_types, demo_expert_types = demo_weight_types()
+        types, expert_types = {**demo_types, **types}, expert_types | demo_expert_types
+    devices = [(native.cpu_device(), known.cpu if known else None, threads)]
+    if acc_dev is not None:
+        devices.append((acc_dev, known.accelerator if known else None, None))
 
-    def device_speeds(dev, previous: DeviceSpeeds | None, n_threads: int | None) -> DeviceSpeeds:
-        decode, prompt = dict(previous.decode) if previous else {}, dict(previous.prompt) if previous else {}
-        experts = dict(previous.experts) if previous else {}
-        prompt_experts = dict(previous.prompt_experts) if previous else {}
-        for name, ggml_type in types.items():
-            if name not in decode:
-                step(f"{dev.name}: {name} matrix-vector")
-                decode[name] = measure.matvec_bytes_per_s(dev, ggml_type, n_embd, n_threads, DECODE_WEIGHT_BYTES)
-            if name not in experts:
-                step(f"{dev.name}: {name} experts")
-                experts[name] = measure.expert_bytes_per_s(dev, ggml_type, n_embd, *expert_shape, n_threads, DECODE_WEIGHT_BYTES)
-            if name not in prompt:
-                step(f"{dev.name}: {name} at batch {PROMPT_BATCH}")
-                prompt[name] = PROMPT_BATCH * measure.matvec_bytes_per_s(dev, ggml_type, n_embd, n_threads,
-                                                                         PROMPT_WEIGHT_BYTES, batch=PROMPT_BATCH)
-            if name not in prompt_experts:
-                step(f"{dev.name}: {name} experts at batch {PROMPT_EXPERT_BATCH}")
-                prompt_experts[name] = {share: measure.expert_bytes_per_s(
-                    dev, ggml_type, n_embd, *expert_shape, n_threads, DECODE_WEIGHT_BYTES, batch=PROMPT_EXPERT_BATCH,
-                    tokens_per_expert=share) for share in PROMPT_EXPERT_SHARES}
-        if previous is not None:
-            return replace(previous, decode=decode, prompt=prompt, experts=experts, prompt_experts=prompt_experts)
-        step(f"{dev.name}: graph and copy latency")
-        extra = {}
-        if dev.type != "cpu":
-            step(f"{dev.name}: uploads")
-            extra["upload_pageable"] = measure.upload_bytes_per_s(dev, 64 * 2**20, pinned=False)
-            if dev.host_buffer_type:
-                extra["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
-        step(f"{dev.name}: recurrent state update")
-        extra["recurrent"] = measure.recurrent_bytes_per_s(dev, n_threads)
-        extra["prompt_recurrent"] = measure.recurrent_bytes_per_s(dev, n_threads, tokens=PROMPT_RECURRENT_TOKENS)
-        return DeviceSpeeds(dev.name, dev.description, decode, prompt, PROMPT_BATCH, measure.graph_seconds(dev, n_threads),
-                            measure.op_seconds(dev, n_threads), measure.copy_seconds(dev), experts=experts,
-                            prompt_experts=prompt_experts, **extra)
-
-    if acc_dev is not None:  # the demo model measures host expert blocks: its types too
-        types = {**demo_weight_types(), **types}
-    cpu = device_speeds(native.cpu_device(), known.cpu if known else None, threads)
-    acc = device_speeds(acc_dev, known.accelerator if known else None, None) if acc_dev else None
-    if acc is not None and acc.host_block_seconds is None:
-        step(f"{acc.name}: host expert blocks and a real decode's ops (the built-in demo model)")
-        op, host_block = demo_decode_costs(cpu, acc, threads)
-        acc = replace(acc, op_seconds=max(acc.op_seconds, op), host_block_seconds=host_block)
+    passes: dict[str, list[dict]] = {dev.name: [] for dev, _, _ in devices}
+    demo_runs: dict[str, list[float]] = {name: [] for name in demo_placements}
+    for n in range(1, DECODE_PASSES + 1):
+        of = f" ({n} of {DECODE_PASSES})"
+        for dev, previous, n_threads in devices:
+            passes[dev.name].append(_decode_pass(dev, previous, types, expert_types, n_embd, expert_shape, n_threads,
+                                                 lambda what, of=of: step(what + of)))
+        if demo_placements:
+            blocks = f", {acc_dev.name}'s host expert blocks" if "on_host" in demo_placements else ""
+            step(f"the built-in demo model: a real decode's ops{blocks}{of}")
+            for name, runs in _demo_decode_seconds(demo_placements, acc_dev.name if acc_dev else None, threads).items():
+                demo_runs[name] += runs
+    cpu, *accelerators = [_device_speeds(dev, previous, _mean_of_passes(passes[dev.name]), types, expert_types, n_embd,
+                                         expert_shape, n_threads, step) for dev, previous, n_threads in devices]
+    acc = accelerators[0] if accelerators else None
+    if "cpu" in demo_runs:
+        cpu = replace(cpu, op_seconds=max(cpu.op_seconds, demo_op_seconds(cpu, None, demo_runs["cpu"])))
+    if "resident" in demo_runs:
+        op = demo_op_seconds(cpu, acc, demo_runs["resident"])
+        acc = replace(acc, op_seconds=max(acc.op_seconds, op),
+                      host_block_seconds=demo_host_block_seconds(cpu, acc, demo_runs["resident"], demo_runs["on_host"]))
     by_threads = dict(known.cpu_decode_by_threads) if known else {}
     counts = sorted({1, max(1, threads // 2), threads})
     for name, ggml_type in types.items():
@@ -197,69 +196,158 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
     return result
 
 
-DEMO_TOKENS = 32  # tokens per timed generation of the demo model; the median of DEMO_RUNS is kept
-DEMO_RUNS = 5
+def _decode_pass(dev, previous: DeviceSpeeds | None, types: dict[str, int], expert_types: set[str], n_embd: int,
+                 expert_shape: tuple[int, int], n_threads: int | None, step: Callable[[str], None]) -> dict:
+    """One pass over `dev`'s decode figures that `previous` lacks: each type's matrix-vector rate,
+    the expert op's for `expert_types`, and a new device's fixed costs (seconds)."""
+    from .native import measure
+
+    known_decode = previous.decode if previous else {}
+    known_experts = previous.experts if previous else {}
+    figures: dict = {"decode": {}, "experts": {}}
+    for name, ggml_type in types.items():
+        if name not in known_decode:
+            step(f"{dev.name}: {name} matrix-vector")
+            figures["decode"][name] = measure.matvec_bytes_per_s(dev, ggml_type, n_embd, n_threads, DECODE_WEIGHT_BYTES)
+        if name in expert_types and name not in known_experts:
+            step(f"{dev.name}: {name} experts")
+            figures["experts"][name] = measure.expert_bytes_per_s(dev, ggml_type, n_embd, *expert_shape, n_threads,
+                                                                  DECODE_WEIGHT_BYTES)
+    if previous is None:
+        step(f"{dev.name}: graph and copy latency")
+        figures.update(graph_seconds=measure.graph_seconds(dev, n_threads), op_seconds=measure.op_seconds(dev, n_threads),
+                       copy_seconds=measure.copy_seconds(dev))
+    return figures
 
 
-def demo_weight_types() -> dict[str, int]:
+def _mean_of_passes(passes: list[dict]) -> dict:
+    """The passes' figures in one: rates by their mean time (harmonic mean), seconds by their mean."""
+    first = passes[0]
+    merged = {kind: {name: statistics.harmonic_mean([p[kind][name] for p in passes]) for name in first[kind]}
+              for kind in ("decode", "experts")}
+    return merged | {key: statistics.fmean(p[key] for p in passes) for key in first if key not in merged}
+
+
+def _device_speeds(dev, previous: DeviceSpeeds | None, decode: dict, types: dict[str, int], expert_types: set[str],
+                   n_embd: int, expert_shape: tuple[int, int], n_threads: int | None,
+                   step: Callable[[str], None]) -> DeviceSpeeds:
+    """`dev`'s speeds: `previous` with the `decode` figures of the passes, and the prompt figures
+    (measured once: a batch's op is long enough not to fall in one state of the machine) and,
+    for a new device, its uploads and recurrent-state updates."""
+    from .native import measure
+
+    prompt = dict(previous.prompt) if previous else {}
+    prompt_experts = dict(previous.prompt_experts) if previous else {}
+    for name, ggml_type in types.items():
+        if name not in prompt:
+            step(f"{dev.name}: {name} at batch {PROMPT_BATCH}")
+            prompt[name] = PROMPT_BATCH * measure.matvec_bytes_per_s(dev, ggml_type, n_embd, n_threads,
+                                                                     PROMPT_WEIGHT_BYTES, batch=PROMPT_BATCH)
+        if name in expert_types and name not in prompt_experts:
+            step(f"{dev.name}: {name} experts at batch {PROMPT_EXPERT_BATCH}")
+            prompt_experts[name] = {share: measure.expert_bytes_per_s(
+                dev, ggml_type, n_embd, *expert_shape, n_threads, DECODE_WEIGHT_BYTES, batch=PROMPT_EXPERT_BATCH,
+                tokens_per_expert=share) for share in PROMPT_EXPERT_SHARES}
+    rates = {"decode": (previous.decode if previous else {}) | decode["decode"],
+             "experts": (previous.experts if previous else {}) | decode["experts"], "prompt": prompt,
+             "prompt_experts": prompt_experts}
+    if previous is not None:
+        return replace(previous, **rates)
+    extra = {}
+    if dev.type != "cpu":
+        step(f"{dev.name}: uploads")
+        extra["upload_pageable"] = measure.upload_bytes_per_s(dev, 64 * 2**20, pinned=False)
+        if dev.host_buffer_type:
+            extra["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
+    step(f"{dev.name}: recurrent state update")
+    extra["recurrent"] = measure.recurrent_bytes_per_s(dev, n_threads)
+    extra["prompt_recurrent"] = measure.recurrent_bytes_per_s(dev, n_threads, tokens=PROMPT_RECURRENT_TOKENS)
+    return DeviceSpeeds(dev.name, dev.description, batch=PROMPT_BATCH, graph_seconds=decode["graph_seconds"],
+                        op_seconds=decode["op_seconds"], copy_seconds=decode["copy_seconds"], **rates, **extra)
+
+
+DEMO_TOKENS = 32  # tokens per timed generation of the demo model
+DEMO_RUNS = 4  # timed generations of each placement per pass of the calibration
+
+
+def demo_weight_types() -> tuple[dict[str, int], set[str]]:
+    """The built-in demo model's weight types (name -> ggml type), and its experts' types."""
     from .demo import DEMO_MODEL
     from .inventory import read_inventory
 
-    return {t.type_name: t.ggml_type for t in read_inventory(DEMO_MODEL).tensors}
+    tensors = read_inventory(DEMO_MODEL).tensors
+    return {t.type_name: t.ggml_type for t in tensors}, {t.type_name for t in tensors if t.expert_kind}
 
 
-def demo_decode_costs(cpu: DeviceSpeeds, acc: DeviceSpeeds, threads: int) -> tuple[float, float]:
-    """What a real llama.cpp decode costs on the accelerator `acc` beyond the parts measured one
-    by one, from the built-in demo model decoded with every expert on `acc` and with every expert
-    in host memory:
-    - per op of its graph: the resident decode's time less what the speed model explains without
-      op costs (weight reads, the graph's launch, its inputs and logits), over its ops: what
-      ggml-rpc's work per node or a GPU's launches add in a whole decode graph, which an isolated
-      chain of additions does not show;
-    - per block whose experts stay in host memory, beyond its experts' own reads: the difference
-      of the two decodes, less what the experts' reads at the calibrated speeds explain, per
-      block: the scheduler's two graph splits, the copies of a block's input and routing to the
-      CPU and of the result back, with every wake-up and round trip between them (on ggml-rpc,
-      every split graph is sent again, as no two in a row are the same)."""
-    from . import arch as names
-    from .demo import DEMO_MODEL
-    from .inventory import read_inventory
-    from .plan import HOST_BUFFER_TYPE, Placement
+def demo_op_seconds(cpu: DeviceSpeeds, acc: DeviceSpeeds | None, runs: list[float]) -> float:
+    """What each op of a real llama.cpp decode graph costs on `acc` (None: the CPU alone) beyond
+    the parts measured one by one: the built-in demo model's seconds per token in `runs`,
+    decoded wholly there, less what the speed model explains without op costs (weight reads, the
+    graph's launch, its inputs and logits), over its ops. The non-matmul ops' own work, ggml-rpc's
+    work per node and a GPU's launches show in a whole decode graph, not in an isolated chain of
+    additions."""
+    weights = _demo_weights()
+    main = acc or cpu
+    layout = Layout(accelerator=acc is not None)
+    without_ops = replace(main, op_seconds=0.0)
+    explained = sum(token_seconds(weights, layout, cpu if acc else without_ops, without_ops if acc else None,
+                                  "decode").values())
+    return max(statistics.median(runs) - explained, 0.0) / max(weights.graph_nodes, 1)
 
-    weights = Weights.from_inventory(read_inventory(DEMO_MODEL))
+
+def demo_host_block_seconds(cpu: DeviceSpeeds, acc: DeviceSpeeds, resident_runs: list[float],
+                            on_host_runs: list[float]) -> float:
+    """What a block whose experts stay in host memory costs beside the accelerator `acc`, beyond
+    its experts' own reads: the built-in demo model's seconds per token with every expert on
+    `acc` and with every expert in host memory, runs taken in turn; the median of each pair's
+    difference (so that the machine's drift moves both sides of it), less what the experts' reads
+    at the calibrated speeds explain, per block. That is the scheduler's two graph splits, the
+    copies of a block's input and routing to the CPU and of the result back, with every wake-up
+    and round trip between them (on ggml-rpc, every split graph is sent again, as no two in a row
+    are the same)."""
+    weights = _demo_weights()
     blocks = sorted(weights.expert)
-    resident = Placement(devices=(acc.name,), n_gpu_layers=-1)
-    on_host = Placement(devices=(acc.name,), overrides=((names.expert_pattern(None), HOST_BUFFER_TYPE),), n_gpu_layers=-1)
-    resident_seconds, on_host_seconds = _demo_decode_seconds([resident, on_host], threads)
-    gap = on_host_seconds - resident_seconds
+    gap = statistics.median(host - resident for resident, host in zip(resident_runs, on_host_runs))
     experts = sum(weights.used_seconds(i, cpu, "decode") - weights.used_seconds(i, acc, "decode") for i in blocks)
-    explained = sum(token_seconds(weights, Layout(), cpu, replace(acc, op_seconds=0.0), "decode").values())
-    op = max(resident_seconds - explained, 0.0) / max(weights.graph_nodes, 1)
-    return op, max(gap - experts, 0.0) / len(blocks)
+    return max(gap - experts, 0.0) / len(blocks)
 
 
-def _demo_decode_seconds(placements: list, threads: int) -> list[float]:
-    """Median seconds per decoded token of the built-in demo model loaded each of the `placements`
-    ways, all loaded at once and their runs taken in turn, so that a machine growing busier or
-    quieter meanwhile moves every median alike (their differences are what calibration keeps)."""
+def _demo_weights() -> Weights:
+    from .demo import DEMO_MODEL
+    from .inventory import read_inventory
+
+    return Weights.from_inventory(read_inventory(DEMO_MODEL))
+
+
+def _demo_decode_seconds(placements: list[str], accelerator_name: str | None, threads: int) -> dict[str, list[float]]:
+    """Seconds per decoded token of the built-in demo model in DEMO_RUNS runs of each of
+    `placements` ("cpu": the CPU alone; "resident": every expert on the accelerator; "on_host":
+    every expert in host memory beside it), all loaded at once and their runs taken in turn."""
     from contextlib import ExitStack
 
+    from . import arch as names
     from .demo import DEMO_MODEL
     from .engine import Engine
+    from .plan import HOST_BUFFER_TYPE, Placement
 
+    ways = {"cpu": Placement()}
+    if accelerator_name is not None:
+        ways["resident"] = Placement(devices=(accelerator_name,), n_gpu_layers=-1)
+        ways["on_host"] = Placement(devices=(accelerator_name,), overrides=((names.expert_pattern(None), HOST_BUFFER_TYPE),),
+                                    n_gpu_layers=-1)
     with ExitStack() as stack:
-        engines = [stack.enter_context(Engine.load(DEMO_MODEL, placement, n_ctx=4 * DEMO_TOKENS, n_threads=threads))
-                   for placement in placements]
-        prompt = engines[0].tokenize("The list type", add_special=True)
-        seconds: list[list[float]] = [[] for _ in engines]
+        engines = {name: stack.enter_context(Engine.load(DEMO_MODEL, ways[name], n_ctx=4 * DEMO_TOKENS, n_threads=threads))
+                   for name in placements}
+        prompt = next(iter(engines.values())).tokenize("The list type", add_special=True)
+        seconds: dict[str, list[float]] = {name: [] for name in placements}
         for run in range(DEMO_RUNS + 1):  # the first: a warm-up
-            for engine, timed in zip(engines, seconds):
+            for name, engine in engines.items():
                 stats = None
                 for event in engine.generate(prompt, max_tokens=DEMO_TOKENS):
                     stats = event.stats
                 if run:
-                    timed.append(1.0 / stats.decode_tps)
-    return [statistics.median(timed) for timed in seconds]
+                    seconds[name].append(1.0 / stats.decode_tps)
+    return seconds
 
 
 def plan_speeds(inv, accelerator_name: str | None, threads: int, *, refresh: bool = False,
@@ -269,6 +357,7 @@ def plan_speeds(inv, accelerator_name: str | None, threads: int, *, refresh: boo
     laptop GPU (`REFERENCE_GPU`) for an accelerator that is not on this machine."""
     types = {t.type_name: t.ggml_type for t in inv.tensors}
     cal = calibrate(types, inv.n_embd, threads, accelerator_name, refresh=refresh, on_step=on_step,
+                    expert_types={t.type_name for t in inv.tensors if t.expert_kind},
                     expert_shape=(inv.n_ff_exp or 512, inv.n_expert_used or 8))
     where = f"CPU at {threads} thread{'s' if threads > 1 else ''}"
     if cal.accelerator is not None:

@@ -14,7 +14,7 @@ from rotary_gguf.inventory import read_inventory
 from rotary_gguf.speed_model import (STATE_COPIES, DeviceSpeeds, Layout, Weights, estimated_nodes, predict,
                                      token_seconds)
 
-Q4_K, Q8_0, F32 = 12, 8, 0
+Q4_K, Q6_K, Q8_0, F32 = 12, 14, 8, 0
 
 
 @pytest.fixture
@@ -79,12 +79,20 @@ def test_an_unmeasured_type_takes_the_slowest_rate():
 
 def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     steps: list[str] = []
-    first = calibration.calibrate({"Q4_K": Q4_K, "F32": F32}, 256, 1, on_step=steps.append)
+    first = calibration.calibrate({"Q4_K": Q4_K, "F32": F32}, 256, 1, expert_types={"Q4_K"}, on_step=steps.append)
     assert first.path is not None and first.path.is_relative_to(cache_home)
     assert first.seconds < 30
-    for rates in (first.cpu.decode, first.cpu.prompt, first.cpu.experts):
-        assert set(rates) == {"Q4_K", "F32"} and all(v > 1e6 for v in rates.values())
-    assert set(first.cpu.prompt_experts) == {"Q4_K", "F32"}  # a prompt's expert op at each share of tokens per expert
+    demo_types, demo_expert_types = calibration.demo_weight_types()  # the demo model's decode is explained too
+    for rates in (first.cpu.decode, first.cpu.prompt):
+        assert set(rates) == {"Q4_K", "F32"} | set(demo_types) and all(v > 1e6 for v in rates.values())
+    # the expert op only for experts' types, at decode and at each share of tokens per expert in a prompt
+    assert set(first.cpu.experts) == set(first.cpu.prompt_experts) == {"Q4_K"} | demo_expert_types
+    assert first.cpu.experts["Q4_K"] > 1e6
+    # a real decode graph's ops cost more than a chain of additions: the demo model decoded on the CPU
+    assert first.cpu.op_seconds > 0 and any("demo model" in s for s in steps)
+    # decode's figures in passes spread over the calibration, the rest once
+    assert sum("Q4_K experts (" in s for s in steps) == calibration.DECODE_PASSES
+    assert sum("Q4_K experts at batch" in s for s in steps) == 1
     for by_share in first.cpu.prompt_experts.values():
         assert tuple(by_share) == calibration.PROMPT_EXPERT_SHARES and all(v > 1e6 for v in by_share.values())
     assert first.cpu.graph_seconds > 0 and first.accelerator is None
@@ -92,11 +100,11 @@ def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     assert set(first.cpu_decode_by_threads["Q4_K"]) == {1}
     # the second call reads the file; a new type measures only that type
     steps.clear()
-    assert calibration.calibrate({"Q4_K": Q4_K}, 256, 1, on_step=steps.append) == first
+    assert calibration.calibrate({"Q4_K": Q4_K}, 256, 1, expert_types={"Q4_K"}, on_step=steps.append) == first
     assert steps == []
-    more = calibration.calibrate({"Q4_K": Q4_K, "Q8_0": Q8_0}, 256, 1, on_step=steps.append)
-    assert steps and all("Q8_0" in s for s in steps)
-    assert more.cpu.decode["Q4_K"] == first.cpu.decode["Q4_K"] and "Q8_0" in more.cpu.decode
+    more = calibration.calibrate({"Q4_K": Q4_K, "Q6_K": Q6_K}, 256, 1, on_step=steps.append)
+    assert steps and all("Q6_K" in s for s in steps)
+    assert more.cpu.decode["Q4_K"] == first.cpu.decode["Q4_K"] and "Q6_K" in more.cpu.decode
     # a damaged file is measured again, not trusted
     first.path.write_text("{not json")
     assert calibration.load(first.path) is None
@@ -118,7 +126,7 @@ def test_an_rpc_accelerator_is_calibrated_too(cache_home, rpc_endpoint, test_mod
     cal = calibration.calibrate(types, inv.n_embd, 1, dev.name)
     acc = cal.accelerator
     assert acc is not None and acc.name == dev.name
-    assert set(acc.decode) == set(types) | set(calibration.demo_weight_types()) and acc.upload_pageable > 0 and acc.upload_pinned is None  # RPC has no pinned memory
+    assert set(acc.decode) == set(types) | set(calibration.demo_weight_types()[0]) and acc.upload_pageable > 0 and acc.upload_pinned is None  # RPC has no pinned memory
     assert acc.graph_seconds > cal.cpu.graph_seconds  # a round trip over a socket
     # a host block's splits: round trips and graphs both ways, more than one graph's round trip
     assert acc.host_block_seconds > acc.graph_seconds and cal.cpu.host_block_seconds is None

@@ -57,13 +57,14 @@ def _backend(dev: Device, n_threads: int | None) -> Iterator[int]:
         _backend_free(backend)
 
 
-def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, prepare=None) -> float:
+def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, prepare=None, min_seconds: float = 0.0) -> float:
     """Median time of computing the graph `build(ctx, weights_ctx)` returns the output of, or the
     outputs (tensors made in `weights_ctx` are weights, zeroed), and reading 4 bytes of the last
     output back: the read waits for backends that compute asynchronously (ggml-rpc, CUDA). The
     CPU's weights are in the layout llama.cpp gives them (repacked, for the types that have one).
     `prepare(i)` runs before the i-th computation (0: the warm-up), untimed (to set inputs that
-    must not be zero, or that change between runs)."""
+    must not be zero, or that change between runs). Runs go on past `repeats` until they have
+    taken `min_seconds`."""
     out = ctypes.create_string_buffer(4)
     weight_buft = cpu_weight_buffer_type() if dev.type == "cpu" else dev.buffer_type
     with _backend(dev, n_threads) as backend, _metadata_context(GRAPH_TENSORS) as ctx, _metadata_context(2) as wctx:
@@ -85,7 +86,7 @@ def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, prepar
                 _graph_compute(backend, graph)
                 _tensor_get(result, out, 0, 4)
 
-            return _typical_time(repeats, run, prepare)
+            return _typical_time(repeats, run, prepare, min_seconds)
         finally:
             for buf in bufs:
                 if buf:
@@ -99,17 +100,21 @@ MAX_CHAIN = 64  # ops in the longest graph `op_seconds` times
 RECURRENT_STATES = 16
 EXPERT_OPS = 16  # decode's expert ops timed in one graph
 PROMPT_EXPERT_REPEATS = 9  # a prompt's expert op runs alone in its graph: more runs to take the median of
+# How long a decode figure's runs take at least: a few milliseconds' runs fall in one state of a
+# machine whose speed drifts (on a shared host); a tenth of a second holds tens of them.
+DECODE_SAMPLE_SECONDS = 0.1
 # Tensor slots of a timed graph's context (metadata only): the largest graphs are op_seconds's
 # MAX_CHAIN additions and RECURRENT_STATES updates of seven tensors each.
 GRAPH_TENSORS = 512
 
 
 def matmul_seconds(dev: Device, ggml_type: int, n_embd: int, rows: int, batch: int = 1, n_threads: int | None = None,
-                   repeats: int = 5) -> float:
+                   repeats: int = 5, min_seconds: float = 0.0) -> float:
     """Median time of `dev` multiplying a [n_embd, rows] weight of `ggml_type` by `batch` activation
     vectors (1: what decode does, more: prompt processing), one graph computed and synchronised."""
     return _timed_graph(dev, n_threads, lambda ctx, wctx: _mul_mat(ctx, _new_tensor_2d(wctx, ggml_type, n_embd, rows),
-                                                                   _new_tensor_2d(ctx, _GGML_TYPE_F32, n_embd, batch)), repeats)
+                                                                   _new_tensor_2d(ctx, _GGML_TYPE_F32, n_embd, batch)),
+                        repeats, min_seconds=min_seconds)
 
 
 def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_used: int, n_threads: int | None = None,
@@ -141,7 +146,8 @@ def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_us
             chosen = (ctypes.c_int32 * (n_used * batch))(*((first + k % pool) % n_expert for k in range(n_used * batch)))
             _tensor_set(tensor, chosen, 0, ctypes.sizeof(chosen))
 
-    seconds = _timed_graph(dev, n_threads, build, 5 if batch == 1 else PROMPT_EXPERT_REPEATS, prepare)
+    seconds = (_timed_graph(dev, n_threads, build, 5, prepare, DECODE_SAMPLE_SECONDS) if batch == 1
+               else _timed_graph(dev, n_threads, build, PROMPT_EXPERT_REPEATS, prepare))
     return ops * n_used * batch * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 
@@ -193,7 +199,8 @@ def matvec_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_threads: int 
     out, so the figure scales with the bytes a token reads."""
     row = _row_size(ggml_type, n_embd)
     rows = max(1, nbytes // row)
-    seconds = matmul_seconds(dev, ggml_type, n_embd, rows, batch, n_threads)
+    seconds = matmul_seconds(dev, ggml_type, n_embd, rows, batch, n_threads,
+                             min_seconds=DECODE_SAMPLE_SECONDS if batch == 1 else 0.0)
     return rows * row / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 
@@ -227,15 +234,18 @@ def measure_link(accelerator: Accelerator, expert_type: int, n_embd: int, n_thre
     )
 
 
-def _typical_time(repeats: int, fn, prepare=None) -> float:
-    """The median time of `repeats` calls after a warm-up: what a run of many tokens sees on a
-    machine that is busy now and then (bench reports medians too), where the best call would be
-    a lucky one. `prepare(i)` runs, untimed, before call i (0: the warm-up)."""
+def _typical_time(repeats: int, fn, prepare=None, min_seconds: float = 0.0) -> float:
+    """The median time of `repeats` calls after a warm-up, or of as many more as take
+    `min_seconds`: what a run of many tokens sees on a machine that is busy now and then (bench
+    reports medians too), where the best call would be a lucky one. `prepare(i)` runs, untimed,
+    before call i (0: the warm-up)."""
     if prepare is not None:
         prepare(0)
     fn()  # warm up
-    times = []
-    for i in range(1, repeats + 1):
+    times: list[float] = []
+    i = 0
+    while i < repeats or sum(times) < min_seconds:
+        i += 1
         if prepare is not None:
             prepare(i)
         t0 = time.perf_counter()
