@@ -26,7 +26,9 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
-from .speed_model import REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
+from gguf import GGMLQuantizationType
+
+from .speed_model import KV_WINDOW, REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
 from .user_cache import cache_dir
 
 CALIBRATION_FORMAT = 13
@@ -271,12 +273,14 @@ DEMO_RUNS = 4  # timed generations of each placement per pass of the calibration
 
 
 def demo_weight_types() -> tuple[dict[str, int], set[str]]:
-    """The built-in demo model's weight types (name -> ggml type), and its experts' types."""
+    """The built-in demo model's weight types and its KV cache's (name -> ggml type), and its
+    experts' types."""
     from .demo import DEMO_MODEL
     from .inventory import read_inventory
 
     tensors = read_inventory(DEMO_MODEL).tensors
-    return {t.type_name: t.ggml_type for t in tensors}, {t.type_name for t in tensors if t.expert_kind}
+    f16 = GGMLQuantizationType.F16
+    return {t.type_name: t.ggml_type for t in tensors} | {f16.name: f16.value}, {t.type_name for t in tensors if t.expert_kind}
 
 
 def demo_op_seconds(cpu: DeviceSpeeds, acc: DeviceSpeeds | None, runs: list[float]) -> float:
@@ -350,12 +354,13 @@ def _demo_decode_seconds(placements: list[str], accelerator_name: str | None, th
     return seconds
 
 
-def plan_speeds(inv, accelerator_name: str | None, threads: int, *, refresh: bool = False,
-                on_step: Callable[[str], None] | None = None) -> tuple[PlanSpeeds, Calibration]:
+def plan_speeds(inv, accelerator_name: str | None, threads: int, *, kv_type: str = "f16", kv_cells: int = KV_WINDOW,
+                refresh: bool = False, on_step: Callable[[str], None] | None = None) -> tuple[PlanSpeeds, Calibration]:
     """What the planner predicts `inv`'s speed from: this machine's calibration for the model's
-    weight types (measured the first time, or again with `refresh`), with published figures of a
-    laptop GPU (`REFERENCE_GPU`) for an accelerator that is not on this machine."""
-    types = {t.type_name: t.ggml_type for t in inv.tensors}
+    weight types and its KV cache's `kv_type` (measured the first time, or again with `refresh`),
+    with published figures of a laptop GPU (`REFERENCE_GPU`) for an accelerator that is not on
+    this machine; its attention reading `kv_cells` cells of the cache per token."""
+    types = {t.type_name: t.ggml_type for t in inv.tensors} | {kv_type.upper(): GGMLQuantizationType[kv_type.upper()].value}
     cal = calibrate(types, inv.n_embd, threads, accelerator_name, refresh=refresh, on_step=on_step,
                     expert_types={t.type_name for t in inv.tensors if t.expert_kind},
                     expert_shape=(inv.n_ff_exp or 512, inv.n_expert_used or 8))
@@ -364,14 +369,16 @@ def plan_speeds(inv, accelerator_name: str | None, threads: int, *, refresh: boo
         source = f"calibrated: {where}, {cal.accelerator.name}"
     else:
         source = f"calibrated: {where}; {REFERENCE_GPU.name} for the GPU"
-    return PlanSpeeds(Weights.from_inventory(inv), cal.cpu, cal.accelerator or REFERENCE_GPU, source), cal
+    return PlanSpeeds(Weights.from_inventory(inv, kv_type, kv_cells), cal.cpu, cal.accelerator or REFERENCE_GPU, source), cal
 
 
-def device_plan_speeds(inv, accelerator_names: list[str], threads: int, *, refresh: bool = False,
+def device_plan_speeds(inv, accelerator_names: list[str], threads: int, *, kv_type: str = "f16",
+                       kv_cells: int = KV_WINDOW, refresh: bool = False,
                        on_step: Callable[[str], None] | None = None) -> tuple[PlanSpeeds, list[Calibration]]:
     """`plan_speeds` for a plan over several accelerators: each one calibrated (each its own file),
     their speeds by name in `PlanSpeeds.devices`, the first as the accelerator."""
-    found = [plan_speeds(inv, name, threads, refresh=refresh, on_step=on_step) for name in accelerator_names]
+    found = [plan_speeds(inv, name, threads, kv_type=kv_type, kv_cells=kv_cells, refresh=refresh, on_step=on_step)
+             for name in accelerator_names]
     devices = {name: speeds.accelerator for name, (speeds, _) in zip(accelerator_names, found)}
     where = f"CPU at {threads} thread{'s' if threads > 1 else ''}"
     first = found[0][0]

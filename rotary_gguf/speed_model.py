@@ -20,12 +20,28 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import arch as names
 from .decode_cost import field_hit_rate
 
 
 ANY_TYPE = "*"  # a rate for every weight type (published figures know no per-type speeds)
+
+# llama.cpp's attention reads the KV cache's cells up to the last one used, in steps of 256 cells
+# (at least 256): a short context reads 256 cells a block
+KV_WINDOW = 256
+
+
+def kv_cells_read(tokens: int) -> int:
+    """The KV cache cells attention reads per token once `tokens` cells are in use."""
+    return max(KV_WINDOW, -(-tokens // KV_WINDOW) * KV_WINDOW)
+
+
+def kv_row_bytes(kv_type: str, n: int) -> int:
+    """Bytes of `n` values in a KV cache of `kv_type` ("f16", "q8_0", "q4_0")."""
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kv_type.upper()]]
+    return n // block * size
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,8 @@ class Weights:
     n_vocab: int = 0
     graph_nodes: int = 0  # ops in a decode graph (estimated from the blocks' kinds: `estimated_nodes`)
     recurrent_state: int = 0  # recurrent-state bytes every linear-attention block updates per token, all together
+    # K and V bytes a token's attention reads from the KV cache, all full-attention blocks together, by type
+    kv_cache: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_tensors(cls, tensors, n_expert: int, n_expert_used: int, attention: list[str], n_vocab: int) -> "Weights":
@@ -134,15 +152,20 @@ class Weights:
         return cls(other, expert, n_expert, n_expert_used, n_vocab, estimated_nodes(attention))
 
     @classmethod
-    def from_inventory(cls, inv) -> "Weights":
-        """From a model's header (`inventory.Inventory`)."""
+    def from_inventory(cls, inv, kv_type: str = "f16", kv_cells: int = KV_WINDOW) -> "Weights":
+        """From a model's header (`inventory.Inventory`), its attention reading `kv_cells` cells of
+        a KV cache of `kv_type`."""
         n_run = inv.n_layer - inv.hparam("nextn_predict_layers")
         embd = inv.by_name.get("token_embd.weight")
         attention = inv.attention_layout()[:n_run]
         weights = cls.from_tensors([(t.name, t.type_name, t.nbytes) for t in inv.tensors], inv.n_expert,
                                    inv.n_expert_used, attention, embd.shape[1] if embd else 0)
         state = 4 * inv.hparam("ssm.state_size") * inv.hparam("ssm.inner_size")  # f32, per linear block
-        return replace(weights, recurrent_state=attention.count("linear") * state)
+        n_head = inv.hparam("attention.head_count")
+        head_k = inv.hparam("attention.key_length") or (inv.n_embd // n_head if n_head else 0)
+        row = inv.hparam("attention.head_count_kv", n_head) * (head_k + inv.hparam("attention.value_length", head_k))
+        kv = attention.count("full") * kv_cells * kv_row_bytes(kv_type, row)
+        return replace(weights, recurrent_state=attention.count("linear") * state, kv_cache={kv_type.upper(): kv} if kv else {})
 
     def used_seconds(self, layer: int, device: DeviceSpeeds, phase: str, share: float = 1.0, batch: int = 1,
                      routing: tuple[float, ...] | None = None) -> float:
@@ -256,6 +279,7 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
 
     parts = {
         "weights": sum(main.read_seconds(n, phase, t, batch) for t, n in weights.other.items()),
+        "kv cache": sum(main.read_seconds(n, phase, t, batch) for t, n in weights.kv_cache.items()),
         # a Gated DeltaNet block's state update, and llama.cpp's gather of the state from its cache and
         # store of the new one, reading and writing it whole once per graph (a prompt's batch: the fused
         # update carries the state from token to token)
@@ -308,9 +332,10 @@ def _spread_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, devices
     single = replace(layout, layer_devices=(), output_device="", resident_on={})
     parts = token_seconds(weights, single, cpu, first, phase, batch)
     n_blocks = len(layout.layer_devices)
-    parts["weights"] = sum(layout.layer_devices.count(name) / n_blocks
-                           * sum(dev.read_seconds(n, phase, t, batch) for t, n in weights.other.items())
-                           for name, dev in devices.items())
+    for part, by_type in (("weights", weights.other), ("kv cache", weights.kv_cache)):
+        parts[part] = sum(layout.layer_devices.count(name) / n_blocks
+                          * sum(dev.read_seconds(n, phase, t, batch) for t, n in by_type.items())
+                          for name, dev in devices.items())
     parts["resident experts"] = sum(
         weights.used_seconds(i, devices[layout.resident_on.get(i, layout.layer_devices[i])], phase, batch=batch,
                              routing=layout.routing.get(i))

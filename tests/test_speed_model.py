@@ -11,8 +11,8 @@ from rotary_gguf import calibration, native
 from rotary_gguf.decode_cost import profile_hit_rates
 from rotary_gguf.errors import UserError
 from rotary_gguf.inventory import read_inventory
-from rotary_gguf.speed_model import (STATE_COPIES, DeviceSpeeds, Layout, Weights, estimated_nodes, predict,
-                                     token_seconds)
+from rotary_gguf.speed_model import (STATE_COPIES, DeviceSpeeds, Layout, Weights, estimated_nodes, kv_cells_read,
+                                     predict, token_seconds)
 
 Q4_K, Q6_K, Q8_0, F32 = 12, 14, 8, 0
 
@@ -209,3 +209,28 @@ def test_a_prompt_carries_the_recurrent_state_through_its_batch(test_model):
     assert prompt["recurrent"] == pytest.approx(w.recurrent_state * (1 / 2e9 + STATE_COPIES / (64 * 1e9)))
     unmeasured = token_seconds(w, Layout(accelerator=False), replace(cpu, prompt_recurrent=None), None, "prompt", 64)
     assert unmeasured["recurrent"] == pytest.approx(w.recurrent_state * (1 / 5e8 + STATE_COPIES / (64 * 1e9)))
+
+def test_attention_reads_the_kv_cache_of_its_full_attention_blocks(test_model):
+    """A decoded token's attention reads K and V of every cell in llama.cpp's window (at least 256
+    cells, in steps of 256) of every full-attention block, at the rate of the cache's type on the
+    device that holds it: more with a longer context, less with a quantized cache; a Gated
+    DeltaNet block has no KV cache."""
+    inv = read_inventory(test_model(arch="qwen35moe", layers=4))
+    n_full = inv.attention_layout().count("full")
+    assert 0 < n_full < inv.n_layer
+    n_head = inv.hparam("attention.head_count")
+    head_k = inv.hparam("attention.key_length") or inv.n_embd // n_head
+    row = inv.hparam("attention.head_count_kv", n_head) * (head_k + inv.hparam("attention.value_length", head_k))
+    assert [kv_cells_read(n) for n in (1, 256, 257, 3000)] == [256, 256, 512, 3072]
+    short = Weights.from_inventory(inv)
+    assert short.kv_cache == {"F16": n_full * 256 * row * 2}
+    long = Weights.from_inventory(inv, kv_cells=kv_cells_read(3000))
+    assert long.kv_cache == {"F16": short.kv_cache["F16"] * 12}
+    assert Weights.from_inventory(inv, "q8_0").kv_cache == {"Q8_0": n_full * 256 * row // 32 * 34}
+    cpu = replace(_speeds("CPU", 1e9), decode={"Q4_K": 1e9, "F32": 1e9, "F16": 2e9})
+    gpu = replace(_speeds("GPU", 1e10), decode={"Q4_K": 1e10, "F32": 1e10, "F16": 4e10})
+    for layout, device_rate in ((Layout(accelerator=False), 2e9), (Layout(), 4e10)):
+        a, b = (token_seconds(w, layout, cpu, gpu, "decode") for w in (short, long))
+        assert a["kv cache"] == pytest.approx(short.kv_cache["F16"] / device_rate)
+        assert b["kv cache"] - a["kv cache"] == pytest.approx(11 * short.kv_cache["F16"] / device_rate)
+        assert {k: v for k, v in a.items() if k != "kv cache"} == {k: v for k, v in b.items() if k != "kv cache"}

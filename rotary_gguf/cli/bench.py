@@ -98,7 +98,10 @@ def bench(
     results, prompt = benching.run_bench(model, cands, n_ctx=context.ctx, n_batch=context.n_batch, prompt_len=prompt_tokens,
                                          gen_tokens=gen_tokens, runs=runs, n_threads=threads or None, on_run=progress,
                                          load_options=load_options)
-    _predict(model, results, cpu_plan, threads, calibrate, min(prompt_tokens, context.n_ubatch))
+    from ..speed_model import kv_cells_read
+
+    _predict(model, results, cpu_plan, threads, calibrate, min(prompt_tokens, context.n_ubatch), context.kv_type,
+             kv_cells_read(prompt_tokens + gen_tokens // 2))
     best = benching.recommend(results)
     from ..engine import default_threads
 
@@ -162,9 +165,11 @@ def _drafting(model, draft: str, draft_max: int, n_ubatch: int, cpu_plan, notes:
     return [c.with_drafts(draft_max) for p in plans for c in benching.plan_candidates(p)]
 
 
-def _predict(model, results, the_plan, threads: int, refresh: bool, prompt_batch: int) -> None:
+def _predict(model, results, the_plan, threads: int, refresh: bool, prompt_batch: int, kv_type: str,
+             kv_cells: int) -> None:
     """Calibrate this machine (seconds, the first time or with `refresh`; kept in the cache folder)
-    and add the speed model's predictions to `results`."""
+    and add the speed model's predictions to `results`, attention reading `kv_cells` cells of a
+    KV cache of `kv_type` per decoded token (where the runs' generation was halfway)."""
     from .. import bench as benching
     from ..calibration import plan_speeds
     from ..engine import default_threads
@@ -177,9 +182,10 @@ def _predict(model, results, the_plan, threads: int, refresh: bool, prompt_batch
         from ..calibration import device_plan_speeds
 
         speeds, _ = device_plan_speeds(inv, [s.accelerator.name for s in the_plan.shares], threads or default_threads(),
-                                       refresh=refresh, on_step=on_step)
+                                       kv_type=kv_type, kv_cells=kv_cells, refresh=refresh, on_step=on_step)
     else:
-        speeds, _ = plan_speeds(inv, accelerator, threads or default_threads(), refresh=refresh, on_step=on_step)
+        speeds, _ = plan_speeds(inv, accelerator, threads or default_threads(), kv_type=kv_type, kv_cells=kv_cells,
+                                refresh=refresh, on_step=on_step)
     benching.add_predictions(results, speeds, prompt_batch)
 
 

@@ -138,7 +138,7 @@ def plan_for(model: Path, *, vram: Optional[str], context, mode: str, rpc: Optio
         from ..engine import default_threads
 
         speeds, calibration = plan_speeds(inv, accelerator.name if accelerator.present else None,
-                                          threads or default_threads(), refresh=calibrate,
+                                          threads or default_threads(), kv_type=context.kv_type, refresh=calibrate,
                                           on_step=lambda step: log.logger.info("calibrating: %s", step))
         if on_calibration is not None:
             on_calibration(calibration)
@@ -177,7 +177,7 @@ def spread_plan_for(model: Path, accelerators: list, *, vram: Optional[str], con
                    notes=tuple(notes), all_outputs=all_outputs, **context.plan_options())
     make_spread_plan(figures, devices, **options)  # budgets that cannot hold it fail before measuring
     speeds, calibrations = device_plan_speeds(inv, [acc.name for acc in accelerators], threads or default_threads(),
-                                              refresh=calibrate,
+                                              kv_type=context.kv_type, refresh=calibrate,
                                               on_step=lambda step: log.logger.info("calibrating: %s", step))
     if on_calibration is not None:
         for calibration in calibrations:

@@ -200,15 +200,16 @@ def _print_predictions(p) -> None:
     if not p.predictions:
         return
     table = Table(title=f"predicted speed ({p.speeds_source})", title_justify="left", box=None, pad_edge=False)
-    for col in ("candidate", "prompt t/s", "decode t/s", "decode ms: weights", "state", "experts", "host experts",
-                "graph", "splits"):
+    for col in ("candidate", "prompt t/s", "decode t/s", "ms: weights", "kv", "state", "experts", "host", "graph",
+                "splits"):
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for name, pred in p.predictions:
         parts = pred.decode_parts
         table.add_row(name, f"{pred.prompt_tps:.0f}", f"{pred.decode_tps:.1f}",
-                      *(f"{parts[k] * 1e3:.2f}" for k in ("weights", "recurrent", "resident experts", "host experts",
-                                                          "graph", "splits")))
+                      *(f"{parts[k] * 1e3:.2f}" for k in ("weights", "kv cache", "recurrent", "resident experts",
+                                                          "host experts", "graph", "splits")))
     out.print(table)
+    out.print("decode ms by part; kv: KV cache reads, experts: resident, host: host experts")
 
 
 def _print_calibration(cal) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import UserError
+from ..speed_model import kv_row_bytes
 from .figures import Accelerator, ModelFigures
 from .settings import CTX_PADDING, CUDA_OFFLOAD_MIN_BATCH, KV_TYPES
 
@@ -103,9 +104,9 @@ def staging_bytes(model: ModelFigures, accelerator: Accelerator, host_layers: li
 
 def _row_bytes(type_name: str, n: int) -> int:
     try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+        block = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]][0]
     except KeyError:
         raise UserError(f"unknown KV cache type {type_name!r} (known: {', '.join(KV_TYPES)})") from None
     if n % block:
         raise UserError(f"KV cache type {type_name} needs rows that are a multiple of {block}; this model's are {n}")
-    return n // block * size
+    return kv_row_bytes(type_name, n)
