@@ -28,14 +28,16 @@ from .decode_cost import field_hit_rate
 
 ANY_TYPE = "*"  # a rate for every weight type (published figures know no per-type speeds)
 
-# llama.cpp's attention reads the KV cache's cells up to the last one used, in steps of 256 cells
-# (at least 256): a short context reads 256 cells a block
+# llama.cpp's attention runs over the KV cache's cells up to the last one used, in steps of 256
+# (at least 256), the cells not in use masked; `plan` predicts a short conversation's 256 cells
 KV_WINDOW = 256
 
 
-def kv_cells_read(tokens: int) -> int:
-    """The KV cache cells attention reads per token once `tokens` cells are in use."""
-    return max(KV_WINDOW, -(-tokens // KV_WINDOW) * KV_WINDOW)
+def kv_cells_read(tokens: int, flash_attn: bool = True) -> int:
+    """The KV cache cells attention reads per token once `tokens` cells are in use: flash attention
+    skips the masked ones (ggml's CPU kernel cell by cell, CUDA's by tiles), the plain matrix
+    multiplies read the whole window."""
+    return tokens if flash_attn else max(KV_WINDOW, -(-tokens // KV_WINDOW) * KV_WINDOW)
 
 
 def kv_row_bytes(kv_type: str, n: int) -> int:

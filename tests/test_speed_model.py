@@ -211,20 +211,21 @@ def test_a_prompt_carries_the_recurrent_state_through_its_batch(test_model):
     assert unmeasured["recurrent"] == pytest.approx(w.recurrent_state * (1 / 5e8 + STATE_COPIES / (64 * 1e9)))
 
 def test_attention_reads_the_kv_cache_of_its_full_attention_blocks(test_model):
-    """A decoded token's attention reads K and V of every cell in llama.cpp's window (at least 256
-    cells, in steps of 256) of every full-attention block, at the rate of the cache's type on the
-    device that holds it: more with a longer context, less with a quantized cache; a Gated
-    DeltaNet block has no KV cache."""
+    """A decoded token's attention reads K and V of every cell in use (flash attention skips the
+    masked ones; without it, llama.cpp's whole window: at least 256 cells, in steps of 256) of
+    every full-attention block, at the rate of the cache's type on the device that holds it: more
+    with a longer context, less with a quantized cache; a Gated DeltaNet block has no KV cache."""
     inv = read_inventory(test_model(arch="qwen35moe", layers=4))
     n_full = inv.attention_layout().count("full")
     assert 0 < n_full < inv.n_layer
     n_head = inv.hparam("attention.head_count")
     head_k = inv.hparam("attention.key_length") or inv.n_embd // n_head
     row = inv.hparam("attention.head_count_kv", n_head) * (head_k + inv.hparam("attention.value_length", head_k))
-    assert [kv_cells_read(n) for n in (1, 256, 257, 3000)] == [256, 256, 512, 3072]
+    assert [kv_cells_read(n, flash_attn=False) for n in (1, 256, 257, 3000)] == [256, 256, 512, 3072]
+    assert [kv_cells_read(n) for n in (1, 256, 257, 3000)] == [1, 256, 257, 3000]
     short = Weights.from_inventory(inv)
     assert short.kv_cache == {"F16": n_full * 256 * row * 2}
-    long = Weights.from_inventory(inv, kv_cells=kv_cells_read(3000))
+    long = Weights.from_inventory(inv, kv_cells=kv_cells_read(3000, flash_attn=False))
     assert long.kv_cache == {"F16": short.kv_cache["F16"] * 12}
     assert Weights.from_inventory(inv, "q8_0").kv_cache == {"Q8_0": n_full * 256 * row // 32 * 34}
     cpu = replace(_speeds("CPU", 1e9), decode={"Q4_K": 1e9, "F32": 1e9, "F16": 2e9})

@@ -101,7 +101,7 @@ def bench(
     from ..speed_model import kv_cells_read
 
     _predict(model, results, cpu_plan, threads, calibrate, min(prompt_tokens, context.n_ubatch), context.kv_type,
-             kv_cells_read(prompt_tokens + gen_tokens // 2))
+             kv_cells_read(prompt_tokens + gen_tokens // 2, context.flash_attn != "off"))
     best = benching.recommend(results)
     from ..engine import default_threads
 
