@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import __version__
-from .errors import UserError
 from gguf import GGMLQuantizationType
 
+from . import __version__
+from .errors import UserError
 from .speed_model import KV_WINDOW, REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
 from .user_cache import cache_dir
 

@@ -117,6 +117,23 @@ class Inventory:
         return self.hparam("embedding_length")
 
     @property
+    def n_head(self) -> int:
+        return self.hparam("attention.head_count")
+
+    @property
+    def n_head_kv(self) -> int:
+        return self.hparam("attention.head_count_kv", self.n_head)
+
+    @property
+    def head_dim_k(self) -> int:
+        """Values per attention head in K (the embedding over the heads where the file omits it)."""
+        return self.hparam("attention.key_length", self.n_embd // max(self.n_head, 1))
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.hparam("attention.value_length", self.head_dim_k)
+
+    @property
     def n_ff_exp(self) -> int:
         return self.hparam("expert_feed_forward_length")
 

@@ -163,9 +163,7 @@ class Weights:
         weights = cls.from_tensors([(t.name, t.type_name, t.nbytes) for t in inv.tensors], inv.n_expert,
                                    inv.n_expert_used, attention, embd.shape[1] if embd else 0)
         state = 4 * inv.hparam("ssm.state_size") * inv.hparam("ssm.inner_size")  # f32, per linear block
-        n_head = inv.hparam("attention.head_count")
-        head_k = inv.hparam("attention.key_length") or (inv.n_embd // n_head if n_head else 0)
-        row = inv.hparam("attention.head_count_kv", n_head) * (head_k + inv.hparam("attention.value_length", head_k))
+        row = inv.n_head_kv * (inv.head_dim_k + inv.head_dim_v)
         kv = attention.count("full") * kv_cells * kv_row_bytes(kv_type, row)
         return replace(weights, recurrent_state=attention.count("linear") * state, kv_cache={kv_type.upper(): kv} if kv else {})
 

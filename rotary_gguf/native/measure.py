@@ -146,8 +146,9 @@ def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_us
             chosen = (ctypes.c_int32 * (n_used * batch))(*((first + k % pool) % n_expert for k in range(n_used * batch)))
             _tensor_set(tensor, chosen, 0, ctypes.sizeof(chosen))
 
-    seconds = (_timed_graph(dev, n_threads, build, 5, prepare, DECODE_SAMPLE_SECONDS) if batch == 1
-               else _timed_graph(dev, n_threads, build, PROMPT_EXPERT_REPEATS, prepare))
+    decode = batch == 1
+    seconds = _timed_graph(dev, n_threads, build, 5 if decode else PROMPT_EXPERT_REPEATS, prepare,
+                           DECODE_SAMPLE_SECONDS if decode else 0.0)
     return ops * n_used * batch * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
 
 

@@ -70,9 +70,7 @@ def context_settings(inv: Inventory, ctx: int | None = None, n_batch: int = DEFA
     if flash_attn not in FLASH_ATTN:
         raise UserError(f"--flash-attn {flash_attn}: use {', '.join(FLASH_ATTN)}")
     block = GGML_QUANT_SIZES[GGMLQuantizationType[kv_type.upper()]][0]
-    n_head = inv.hparam("attention.head_count")
-    head_k = inv.hparam("attention.key_length", inv.n_embd // max(n_head, 1))
-    head_v = inv.hparam("attention.value_length", head_k)
+    head_k, head_v = inv.head_dim_k, inv.head_dim_v
     if head_k % block or head_v % block:
         raise UserError(f"--kv-type {kv_type} stores blocks of {block} values; {inv.path.name}'s attention heads have "
                         f"{head_k} (K) and {head_v} (V): use --kv-type f16")

@@ -71,8 +71,6 @@ class ModelFigures:
         tensors = tuple(
             (t.name, t.nbytes) for t in inv.tensors if t.layer is None or t.layer < n_layer
         )
-        n_head = inv.hparam("attention.head_count")
-        head_dim_k = inv.hparam("attention.key_length", inv.n_embd // max(n_head, 1))
         d_conv, d_inner = inv.hparam("ssm.conv_kernel"), inv.hparam("ssm.inner_size")
         n_group, d_state = inv.hparam("ssm.group_count"), inv.hparam("ssm.state_size")
         n_v_heads = inv.hparam("ssm.time_step_rank")
@@ -89,10 +87,10 @@ class ModelFigures:
             n_expert=inv.n_expert,
             n_expert_used=inv.n_expert_used,
             n_ff_exp=inv.n_ff_exp,
-            n_head=n_head,
-            n_head_kv=inv.hparam("attention.head_count_kv", n_head),
-            head_dim_k=head_dim_k,
-            head_dim_v=inv.hparam("attention.value_length", head_dim_k),
+            n_head=inv.n_head,
+            n_head_kv=inv.n_head_kv,
+            head_dim_k=inv.head_dim_k,
+            head_dim_v=inv.head_dim_v,
             recurrent_conv=max(d_conv - 1, 0) * conv_channels,
             recurrent_ssm=d_state * d_inner,
             # conv input and output, the output gate, and the delta rule's 64-token chunk matrices
