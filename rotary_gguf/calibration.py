@@ -10,7 +10,9 @@ and ordinary memory; what each op of a real decode graph adds, and beside an acc
 block with host experts adds, measured by decoding the built-in demo model on the CPU alone, and
 on the accelerator with its experts there and in host memory. The CPU's decode speed is also
 measured at 1, half and all threads (`plan --calibrate` shows them). A later model with a type not
-measured yet adds only that type's figures.
+measured yet adds only that type's figures. The figures planned with are each the median of this
+machine's last CALIBRATIONS_KEPT calibrations, so that one that fell in a busy moment does not
+steer the plan alone.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from pathlib import Path
 from gguf import GGMLQuantizationType
 
 from . import __version__
+from .defaults import CALIBRATIONS_KEPT
 from .errors import UserError
 from .speed_model import KV_WINDOW, REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 13
+CALIBRATION_FORMAT = 14
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
 # A prompt's experts: the op (MUL_MAT_ID), far from the dense multiply's speed on CPUs, timed for 64
 # tokens at each of these shares (tokens selecting each expert the op uses: 64 share eight experts,
@@ -58,6 +61,8 @@ class Calibration:
     cpu_decode_by_threads: dict[str, dict[int, float]]  # type -> threads -> bytes per second
     seconds: float  # how long measuring took, all runs together
     path: Path | None = None
+    # the measurements `cpu` and `accelerator` are the medians of, oldest first: (cpu, accelerator)
+    measurements: tuple[tuple[DeviceSpeeds, DeviceSpeeds | None], ...] = ()
 
     def to_json(self) -> dict:
         return {
@@ -68,18 +73,24 @@ class Calibration:
             "accelerator": self.accelerator.to_json() if self.accelerator else None,
             "cpu_decode_by_threads": {t: {str(n): v for n, v in by.items()} for t, by in self.cpu_decode_by_threads.items()},
             "seconds": round(self.seconds, 3),
+            "measurements": [{"cpu": cpu.to_json(), "accelerator": acc.to_json() if acc else None}
+                             for cpu, acc in self.measurements],
         }
 
     @classmethod
     def from_json(cls, d: dict, path: Path | None = None) -> "Calibration":
-        acc = d.get("accelerator")
+        def speeds(m: dict) -> tuple[DeviceSpeeds, DeviceSpeeds | None]:
+            return DeviceSpeeds.from_json(m["cpu"]), DeviceSpeeds.from_json(m["accelerator"]) if m.get("accelerator") else None
+
+        cpu, acc = speeds(d)
         return cls(
-            cpu=DeviceSpeeds.from_json(d["cpu"]),
-            accelerator=DeviceSpeeds.from_json(acc) if acc else None,
+            cpu=cpu,
+            accelerator=acc,
             threads=int(d["threads"]),
             cpu_decode_by_threads={t: {int(n): float(v) for n, v in by.items()} for t, by in d["cpu_decode_by_threads"].items()},
             seconds=float(d.get("seconds", 0.0)),
             path=path,
+            measurements=tuple(speeds(m) for m in d.get("measurements") or [d]),
         )
 
     def covers(self, type_names: Iterable[str], expert_type_names: Iterable[str] = ()) -> bool:
@@ -138,7 +149,7 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
     """This machine's calibration for weight `types` (name -> ggml type) at rows of `n_embd`, and
     for experts of `expert_types` (default: every type) of `expert_shape` (FFN width, experts a
     token uses), from the cache folder where it has them, else measured now (and kept). `refresh`
-    measures everything again."""
+    measures everything again, a new measurement beside the last ones kept."""
     from . import native
     from .doctor import host_cpu
     from .native import measure
@@ -146,21 +157,24 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
     acc_dev = native.device_by_name(accelerator_name) if accelerator_name else None
     path = calibration_path(host_cpu()[0], acc_dev, threads)
     expert_types = set(types) if expert_types is None else set(expert_types)
-    known = None if refresh else load(path)
+    stored = load(path)
+    known = None if refresh else stored
     if known is not None and known.covers(types, expert_types):
         return known
+    # a calibration lacking a type completes its latest measurement; a new one (or `refresh`) is measured whole
+    latest_cpu, latest_acc = known.measurements[-1] if known else (None, None)
     step = on_step or (lambda _what: None)
     started = time.perf_counter()
-    # the demo model decoded on the CPU alone (a new calibration), and on the accelerator both ways (a new one)
+    # the demo model decoded on the CPU alone (a new measurement), and on the accelerator both ways (a new one)
     demo_placements = (["cpu"] if known is None else []) + (
-        ["resident", "on_host"] if acc_dev is not None and (known is None or known.accelerator.host_block_seconds is None)
+        ["resident", "on_host"] if acc_dev is not None and (latest_acc is None or latest_acc.host_block_seconds is None)
         else [])
     if demo_placements:  # its speed is explained from its own types' figures
         demo_types, demo_expert_types = demo_weight_types()
         types, expert_types = {**demo_types, **types}, expert_types | demo_expert_types
-    devices = [(native.cpu_device(), known.cpu if known else None, threads)]
+    devices = [(native.cpu_device(), latest_cpu, threads)]
     if acc_dev is not None:
-        devices.append((acc_dev, known.accelerator if known else None, None))
+        devices.append((acc_dev, latest_acc, None))
 
     passes: dict[str, list[dict]] = {dev.name: [] for dev, _, _ in devices}
     demo_runs: dict[str, list[float]] = {name: [] for name in demo_placements}
@@ -193,9 +207,30 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
                                 measure.matvec_bytes_per_s(native.cpu_device(), ggml_type, n_embd, n, DECODE_WEIGHT_BYTES)
                                 for n in counts}
     seconds = round((known.seconds if known else 0.0) + time.perf_counter() - started, 3)
-    result = Calibration(cpu, acc, threads, by_threads, seconds, path)
+    history = stored.measurements if stored else ()
+    kept = ((history if known is None else history[:-1]) + ((cpu, acc),))[-CALIBRATIONS_KEPT:]
+    result = Calibration(_median_speeds([c for c, _ in kept]),
+                         _median_speeds([a for _, a in kept]) if acc is not None else None,
+                         threads, by_threads, seconds, path, kept)
     _save(result, path)
     return result
+
+
+def _median_speeds(measured: list[DeviceSpeeds]) -> DeviceSpeeds:
+    """One device's speeds, each figure the median of `measured`'s (of those that have it); the
+    newest's name, description and batch."""
+    newest = measured[-1]
+    return replace(newest, **{name: _median([getattr(m, name) for m in measured])
+                              for name in newest.__dataclass_fields__ if name not in ("name", "description", "batch")})
+
+
+def _median(values: list):
+    """The median of the `values` that are not None (None if none is), key by key where they are
+    dicts (a type measured in only some of the measurements: of those)."""
+    present = [v for v in values if v is not None]
+    if present and isinstance(present[0], dict):
+        return {k: _median([v.get(k) for v in present]) for k in dict.fromkeys(k for v in present for k in v)}
+    return statistics.median(present) if present else None
 
 
 def _decode_pass(dev, previous: DeviceSpeeds | None, types: dict[str, int], expert_types: set[str], n_embd: int,

@@ -1,4 +1,4 @@
-"""Defaults of the context llama.cpp creates and of the budget, shared by the planner, the engine and the command
+"""Defaults of the context llama.cpp creates, of the budget and of the calibration, shared by the planner, the engine and the command
 line: one place for them, with no imports, so the command line's options can name them cheaply."""
 
 DEFAULT_CTX = 4096  # tokens, for a model the catalog (models.toml) gives no default_ctx
@@ -14,3 +14,8 @@ DEFAULT_FLASH_ATTN = "auto"
 # --vram is the card's, so the reserve also covers the CUDA context (about 300 MiB) and a desktop.
 FREE_MEMORY_RESERVE = 256 * 2**20
 CARD_RESERVE = 768 * 2**20
+
+# The figures a plan predicts speed from are each the median of this machine's last few calibrations:
+# slow states of a shared machine outlast one calibration (whole calibrations a minute apart predicted
+# one placement at 33.7 and 46.5 t/s).
+CALIBRATIONS_KEPT = 3

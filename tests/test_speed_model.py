@@ -105,6 +105,21 @@ def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     more = calibration.calibrate({"Q4_K": Q4_K, "Q6_K": Q6_K}, 256, 1, on_step=steps.append)
     assert steps and all("Q6_K" in s for s in steps)
     assert more.cpu.decode["Q4_K"] == first.cpu.decode["Q4_K"] and "Q6_K" in more.cpu.decode
+    # that completed the one measurement; a refresh is a new one, kept beside the last ones, and each
+    # figure planned with is the median of those that measured it
+    assert len(more.measurements) == 1
+    doc = json.loads(more.path.read_text())
+    slow = json.loads(json.dumps(doc["measurements"][0]))
+    slow["cpu"]["decode"]["Q4_K"] = 1.0
+    doc["measurements"] = [slow, slow, doc["measurements"][0]]  # oldest first
+    more.path.write_text(json.dumps(doc))
+    again = calibration.calibrate({"Q4_K": Q4_K}, 256, 1, refresh=True)
+    assert len(again.measurements) == calibration.CALIBRATIONS_KEPT == 3  # the oldest one dropped
+    newest = again.measurements[-1][0]
+    assert again.measurements[0][0].decode["Q4_K"] == 1.0 and "Q6_K" not in newest.decode
+    assert again.cpu.decode["Q4_K"] == min(more.cpu.decode["Q4_K"], newest.decode["Q4_K"])  # median of 1.0 and those
+    assert again.cpu.decode["Q6_K"] == more.cpu.decode["Q6_K"]  # measured by the older two alike
+    assert calibration.load(again.path) == again
     # a damaged file is measured again, not trusted
     first.path.write_text("{not json")
     assert calibration.load(first.path) is None

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .. import log
 from ..errors import UserError
-from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
+from ..defaults import CALIBRATIONS_KEPT, DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
 from ..draft import DEFAULT_DRAFT_MAX
 from ..units import human_bytes
 from .app import (BatchOpt, CacheOpt, CtxOpt, DevicesOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModelArg, ProfileOpt, ReserveOpt,
@@ -46,7 +46,8 @@ def bench(
     draft_max: DraftMaxOpt = DEFAULT_DRAFT_MAX,
     calibrate: Annotated[
         bool, typer.Option("--calibrate", help="Measure this machine's speeds again right after the runs, for the "
-                           "predicted column (else the figures kept from the first use), so both see the same load.")
+                           "predicted column (else the figures kept from the first use), so both see the same load; "
+                           f"each figure is the median of the last {CALIBRATIONS_KEPT} measurements.")
     ] = False,
 ) -> None:
     """Measure placements side by side (the plan with and without its expert cache, llama.cpp's

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import UserError
 from ..units import human_bytes
-from ..defaults import DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
+from ..defaults import CALIBRATIONS_KEPT, DEFAULT_BATCH, DEFAULT_FLASH_ATTN, DEFAULT_KV_TYPE
 from ..draft import DEFAULT_DRAFT_MAX
 from .app import (BatchOpt, CacheOpt, CtxOpt, DevicesOpt, FlashAttnOpt, JsonOpt, KvTypeOpt, MissesOpt, ModeOpt, ModelSourceArg,
                   ProfileOpt, ReserveOpt, RpcOpt, ThreadsOpt, UbatchOpt, VramOpt, app, cache_setting, out)
@@ -38,7 +38,8 @@ def plan(
     threads: ThreadsOpt = 0,
     calibrate: Annotated[
         bool, typer.Option("--calibrate", help="Measure this machine's speeds again (seconds; kept in the cache folder, "
-                           "measured on first use otherwise) and show them.")
+                           "measured on first use otherwise) and show them. Each figure planned with is the "
+                           f"median of the last {CALIBRATIONS_KEPT} measurements.")
     ] = False,
     check: Annotated[
         bool, typer.Option("--check", help="Also load the model with the plan and show what llama.cpp allocated.")
@@ -217,7 +218,9 @@ def _print_calibration(cal) -> None:
     at each share of tokens per expert), then each device's fixed costs."""
     devices = [d for d in (cal.cpu, cal.accelerator) if d is not None]
     shares = sorted({k for dev in devices for by_share in dev.prompt_experts.values() for k in by_share})
-    rates = Table(title=f"calibration ({cal.seconds:.1f} s of measuring, kept in {cal.path}), GB/s",
+    kept = len(cal.measurements)
+    medians = f"medians of the last {kept} measurements" if kept > 1 else "one measurement"
+    rates = Table(title=f"calibration ({medians}; measuring took {cal.seconds:.1f} s; kept in {cal.path}), GB/s",
                   title_justify="left", box=None, pad_edge=False)
     for col in ("device", "type", "decode", "prompt", "experts", *(f"x{k}" for k in shares)):
         rates.add_column(col, justify="left" if col in ("device", "type") else "right")
