@@ -62,10 +62,11 @@ class Candidate:
         """Every name of a merged candidate ("plan cpu = --n-cpu-moe 3")."""
         return tuple(self.name.split(" = "))
 
-    @property
-    def setup(self) -> tuple:
-        """What loading it does: candidates with the same setup are the same placement."""
-        return self.placement, self.expert_cache_slots, self.split, self.upload_budget, self.draft_max
+    def setup(self, tensor_names: Sequence[str]) -> tuple:
+        """What loading a model of `tensor_names` this way does: candidates with the same setup are
+        the same placement, however their overrides are spelled."""
+        placement = replace(self.placement, overrides=self.placement.buffers(tensor_names))
+        return placement, self.expert_cache_slots, self.split, self.upload_budget, self.draft_max
 
     def with_drafts(self, draft_max: int) -> "Candidate":
         """The same candidate drafting with the model's MTP block: "... +mtp"."""
@@ -201,11 +202,7 @@ def candidates(plans: Sequence[Plan]) -> list[Candidate]:
         return Placement(devices=(device,), overrides=overrides, n_gpu_layers=-1, repack=repack)
 
     layers = [i for i in range(model.n_layer) if model.expert_bytes(i)]
-    # a plan with every expert block on the host names them one by one: the same placement as
-    # --cpu-moe, which then takes that spelling, so that the two are measured once, as one row
-    every_block = host_experts(layers)
-    cpu_moe = every_block if any(c.placement == every_block for c in out) else host_experts(None)
-    out.append(Candidate(BASELINE, cpu_moe, "cpu", "llama.cpp --cpu-moe: every expert in host memory",
+    out.append(Candidate(BASELINE, host_experts(None), "cpu", "llama.cpp --cpu-moe: every expert in host memory",
                          layout=base.speed_layout(layers)))
     resident_bytes = sum(model.expert_bytes(i) for i in base.resident)
     n = next(k for k in range(len(layers) + 1) if sum(model.expert_bytes(i) for i in layers[k:]) <= resident_bytes)
@@ -216,7 +213,7 @@ def candidates(plans: Sequence[Plan]) -> list[Candidate]:
     if not base.host_layers:
         out.append(Candidate("all-accel", Placement(devices=(device,), n_gpu_layers=-1, repack=repack),
                              "accelerator", "every layer on the accelerator, no overrides", layout=base.speed_layout([])))
-    return merged(out)
+    return merged(out, [t for t, _ in model.tensors])
 
 
 def with_drafting(cands: Sequence[Candidate], drafting: Sequence[Candidate]) -> list[Candidate]:
@@ -272,13 +269,15 @@ def add_predictions(results: Sequence[Result], speeds: PlanSpeeds, prompt_batch:
         r.prediction = speeds.predict(r.candidate.layout, prompt_batch)
 
 
-def merged(cands: Sequence[Candidate]) -> list[Candidate]:
-    """Candidates with the same setup as one, named after all of them ("plan cpu = --n-cpu-moe 3"):
-    measured once, so a recommendation never picks one of two identical placements over the other."""
+def merged(cands: Sequence[Candidate], tensor_names: Sequence[str]) -> list[Candidate]:
+    """Candidates that load a model of `tensor_names` the same way as one, the first's spelling
+    named after all of them ("plan cpu = --n-cpu-moe 3"): measured once, so a recommendation never
+    picks one of two identical placements over the other."""
     by_setup: dict[tuple, Candidate] = {}
     for c in cands:
-        first = by_setup.get(c.setup)
-        by_setup[c.setup] = c if first is None else replace(first, name=f"{first.name} = {c.name}")
+        setup = c.setup(tensor_names)
+        first = by_setup.get(setup)
+        by_setup[setup] = c if first is None else replace(first, name=f"{first.name} = {c.name}")
     return list(by_setup.values())
 
 

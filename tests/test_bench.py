@@ -211,8 +211,15 @@ def test_identical_placements_are_measured_once_as_one_row():
     cands = [Candidate("plan cpu", all_accel, "cpu", ""), Candidate(BASELINE, on_host, "cpu", ""),
              Candidate("plan cpu+cache 4", all_accel, "cpu", "", expert_cache_slots=4),
              Candidate("all-accel", all_accel, "accelerator", "")]
-    assert [c.name for c in merged(cands)] == ["plan cpu = all-accel", BASELINE, "plan cpu+cache 4"]
-    assert merged(cands)[0].names == ("plan cpu", "all-accel")
+    tensors = ["blk.0.ffn_up_exps.weight", "blk.1.ffn_up_exps.weight", "blk.1.attn_q.weight"]
+    assert [c.name for c in merged(cands, tensors)] == ["plan cpu = all-accel", BASELINE, "plan cpu+cache 4"]
+    assert merged(cands, tensors)[0].names == ("plan cpu", "all-accel")
+    # the same overrides spelled two ways: every block's experts by one pattern, or block by block
+    by_block = Placement(devices=("RPC0",), overrides=((r"^blk\.(0|1)\.ffn_up_exps\.", "CPU"),), n_gpu_layers=-1)
+    one_block = Placement(devices=("RPC0",), overrides=((r"^blk\.(1)\.ffn_up_exps\.", "CPU"),), n_gpu_layers=-1)
+    rows = merged([Candidate(BASELINE, on_host, "cpu", ""), Candidate("plan cpu", by_block, "cpu", ""),
+                   Candidate("--n-cpu-moe 1", one_block, "cpu", "")], tensors)
+    assert [c.name for c in rows] == [f"{BASELINE} = plan cpu", "--n-cpu-moe 1"] and rows[0].placement == on_host
 
 
 def test_a_plan_with_every_expert_on_the_host_is_cpu_moe_measured_once(test_model):

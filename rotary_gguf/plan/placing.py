@@ -4,6 +4,8 @@ that results (see the package's docstring)."""
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from .. import arch as names
@@ -39,6 +41,16 @@ class Placement:
     @classmethod
     def all_cpu(cls) -> "Placement":
         return cls()
+
+    def buffers(self, tensor_names: Iterable[str]) -> tuple[tuple[str, str], ...]:
+        """Where the overrides put each of `tensor_names` they match: the first matching pattern's
+        buffer type, as llama.cpp reads them. Two spellings of the same overrides give the same."""
+        out = []
+        for name in tensor_names:
+            buft = next((buft for pattern, buft in self.overrides if re.search(pattern, name)), None)
+            if buft is not None:
+                out.append((name, buft))
+        return tuple(out)
 
 
 @dataclass(frozen=True)
