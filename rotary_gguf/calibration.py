@@ -3,8 +3,8 @@ in seconds and kept per machine and device in the user's cache folder (`speed_mo
 from them).
 
 Per device (the CPU at the thread count used, and the accelerator): matrix-vector and batched
-matrix-multiply throughput and the experts' own op at decode and in a prompt, for each weight type
-a model has; a Gated DeltaNet block's state update at decode and in a prompt; the fixed cost of one
+matrix-multiply throughput, the experts' own op at decode and their whole FFN in a prompt, for
+each weight type a model has; a Gated DeltaNet block's state update at decode and in a prompt; the fixed cost of one
 graph (launch and sync) and of one small copy, and host -> device upload speed from page-locked
 and ordinary memory; what each op of a real decode graph adds, and beside an accelerator what a
 block with host experts adds, measured by decoding the built-in demo model on the CPU alone, and
@@ -31,16 +31,18 @@ from gguf import GGMLQuantizationType
 from . import __version__
 from .defaults import CALIBRATIONS_KEPT
 from .errors import UserError
-from .speed_model import KV_WINDOW, REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, token_seconds
+from .speed_model import KV_WINDOW, REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, ffn_types, token_seconds
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 14
+CALIBRATION_FORMAT = 15
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
-# A prompt's experts: the op (MUL_MAT_ID), far from the dense multiply's speed on CPUs, timed for 64
-# tokens at each of these shares (tokens selecting each expert the op uses: 64 share eight experts,
-# 1 spreads the tokens over 512). Its speed per byte depends on the share, and not in proportion to
-# the reads of the distinct experts (ggml-rpc at Q4_K: 50 GB/s at 64 tokens per expert, 35 at 16,
-# 17 at 8); `speed_model` takes each batch's shares from the routing.
+# A prompt's experts: their whole FFN as a MoE block runs it (gate, up, SwiGLU, down, weighting, sum),
+# far from the dense multiply's speed on CPUs, timed for 64 tokens at each of these shares (tokens
+# selecting each expert: 64 share eight experts, 1 spreads the tokens over 512). Its speed per byte
+# depends on the share, and not in proportion to the reads of the distinct experts (ggml-rpc at Q4_K,
+# the gate's op alone: 50 GB/s at 64 tokens per expert, 35 at 16, 17 at 8); `speed_model` takes each
+# batch's shares from the routing. The down projection's short rows and the work per token-expert
+# pair made bench-dims's prompt experts a third slower than the gate's op alone.
 PROMPT_EXPERT_BATCH = 64
 PROMPT_EXPERT_SHARES = (1, 4, 8, 16, 64)
 # A prompt's recurrent-state update: the fused op over this many tokens carries the state itself.
@@ -49,6 +51,7 @@ PROMPT_RECURRENT_TOKENS = 64
 # the figure is the memory's speed, as a model of gigabytes sees it, not the cache's.
 DECODE_WEIGHT_BYTES = 256 * 2**20
 PROMPT_WEIGHT_BYTES = 2 * 2**20
+PROMPT_FFN_BYTES = 96 * 2**20  # per projection of the expert FFN (at least the 512 experts a batch selects)
 
 
 @dataclass(frozen=True)
@@ -93,14 +96,15 @@ class Calibration:
             measurements=tuple(speeds(m) for m in d.get("measurements") or [d]),
         )
 
-    def covers(self, type_names: Iterable[str], expert_type_names: Iterable[str] = ()) -> bool:
-        """Whether every figure the speed model needs for weights of `type_names` and experts of
-        `expert_type_names` is here."""
+    def covers(self, type_names: Iterable[str], expert_ffns: Iterable[str] = ()) -> bool:
+        """Whether every figure the speed model needs for weights of `type_names` and expert FFNs
+        of `expert_ffns` (`ffn_key`s) is here."""
         devices = [self.cpu] + ([self.accelerator] if self.accelerator else [])
         if self.accelerator is not None and self.accelerator.host_block_seconds is None:
             return False
         return all(t in dev.decode and t in dev.prompt for dev in devices for t in type_names) and all(
-            t in dev.experts and t in dev.prompt_experts for dev in devices for t in expert_type_names)
+            key in dev.prompt_experts and all(t in dev.experts for t in ffn_types(key))
+            for dev in devices for key in expert_ffns)
 
 
 def calibration_path(cpu_name: str, accelerator, threads: int) -> Path:
@@ -144,22 +148,22 @@ DECODE_PASSES = 3
 
 
 def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name: str | None = None, *,
-              expert_types: Iterable[str] | None = None, refresh: bool = False,
+              expert_ffns: Iterable[str] | None = None, refresh: bool = False,
               on_step: Callable[[str], None] | None = None, expert_shape: tuple[int, int] = (512, 8)) -> Calibration:
     """This machine's calibration for weight `types` (name -> ggml type) at rows of `n_embd`, and
-    for experts of `expert_types` (default: every type) of `expert_shape` (FFN width, experts a
-    token uses), from the cache folder where it has them, else measured now (and kept). `refresh`
-    measures everything again, a new measurement beside the last ones kept."""
+    for expert FFNs of `expert_ffns` (`ffn_key`s; default: one of each type) of `expert_shape` (FFN
+    width, experts a token uses), from the cache folder where it has them, else measured now (and
+    kept). `refresh` measures everything again, a new measurement beside the last ones kept."""
     from . import native
     from .doctor import host_cpu
     from .native import measure
 
     acc_dev = native.device_by_name(accelerator_name) if accelerator_name else None
     path = calibration_path(host_cpu()[0], acc_dev, threads)
-    expert_types = set(types) if expert_types is None else set(expert_types)
+    expert_ffns = set(types) if expert_ffns is None else set(expert_ffns)
     stored = load(path)
     known = None if refresh else stored
-    if known is not None and known.covers(types, expert_types):
+    if known is not None and known.covers(types, expert_ffns):
         return known
     # a calibration lacking a type completes its latest measurement; a new one (or `refresh`) is measured whole
     latest_cpu, latest_acc = known.measurements[-1] if known else (None, None)
@@ -170,8 +174,9 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
         ["resident", "on_host"] if acc_dev is not None and (latest_acc is None or latest_acc.host_block_seconds is None)
         else [])
     if demo_placements:  # its speed is explained from its own types' figures
-        demo_types, demo_expert_types = demo_weight_types()
-        types, expert_types = {**demo_types, **types}, expert_types | demo_expert_types
+        demo_types, demo_ffns = demo_weight_types()
+        types, expert_ffns = {**demo_types, **types}, expert_ffns | demo_ffns
+    expert_types = {t for key in expert_ffns for t in ffn_types(key)}
     devices = [(native.cpu_device(), latest_cpu, threads)]
     if acc_dev is not None:
         devices.append((acc_dev, latest_acc, None))
@@ -188,7 +193,7 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
             step(f"the built-in demo model: a real decode's ops{blocks}{of}")
             for name, runs in _demo_decode_seconds(demo_placements, acc_dev.name if acc_dev else None, threads).items():
                 demo_runs[name] += runs
-    cpu, *accelerators = [_device_speeds(dev, previous, _mean_of_passes(passes[dev.name]), types, expert_types, n_embd,
+    cpu, *accelerators = [_device_speeds(dev, previous, _mean_of_passes(passes[dev.name]), types, expert_ffns, n_embd,
                                          expert_shape, n_threads, step) for dev, previous, n_threads in devices]
     acc = accelerators[0] if accelerators else None
     if "cpu" in demo_runs:
@@ -265,7 +270,7 @@ def _mean_of_passes(passes: list[dict]) -> dict:
     return merged | {key: statistics.fmean(p[key] for p in passes) for key in first if key not in merged}
 
 
-def _device_speeds(dev, previous: DeviceSpeeds | None, decode: dict, types: dict[str, int], expert_types: set[str],
+def _device_speeds(dev, previous: DeviceSpeeds | None, decode: dict, types: dict[str, int], expert_ffns: set[str],
                    n_embd: int, expert_shape: tuple[int, int], n_threads: int | None,
                    step: Callable[[str], None]) -> DeviceSpeeds:
     """`dev`'s speeds: `previous` with the `decode` figures of the passes, and the prompt figures
@@ -280,11 +285,12 @@ def _device_speeds(dev, previous: DeviceSpeeds | None, decode: dict, types: dict
             step(f"{dev.name}: {name} at batch {PROMPT_BATCH}")
             prompt[name] = PROMPT_BATCH * measure.matvec_bytes_per_s(dev, ggml_type, n_embd, n_threads,
                                                                      PROMPT_WEIGHT_BYTES, batch=PROMPT_BATCH)
-        if name in expert_types and name not in prompt_experts:
-            step(f"{dev.name}: {name} experts at batch {PROMPT_EXPERT_BATCH}")
-            prompt_experts[name] = {share: measure.expert_bytes_per_s(
-                dev, ggml_type, n_embd, *expert_shape, n_threads, DECODE_WEIGHT_BYTES, batch=PROMPT_EXPERT_BATCH,
-                tokens_per_expert=share) for share in PROMPT_EXPERT_SHARES}
+    for key in sorted(expert_ffns - set(prompt_experts)):
+        step(f"{dev.name}: {key} expert FFN at batch {PROMPT_EXPERT_BATCH}")
+        ggml_types = tuple(types[t] for t in ffn_types(key))
+        prompt_experts[key] = {share: measure.prompt_ffn_bytes_per_s(
+            dev, ggml_types, n_embd, *expert_shape, n_threads, PROMPT_FFN_BYTES, batch=PROMPT_EXPERT_BATCH,
+            tokens_per_expert=share) for share in PROMPT_EXPERT_SHARES}
     rates = {"decode": (previous.decode if previous else {}) | decode["decode"],
              "experts": (previous.experts if previous else {}) | decode["experts"], "prompt": prompt,
              "prompt_experts": prompt_experts}
@@ -309,13 +315,14 @@ DEMO_RUNS = 4  # timed generations of each placement per pass of the calibration
 
 def demo_weight_types() -> tuple[dict[str, int], set[str]]:
     """The built-in demo model's weight types and its KV cache's (name -> ggml type), and its
-    experts' types."""
+    expert FFNs' (`ffn_key`s)."""
     from .demo import DEMO_MODEL
     from .inventory import read_inventory
 
-    tensors = read_inventory(DEMO_MODEL).tensors
+    inv = read_inventory(DEMO_MODEL)
     f16 = GGMLQuantizationType.F16
-    return {t.type_name: t.ggml_type for t in tensors} | {f16.name: f16.value}, {t.type_name for t in tensors if t.expert_kind}
+    return ({t.type_name: t.ggml_type for t in inv.tensors} | {f16.name: f16.value},
+            set(Weights.from_inventory(inv).expert_ffn.values()))
 
 
 def demo_op_seconds(cpu: DeviceSpeeds, acc: DeviceSpeeds | None, runs: list[float]) -> float:
@@ -398,15 +405,16 @@ def plan_speeds(inv, accelerator_name: str | None, threads: int, *, kv_type: str
     with published figures of a laptop GPU (`REFERENCE_GPU`) for an accelerator that is not on
     this machine; its attention reading `kv_cells` cells of the cache per token."""
     types = {t.type_name: t.ggml_type for t in inv.tensors} | {kv_type.upper(): GGMLQuantizationType[kv_type.upper()].value}
+    weights = Weights.from_inventory(inv, kv_type, kv_cells)
     cal = calibrate(types, inv.n_embd, threads, accelerator_name, refresh=refresh, on_step=on_step,
-                    expert_types={t.type_name for t in inv.tensors if t.expert_kind},
+                    expert_ffns=set(weights.expert_ffn.values()),
                     expert_shape=(inv.n_ff_exp or 512, inv.n_expert_used or 8))
     where = f"CPU at {threads} thread{'s' if threads > 1 else ''}"
     if cal.accelerator is not None:
         source = f"calibrated: {where}, {cal.accelerator.name}"
     else:
         source = f"calibrated: {where}; {REFERENCE_GPU.name} for the GPU"
-    return PlanSpeeds(Weights.from_inventory(inv, kv_type, kv_cells), cal.cpu, cal.accelerator or REFERENCE_GPU, source), cal
+    return PlanSpeeds(weights, cal.cpu, cal.accelerator or REFERENCE_GPU, source), cal
 
 
 def device_plan_speeds(inv, accelerator_names: list[str], threads: int, *, kv_type: str = "f16",

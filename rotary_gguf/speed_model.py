@@ -62,8 +62,9 @@ class DeviceSpeeds:
     upload_pinned: float | None = None  # host -> device bytes per second, from page-locked memory
     upload_pageable: float | None = None  # from ordinary host memory
     experts: dict[str, float] = field(default_factory=dict)  # decode's expert op (MUL_MAT_ID), per type
-    # a prompt's expert op, per type and tokens of the batch sharing each selected expert: bytes of every
-    # token's selected experts per second, each expert's read from memory included
+    # a prompt's expert FFN (gate, up, down, the weighting and sum of a token's outputs), per `ffn_key`
+    # and tokens of the batch sharing each selected expert: bytes of every token's selected experts per
+    # second, each expert's read from memory included
     prompt_experts: dict[str, dict[int, float]] = field(default_factory=dict)
     host_block_seconds: float | None = None  # what a block with host experts adds beside this accelerator
     recurrent: float | None = None  # recurrent-state bytes per second of a Gated DeltaNet block's update
@@ -79,12 +80,12 @@ class DeviceSpeeds:
         """Bytes per second of decode's expert op, else the plain matrix-vector rate."""
         return self.experts.get(type_name) or self.rate("decode", type_name)
 
-    def prompt_expert_seconds(self, type_name: str, nbytes: int, pairs: np.ndarray) -> float | None:
-        """Seconds of a prompt's expert op over experts of `nbytes`, where `pairs[k]` tokens use an
-        expert that k + 1 tokens of the batch share: at the op's speed measured at that share (its
-        seconds per byte interpolated on a log scale between the shares measured, the nearest beyond
-        them). None where the op was not measured for `type_name`."""
-        curve = self.prompt_experts.get(type_name)
+    def prompt_expert_seconds(self, ffn: str, nbytes: int, pairs: np.ndarray) -> float | None:
+        """Seconds of a prompt's expert FFN of types `ffn` (an `ffn_key`) over experts of `nbytes`,
+        where `pairs[k]` tokens use an expert that k + 1 tokens of the batch share: at the FFN's
+        speed measured at that share (its seconds per byte interpolated on a log scale between the
+        shares measured, the nearest beyond them). None where it was not measured for `ffn`."""
+        curve = self.prompt_experts.get(ffn)
         if not curve:
             return None
         shares = sorted(curve)
@@ -119,6 +120,18 @@ class DeviceSpeeds:
         return cls(**fields)
 
 
+def ffn_key(gate: str, up: str, down: str) -> str:
+    """The name of an expert FFN's weight types (gate, up, down): the type where all three share
+    it, else "GATE/UP/DOWN" (Q4_K_M quantizes some blocks' down projections to Q6_K)."""
+    return gate if gate == up == down else f"{gate}/{up}/{down}"
+
+
+def ffn_types(key: str) -> tuple[str, str, str]:
+    """The (gate, up, down) weight types of an `ffn_key`."""
+    parts = key.split("/")
+    return (parts[0],) * 3 if len(parts) == 1 else (parts[0], parts[1], parts[2])
+
+
 @dataclass(frozen=True)
 class Weights:
     """A model's weight bytes as the speed model needs them: per (type name) for the non-expert
@@ -133,6 +146,7 @@ class Weights:
     recurrent_state: int = 0  # recurrent-state bytes every linear-attention block updates per token, all together
     # K and V bytes a token's attention reads from the KV cache, all full-attention blocks together, by type
     kv_cache: dict[str, int] = field(default_factory=dict)
+    expert_ffn: dict[int, str] = field(default_factory=dict)  # block -> `ffn_key` of its experts' types
 
     @classmethod
     def from_tensors(cls, tensors, n_expert: int, n_expert_used: int, attention: list[str], n_vocab: int) -> "Weights":
@@ -142,16 +156,19 @@ class Weights:
         n_layer = len(attention)
         other: dict[str, int] = {}
         expert: dict[int, dict[str, int]] = {}
+        projections: dict[int, dict[str, str]] = {}  # block -> projection -> type
         for name, type_name, nbytes in tensors:
             layer = names.block_index(name)
             if layer is not None and layer >= n_layer:
                 continue
-            if names.expert_kind(name):
+            if kind := names.expert_kind(name):
                 per = expert.setdefault(layer, {})
                 per[type_name] = per.get(type_name, 0) + nbytes // n_expert
+                projections.setdefault(layer, {}).update(dict.fromkeys(kind.split("_"), type_name))
             elif name != "token_embd.weight":
                 other[type_name] = other.get(type_name, 0) + nbytes
-        return cls(other, expert, n_expert, n_expert_used, n_vocab, estimated_nodes(attention))
+        ffn = {i: ffn_key(p["gate"], p["up"], p["down"]) for i, p in projections.items() if {"gate", "up", "down"} <= set(p)}
+        return cls(other, expert, n_expert, n_expert_used, n_vocab, estimated_nodes(attention), expert_ffn=ffn)
 
     @classmethod
     def from_inventory(cls, inv, kv_type: str = "f16", kv_cells: int = KV_WINDOW) -> "Weights":
@@ -170,25 +187,26 @@ class Weights:
     def used_seconds(self, layer: int, device: DeviceSpeeds, phase: str, share: float = 1.0, batch: int = 1,
                      routing: tuple[float, ...] | None = None) -> float:
         """Seconds per token `device` spends on `share` of the experts a token selects in `layer`. In
-        a prompt of `batch` tokens the op's speed depends on how many tokens share each expert it
-        selects, taken from `routing` (the block's hit-rate curve: the share of its selections its
+        a prompt of `batch` tokens the FFN's speed depends on how many tokens share each expert
+        the batch selects, taken from `routing` (the block's hit-rate curve: the share of its selections its
         S busiest experts take, S = 0..n_expert; the field figures without one), each token drawing
-        its experts independently. Where the op was not measured in a prompt: every token's experts
+        its experts independently. Where it was not measured in a prompt: every token's experts
         at the batched rate, and each expert the batch selects read once for its tokens."""
         per_expert = self.expert.get(layer, {})
         if phase == "decode" or batch <= 1:
             return share * sum(self.n_expert_used * n / device.expert_rate(t) for t, n in per_expert.items())
         curve = routing or field_routing(self.n_expert)
         pairs = batch_pairs(curve, self.n_expert_used, batch)
+        key = self.expert_ffn.get(layer)
+        measured = device.prompt_expert_seconds(key, sum(per_expert.values()), pairs) if key else None
+        if measured is not None:
+            return share * measured / batch
         seconds = 0.0
         for t, n in per_expert.items():
-            measured = device.prompt_expert_seconds(t, n, pairs)
-            if measured is None:
-                compute = n / device.rate("prompt", t)
-                read = max(n / device.expert_rate(t) - compute, 0.0)
-                measured = batch * self.n_expert_used * compute + batch_distinct(curve, self.n_expert_used, batch) * read
-            seconds += measured / batch
-        return share * seconds
+            compute = n / device.rate("prompt", t)
+            read = max(n / device.expert_rate(t) - compute, 0.0)
+            seconds += batch * self.n_expert_used * compute + batch_distinct(curve, self.n_expert_used, batch) * read
+        return share * seconds / batch
 
 
 @lru_cache(maxsize=64)

@@ -214,7 +214,7 @@ def _print_predictions(p) -> None:
 
 
 def _print_calibration(cal) -> None:
-    """This machine's calibration: throughput per device and weight type (the expert op in a prompt
+    """This machine's calibration: throughput per device and weight type (a prompt's expert FFN
     at each share of tokens per expert), then each device's fixed costs."""
     devices = [d for d in (cal.cpu, cal.accelerator) if d is not None]
     shares = sorted({k for dev in devices for by_share in dev.prompt_experts.values() for k in by_share})
@@ -225,14 +225,14 @@ def _print_calibration(cal) -> None:
     for col in ("device", "type", "decode", "prompt", "experts", *(f"x{k}" for k in shares)):
         rates.add_column(col, justify="left" if col in ("device", "type") else "right")
     for dev in devices:
-        for i, name in enumerate(sorted(dev.decode)):
+        mixed = sorted(set(dev.prompt_experts) - set(dev.decode))  # expert FFNs of several types: a row each
+        for i, name in enumerate(sorted(dev.decode) + mixed):
             by_share = dev.prompt_experts.get(name, {})
-            rates.add_row(dev.name if i == 0 else "", name, f"{dev.decode[name] / 1e9:.1f}",
-                          f"{dev.prompt.get(name, 0) / 1e9:.1f}",
-                          f"{dev.experts[name] / 1e9:.1f}" if name in dev.experts else "-",
+            rates.add_row(dev.name if i == 0 else "", name, *(f"{rates_of[name] / 1e9:.1f}" if name in rates_of else "-"
+                                                              for rates_of in (dev.decode, dev.prompt, dev.experts)),
                           *(f"{by_share[k] / 1e9:.1f}" if k in by_share else "-" for k in shares))
     out.print(rates)
-    out.print("experts: the expert op at decode; xN: in a prompt, N tokens on each expert it selects")
+    out.print("experts: the expert op at decode; xN: a prompt's expert FFN, N tokens on each expert it selects")
 
     def us(seconds: float | None, digits: int = 1) -> str:
         return "-" if seconds is None else f"{seconds * 1e6:.{digits}f}"

@@ -13,7 +13,8 @@ from ..plan import Accelerator, LinkFigures
 from .backends import Device, cpu_device, cpu_weight_buffer_type, device_by_name
 from .ggml import (_GGML_TYPE_F32, _GGML_TYPE_I32, _alloc_ctx_tensors, _backend_free, _buffer_base, _buffer_clear, _buffer_free,
                    _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads, _dev_init, _gated_delta_net, _graph_compute,
-                   _metadata_context, _mul_mat, _new_graph, _new_tensor_2d, _new_tensor_3d, _row_size, _tensor_get, _tensor_set, _add, _mul_mat_id)
+                   _metadata_context, _mul_mat, _new_graph, _new_tensor_2d, _new_tensor_3d, _row_size, _tensor_get, _tensor_set, _add, _mul_mat_id,
+                   _mul, _swiglu_split, _view_2d)
 
 
 @contextmanager
@@ -67,7 +68,7 @@ def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, prepar
     taken `min_seconds`."""
     out = ctypes.create_string_buffer(4)
     weight_buft = cpu_weight_buffer_type() if dev.type == "cpu" else dev.buffer_type
-    with _backend(dev, n_threads) as backend, _metadata_context(GRAPH_TENSORS) as ctx, _metadata_context(2) as wctx:
+    with _backend(dev, n_threads) as backend, _metadata_context(GRAPH_TENSORS) as ctx, _metadata_context(3) as wctx:
         outputs = build(ctx, wctx)
         outputs = outputs if isinstance(outputs, list) else [outputs]
         graph = _new_graph(ctx)
@@ -99,7 +100,7 @@ MAX_CHAIN = 64  # ops in the longest graph `op_seconds` times
 # device (ggml-rpc on a busy machine) does not pass for a slow update.
 RECURRENT_STATES = 16
 EXPERT_OPS = 16  # decode's expert ops timed in one graph
-PROMPT_EXPERT_REPEATS = 9  # a prompt's expert op runs alone in its graph: more runs to take the median of
+PROMPT_EXPERT_REPEATS = 9  # a prompt's expert FFN runs alone in its graph: more runs to take the median of
 # How long a decode figure's runs take at least: a few milliseconds' runs fall in one state of a
 # machine whose speed drifts (on a shared host); a tenth of a second holds tens of them.
 DECODE_SAMPLE_SECONDS = 0.1
@@ -118,38 +119,76 @@ def matmul_seconds(dev: Device, ggml_type: int, n_embd: int, rows: int, batch: i
 
 
 def expert_bytes_per_s(dev: Device, ggml_type: int, n_embd: int, n_ff: int, n_used: int, n_threads: int | None = None,
-                       nbytes: int = 64 * 2**20, batch: int = 1, tokens_per_expert: int = 1) -> float:
-    """Expert weight bytes per second `dev` reads in the op a MoE block runs its experts with
-    (MUL_MAT_ID), counted once per token that uses them: `batch` tokens each selecting `n_used`
-    distinct experts of [n_embd, n_ff], each selected expert shared by `tokens_per_expert` of the
-    tokens (as in a prompt), from enough experts to fill `nbytes`, other experts every run (as a
-    model's tokens pick them, so none is still in a cache). Decode's speed for experts at batch 1,
-    where EXPERT_OPS such ops run in one graph, as a model's blocks do, so that one run reads tens
-    of MiB rather than a few, and a timer's or scheduler's hiccup is not taken for the memory's speed."""
+                       nbytes: int = 64 * 2**20) -> float:
+    """Expert weight bytes per second `dev` reads in the op a MoE block runs its experts with at
+    decode (MUL_MAT_ID): one token selecting `n_used` distinct experts of [n_embd, n_ff] from
+    enough to fill `nbytes`, other experts every run (as a model's tokens pick them, so none is
+    still in a cache). EXPERT_OPS such ops run in one graph, as a model's blocks do, so that one
+    run reads tens of MiB rather than a few, and a timer's or scheduler's hiccup is not taken for
+    the memory's speed."""
     expert = _row_size(ggml_type, n_embd) * n_ff
-    pool = max(n_used, n_used * batch // tokens_per_expert)  # the experts one op selects
-    ops = EXPERT_OPS if batch == 1 else 1
-    n_expert = max(pool * ops, nbytes // expert)
+    n_expert = max(n_used * EXPERT_OPS, nbytes // expert)
     ids: list[int] = []
 
     def build(ctx, wctx):
         weights = _new_tensor_3d(wctx, ggml_type, n_embd, n_ff, n_expert)
         outputs = []
-        for _ in range(ops):
-            ids.append(_new_tensor_2d(ctx, _GGML_TYPE_I32, n_used, batch))
-            outputs.append(_mul_mat_id(ctx, weights, _new_tensor_3d(ctx, _GGML_TYPE_F32, n_embd, 1, batch), ids[-1]))
+        for _ in range(EXPERT_OPS):
+            ids.append(_new_tensor_2d(ctx, _GGML_TYPE_I32, n_used, 1))
+            outputs.append(_mul_mat_id(ctx, weights, _new_tensor_3d(ctx, _GGML_TYPE_F32, n_embd, 1, 1), ids[-1]))
         return outputs
 
-    def prepare(run: int) -> None:  # each op's experts: the next `pool` in the tensor, wrapping
+    seconds = _timed_graph(dev, n_threads, build, 5, _selecting(ids, n_used, 1, n_used, n_expert),
+                           DECODE_SAMPLE_SECONDS)
+    return EXPERT_OPS * n_used * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
+
+
+def prompt_ffn_bytes_per_s(dev: Device, ggml_types: tuple[int, int, int], n_embd: int, n_ff: int, n_used: int,
+                           n_threads: int | None = None, nbytes: int = 64 * 2**20, batch: int = 64,
+                           tokens_per_expert: int = 1) -> float:
+    """Expert weight bytes per second of a prompt's whole expert FFN as llama.cpp's MoE block runs
+    it, counted once per token that uses them: the gate and up projections (MUL_MAT_ID, [n_embd,
+    n_ff] per expert), their SwiGLU, the down projection ([n_ff, n_embd]), the weighting of each
+    output by the router and the sum of a token's outputs; the projections of `ggml_types` (gate,
+    up, down). `batch` tokens each select `n_used` distinct experts, each selected expert shared by
+    `tokens_per_expert` of the tokens, from enough experts to fill `nbytes` per projection, other
+    experts every run. The down projection's short rows and the work per token-expert pair
+    (weighting, sum) cost a prompt more per byte than the gate's shape alone shows."""
+    gate, up, down = ggml_types
+    expert = sum(_row_size(t, n_embd) * n_ff for t in ggml_types)  # bytes of one expert, all three projections
+    pool = max(n_used, n_used * batch // tokens_per_expert)  # the experts the batch selects
+    n_expert = max(pool, 3 * nbytes // expert)
+    ids: list[int] = []
+    row = 4 * n_embd  # an f32 output row
+
+    def build(ctx, wctx):
+        gate_w, up_w = (_new_tensor_3d(wctx, t, n_embd, n_ff, n_expert) for t in (gate, up))
+        down_w = _new_tensor_3d(wctx, down, n_ff, n_embd, n_expert)
+        ids.append(_new_tensor_2d(ctx, _GGML_TYPE_I32, n_used, batch))
+        x = _new_tensor_3d(ctx, _GGML_TYPE_F32, n_embd, 1, batch)
+        hidden = _swiglu_split(ctx, _mul_mat_id(ctx, gate_w, x, ids[0]), _mul_mat_id(ctx, up_w, x, ids[0]))
+        outputs = _mul(ctx, _mul_mat_id(ctx, down_w, hidden, ids[0]), _new_tensor_3d(ctx, _GGML_TYPE_F32, 1, n_used, batch))
+        total = _view_2d(ctx, outputs, n_embd, batch, row * n_used, 0)
+        for k in range(1, n_used):
+            total = _add(ctx, total, _view_2d(ctx, outputs, n_embd, batch, row * n_used, k * row))
+        return total
+
+    seconds = _timed_graph(dev, n_threads, build, PROMPT_EXPERT_REPEATS, _selecting(ids, n_used, batch, pool, n_expert))
+    return n_used * batch * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
+
+
+def _selecting(ids: list[int], n_used: int, batch: int, pool: int, n_expert: int):
+    """A `prepare` for `_timed_graph` that sets each expert-id tensor in `ids` (made by the graph's
+    build) to `batch` tokens' selections of `n_used` distinct experts among the next `pool` of
+    `n_expert`, wrapping: other experts every run and op."""
+
+    def prepare(run: int) -> None:
         for op, tensor in enumerate(ids):
-            first = (run * ops + op) * pool
+            first = (run * len(ids) + op) * pool
             chosen = (ctypes.c_int32 * (n_used * batch))(*((first + k % pool) % n_expert for k in range(n_used * batch)))
             _tensor_set(tensor, chosen, 0, ctypes.sizeof(chosen))
 
-    decode = batch == 1
-    seconds = _timed_graph(dev, n_threads, build, 5 if decode else PROMPT_EXPERT_REPEATS, prepare,
-                           DECODE_SAMPLE_SECONDS if decode else 0.0)
-    return ops * n_used * batch * expert / max(seconds - graph_seconds(dev, n_threads), seconds / 2)
+    return prepare
 
 
 def recurrent_bytes_per_s(dev: Device, n_threads: int | None = None, state_size: int = 128, n_v_heads: int = 32,
