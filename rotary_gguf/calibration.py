@@ -31,10 +31,11 @@ from gguf import GGMLQuantizationType
 from . import __version__
 from .defaults import CALIBRATIONS_KEPT
 from .errors import UserError
-from .speed_model import KV_WINDOW, REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, ffn_types, token_seconds
+from .speed_model import (KV_WINDOW, REFERENCE_GPU, DeviceSpeeds, Layout, PlanSpeeds, Weights, ffn_key, ffn_parts,
+                          token_seconds)
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 15
+CALIBRATION_FORMAT = 16
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
 # A prompt's experts: their whole FFN as a MoE block runs it (gate, up, SwiGLU, down, weighting, sum),
 # far from the dense multiply's speed on CPUs, timed for 64 tokens at each of these shares (tokens
@@ -103,7 +104,7 @@ class Calibration:
         if self.accelerator is not None and self.accelerator.host_block_seconds is None:
             return False
         return all(t in dev.decode and t in dev.prompt for dev in devices for t in type_names) and all(
-            key in dev.prompt_experts and all(t in dev.experts for t in ffn_types(key))
+            key in dev.prompt_experts and all(t in dev.experts for t in ffn_parts(key)[0])
             for dev in devices for key in expert_ffns)
 
 
@@ -151,16 +152,18 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
               expert_ffns: Iterable[str] | None = None, refresh: bool = False,
               on_step: Callable[[str], None] | None = None, expert_shape: tuple[int, int] = (512, 8)) -> Calibration:
     """This machine's calibration for weight `types` (name -> ggml type) at rows of `n_embd`, and
-    for expert FFNs of `expert_ffns` (`ffn_key`s; default: one of each type) of `expert_shape` (FFN
-    width, experts a token uses), from the cache folder where it has them, else measured now (and
-    kept). `refresh` measures everything again, a new measurement beside the last ones kept."""
+    for experts of `expert_shape` (FFN width, experts a token uses): decode's op for their types,
+    a prompt's FFN for each of `expert_ffns` (`ffn_key`s; default: one of each type at n_embd and
+    that width); from the cache folder where it has them, else measured now (and kept). `refresh`
+    measures everything again, a new measurement beside the last ones kept."""
     from . import native
     from .doctor import host_cpu
     from .native import measure
 
     acc_dev = native.device_by_name(accelerator_name) if accelerator_name else None
     path = calibration_path(host_cpu()[0], acc_dev, threads)
-    expert_ffns = set(types) if expert_ffns is None else set(expert_ffns)
+    expert_ffns = ({ffn_key(t, t, t, n_embd, expert_shape[0]) for t in types} if expert_ffns is None
+                   else set(expert_ffns))
     stored = load(path)
     known = None if refresh else stored
     if known is not None and known.covers(types, expert_ffns):
@@ -176,7 +179,7 @@ def calibrate(types: dict[str, int], n_embd: int, threads: int, accelerator_name
     if demo_placements:  # its speed is explained from its own types' figures
         demo_types, demo_ffns = demo_weight_types()
         types, expert_ffns = {**demo_types, **types}, expert_ffns | demo_ffns
-    expert_types = {t for key in expert_ffns for t in ffn_types(key)}
+    expert_types = {t for key in expert_ffns for t in ffn_parts(key)[0]}
     devices = [(native.cpu_device(), latest_cpu, threads)]
     if acc_dev is not None:
         devices.append((acc_dev, latest_acc, None))
@@ -287,10 +290,10 @@ def _device_speeds(dev, previous: DeviceSpeeds | None, decode: dict, types: dict
                                                                      PROMPT_WEIGHT_BYTES, batch=PROMPT_BATCH)
     for key in sorted(expert_ffns - set(prompt_experts)):
         step(f"{dev.name}: {key} expert FFN at batch {PROMPT_EXPERT_BATCH}")
-        ggml_types = tuple(types[t] for t in ffn_types(key))
+        ffn_types, ffn_embd, n_ff = ffn_parts(key)
         prompt_experts[key] = {share: measure.prompt_ffn_bytes_per_s(
-            dev, ggml_types, n_embd, *expert_shape, n_threads, PROMPT_FFN_BYTES, batch=PROMPT_EXPERT_BATCH,
-            tokens_per_expert=share) for share in PROMPT_EXPERT_SHARES}
+            dev, tuple(types[t] for t in ffn_types), ffn_embd, n_ff, expert_shape[1], n_threads, PROMPT_FFN_BYTES,
+            batch=PROMPT_EXPERT_BATCH, tokens_per_expert=share) for share in PROMPT_EXPERT_SHARES}
     rates = {"decode": (previous.decode if previous else {}) | decode["decode"],
              "experts": (previous.experts if previous else {}) | decode["experts"], "prompt": prompt,
              "prompt_experts": prompt_experts}

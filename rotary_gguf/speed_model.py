@@ -63,7 +63,7 @@ class DeviceSpeeds:
     upload_pageable: float | None = None  # from ordinary host memory
     experts: dict[str, float] = field(default_factory=dict)  # decode's expert op (MUL_MAT_ID), per type
     # a prompt's expert FFN (gate, up, down, the weighting and sum of a token's outputs), per `ffn_key`
-    # and tokens of the batch sharing each selected expert: bytes of every token's selected experts per
+    # (types and widths) and tokens of the batch sharing each selected expert: bytes of every token's selected experts per
     # second, each expert's read from memory included
     prompt_experts: dict[str, dict[int, float]] = field(default_factory=dict)
     host_block_seconds: float | None = None  # what a block with host experts adds beside this accelerator
@@ -81,7 +81,7 @@ class DeviceSpeeds:
         return self.experts.get(type_name) or self.rate("decode", type_name)
 
     def prompt_expert_seconds(self, ffn: str, nbytes: int, pairs: np.ndarray) -> float | None:
-        """Seconds of a prompt's expert FFN of types `ffn` (an `ffn_key`) over experts of `nbytes`,
+        """Seconds of a prompt's expert FFN `ffn` (an `ffn_key`) over experts of `nbytes`,
         where `pairs[k]` tokens use an expert that k + 1 tokens of the batch share: at the FFN's
         speed measured at that share (its seconds per byte interpolated on a log scale between the
         shares measured, the nearest beyond them). None where it was not measured for `ffn`."""
@@ -120,16 +120,20 @@ class DeviceSpeeds:
         return cls(**fields)
 
 
-def ffn_key(gate: str, up: str, down: str) -> str:
-    """The name of an expert FFN's weight types (gate, up, down): the type where all three share
-    it, else "GATE/UP/DOWN" (Q4_K_M quantizes some blocks' down projections to Q6_K)."""
-    return gate if gate == up == down else f"{gate}/{up}/{down}"
+def ffn_key(gate: str, up: str, down: str, n_embd: int, n_ff: int) -> str:
+    """The name of an expert FFN by its weight types (gate, up, down) and widths, e.g. "Q4_K
+    2048x512", or "Q4_K/Q4_K/Q6_K 1024x512" where they differ (Q4_K_M quantizes some blocks' down
+    projections to Q6_K). A prompt's FFN is calibrated per key: its speed per byte depends on both."""
+    types = gate if gate == up == down else f"{gate}/{up}/{down}"
+    return f"{types} {n_embd}x{n_ff}"
 
 
-def ffn_types(key: str) -> tuple[str, str, str]:
-    """The (gate, up, down) weight types of an `ffn_key`."""
-    parts = key.split("/")
-    return (parts[0],) * 3 if len(parts) == 1 else (parts[0], parts[1], parts[2])
+def ffn_parts(key: str) -> tuple[tuple[str, str, str], int, int]:
+    """The (gate, up, down) weight types, n_embd and n_ff of an `ffn_key`."""
+    types, shape = key.split(" ")
+    n_embd, n_ff = (int(n) for n in shape.split("x"))
+    gate, up, down = types.split("/") if "/" in types else (types,) * 3
+    return (gate, up, down), n_embd, n_ff
 
 
 @dataclass(frozen=True)
@@ -146,13 +150,15 @@ class Weights:
     recurrent_state: int = 0  # recurrent-state bytes every linear-attention block updates per token, all together
     # K and V bytes a token's attention reads from the KV cache, all full-attention blocks together, by type
     kv_cache: dict[str, int] = field(default_factory=dict)
-    expert_ffn: dict[int, str] = field(default_factory=dict)  # block -> `ffn_key` of its experts' types
+    expert_ffn: dict[int, str] = field(default_factory=dict)  # block -> `ffn_key` of its experts
 
     @classmethod
-    def from_tensors(cls, tensors, n_expert: int, n_expert_used: int, attention: list[str], n_vocab: int) -> "Weights":
+    def from_tensors(cls, tensors, n_expert: int, n_expert_used: int, attention: list[str], n_vocab: int,
+                     ffn_shape: tuple[int, int] | None = None) -> "Weights":
         """From (name, type name, bytes) of every tensor and the kind of every block that runs
         ("full" or "linear"); token embeddings are a lookup, not read whole, and blocks beyond
-        `attention` (a NextN head) do not run."""
+        `attention` (a NextN head) do not run. With the experts' (n_embd, n_ff): each block's
+        `ffn_key`."""
         n_layer = len(attention)
         other: dict[str, int] = {}
         expert: dict[int, dict[str, int]] = {}
@@ -167,7 +173,8 @@ class Weights:
                 projections.setdefault(layer, {}).update(dict.fromkeys(kind.split("_"), type_name))
             elif name != "token_embd.weight":
                 other[type_name] = other.get(type_name, 0) + nbytes
-        ffn = {i: ffn_key(p["gate"], p["up"], p["down"]) for i, p in projections.items() if {"gate", "up", "down"} <= set(p)}
+        ffn = {i: ffn_key(p["gate"], p["up"], p["down"], *ffn_shape) for i, p in projections.items()
+               if ffn_shape and {"gate", "up", "down"} <= set(p)}
         return cls(other, expert, n_expert, n_expert_used, n_vocab, estimated_nodes(attention), expert_ffn=ffn)
 
     @classmethod
@@ -178,7 +185,8 @@ class Weights:
         embd = inv.by_name.get("token_embd.weight")
         attention = inv.attention_layout()[:n_run]
         weights = cls.from_tensors([(t.name, t.type_name, t.nbytes) for t in inv.tensors], inv.n_expert,
-                                   inv.n_expert_used, attention, embd.shape[1] if embd else 0)
+                                   inv.n_expert_used, attention, embd.shape[1] if embd else 0,
+                                   (inv.n_embd, inv.n_ff_exp) if inv.n_ff_exp else None)
         state = 4 * inv.hparam("ssm.state_size") * inv.hparam("ssm.inner_size")  # f32, per linear block
         row = inv.n_head_kv * (inv.head_dim_k + inv.head_dim_v)
         kv = attention.count("full") * kv_cells * kv_row_bytes(kv_type, row)

@@ -12,7 +12,7 @@ from rotary_gguf.decode_cost import profile_hit_rates
 from rotary_gguf.errors import UserError
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.speed_model import (STATE_COPIES, DeviceSpeeds, Layout, Weights, estimated_nodes, kv_cells_read,
-                                     ffn_types, predict, token_seconds)
+                                     ffn_key, ffn_parts, predict, token_seconds)
 
 Q4_K, Q6_K, Q8_0, F32 = 12, 14, 8, 0
 
@@ -32,20 +32,25 @@ def _weights(n_layer: int = 4) -> Weights:
     for i in range(n_layer):
         tensors += [(f"blk.{i}.attn_q.weight", "F32", 100_000), (f"blk.{i}.ffn_gate_exps.weight", "Q4_K", 32 * 40_000),
                     (f"blk.{i}.ffn_up_exps.weight", "Q4_K", 32 * 30_000), (f"blk.{i}.ffn_down_exps.weight", "Q4_K", 32 * 30_000)]
-    return Weights.from_tensors(tensors, 32, 4, ["full"] * n_layer, 1000)
+    return Weights.from_tensors(tensors, 32, 4, ["full"] * n_layer, 1000, (256, 256))
+
+
+FFN = "Q4_K 256x256"  # `_weights`'s experts: one type, n_embd 256, n_ff 256 (a Q4_K row holds 256 values)
 
 
 def test_the_weights_a_token_reads():
     w = _weights()
     assert w.other == {"Q4_K": 1_000_000, "F32": 400_000}  # the embedding table is looked up, not read
     assert w.expert[0] == {"Q4_K": 100_000}  # one expert's gate, up and down
-    assert w.expert_ffn == {i: "Q4_K" for i in range(4)}
-    # Q4_K_M's mixed blocks: a prompt's FFN is measured for its types together (gate/up/down); a fused gate_up
+    assert w.expert_ffn == {i: FFN for i in range(4)}
+    # Q4_K_M's mixed blocks: a prompt's FFN is measured for its types together (gate/up/down) and widths; a fused gate_up
     mixed = Weights.from_tensors([("blk.0.ffn_gate_exps.weight", "Q4_K", 3200), ("blk.0.ffn_up_exps.weight", "Q4_K", 3200),
                                   ("blk.0.ffn_down_exps.weight", "Q6_K", 4800), ("blk.1.ffn_gate_up_exps.weight", "Q8_0", 6400),
-                                  ("blk.1.ffn_down_exps.weight", "Q8_0", 3200)], 32, 4, ["full"] * 2, 10)
-    assert mixed.expert_ffn == {0: "Q4_K/Q4_K/Q6_K", 1: "Q8_0"} and ffn_types("Q4_K/Q4_K/Q6_K") == ("Q4_K", "Q4_K", "Q6_K")
-    assert mixed.expert[0] == {"Q4_K": 200, "Q6_K": 150} and ffn_types("Q8_0") == ("Q8_0",) * 3
+                                  ("blk.1.ffn_down_exps.weight", "Q8_0", 3200)], 32, 4, ["full"] * 2, 10, (1024, 512))
+    assert mixed.expert_ffn == {0: "Q4_K/Q4_K/Q6_K 1024x512", 1: "Q8_0 1024x512"}
+    assert ffn_parts("Q4_K/Q4_K/Q6_K 1024x512") == (("Q4_K", "Q4_K", "Q6_K"), 1024, 512)
+    assert ffn_parts(ffn_key("Q8_0", "Q8_0", "Q8_0", 2048, 768)) == (("Q8_0",) * 3, 2048, 768)
+    assert mixed.expert[0] == {"Q4_K": 200, "Q6_K": 150}
     assert w.graph_nodes == estimated_nodes(["full"] * 4)
     assert Weights.from_tensors([("blk.4.ffn_up_exps.weight", "Q4_K", 3200)], 32, 4, ["full"] * 4, 10).expert == {}
 
@@ -79,27 +84,28 @@ def test_measured_host_blocks_cost_what_was_measured():
 
 
 def test_an_unmeasured_type_takes_the_slowest_rate():
-    s = DeviceSpeeds("CPU", "", {"Q4_K": 2e9, "F32": 8e9}, {}, 128, 0.0, prompt_experts={"Q4_K": {1: 1e9, 64: 3e9}})
+    s = DeviceSpeeds("CPU", "", {"Q4_K": 2e9, "F32": 8e9}, {}, 128, 0.0, prompt_experts={FFN: {1: 1e9, 64: 3e9}})
     assert s.rate("decode", "Q6_K") == 2e9
     assert DeviceSpeeds.from_json(json.loads(json.dumps(s.to_json()))) == s
 
 
 def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     steps: list[str] = []
-    first = calibration.calibrate({"Q4_K": Q4_K, "F32": F32}, 256, 1, expert_ffns={"Q4_K"}, on_step=steps.append)
+    first = calibration.calibrate({"Q4_K": Q4_K, "F32": F32}, 256, 1, expert_ffns={FFN}, on_step=steps.append)
     assert first.path is not None and first.path.is_relative_to(cache_home)
     assert first.seconds < 30
     demo_types, demo_ffns = calibration.demo_weight_types()  # the demo model's decode is explained too
     for rates in (first.cpu.decode, first.cpu.prompt):
         assert set(rates) == {"Q4_K", "F32"} | set(demo_types) and all(v > 1e6 for v in rates.values())
     # the expert op only for experts' types at decode, their FFN at each share of tokens per expert in a prompt
-    assert set(first.cpu.experts) == set(first.cpu.prompt_experts) == {"Q4_K"} | demo_ffns  # uniform FFNs: one type each
+    assert set(first.cpu.prompt_experts) == {FFN} | demo_ffns
+    assert set(first.cpu.experts) == {t for key in first.cpu.prompt_experts for t in ffn_parts(key)[0]}
     assert first.cpu.experts["Q4_K"] > 1e6
     # a real decode graph's ops cost more than a chain of additions: the demo model decoded on the CPU
     assert first.cpu.op_seconds > 0 and any("demo model" in s for s in steps)
     # decode's figures in passes spread over the calibration, the rest once
     assert sum("Q4_K experts (" in s for s in steps) == calibration.DECODE_PASSES
-    assert sum("Q4_K expert FFN at batch" in s for s in steps) == 1
+    assert sum(f"{FFN} expert FFN at batch" in s for s in steps) == 1
     for by_share in first.cpu.prompt_experts.values():
         assert tuple(by_share) == calibration.PROMPT_EXPERT_SHARES and all(v > 1e6 for v in by_share.values())
     assert first.cpu.graph_seconds > 0 and first.accelerator is None
@@ -107,9 +113,10 @@ def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     assert set(first.cpu_decode_by_threads["Q4_K"]) == {1}
     # the second call reads the file; a new type measures only that type
     steps.clear()
-    assert calibration.calibrate({"Q4_K": Q4_K}, 256, 1, expert_ffns={"Q4_K"}, on_step=steps.append) == first
+    assert calibration.calibrate({"Q4_K": Q4_K}, 256, 1, expert_ffns={FFN}, on_step=steps.append) == first
     assert steps == []
-    more = calibration.calibrate({"Q4_K": Q4_K, "Q6_K": Q6_K}, 256, 1, on_step=steps.append)
+    more = calibration.calibrate({"Q4_K": Q4_K, "Q6_K": Q6_K}, 256, 1, expert_ffns={FFN, "Q6_K 256x256"},
+                                 on_step=steps.append)
     assert steps and all("Q6_K" in s for s in steps)
     assert more.cpu.decode["Q4_K"] == first.cpu.decode["Q4_K"] and "Q6_K" in more.cpu.decode
     # that completed the one measurement; a refresh is a new one, kept beside the last ones, and each
@@ -120,7 +127,7 @@ def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     slow["cpu"]["decode"]["Q4_K"] = 1.0
     doc["measurements"] = [slow, slow, doc["measurements"][0]]  # oldest first
     more.path.write_text(json.dumps(doc))
-    again = calibration.calibrate({"Q4_K": Q4_K}, 256, 1, refresh=True)
+    again = calibration.calibrate({"Q4_K": Q4_K}, 256, 1, expert_ffns={FFN}, refresh=True)
     assert len(again.measurements) == calibration.CALIBRATIONS_KEPT == 3  # the oldest one dropped
     newest = again.measurements[-1][0]
     assert again.measurements[0][0].decode["Q4_K"] == 1.0 and "Q6_K" not in newest.decode
@@ -185,7 +192,7 @@ def test_a_prompts_experts_run_at_the_speed_measured_for_their_share():
     on a log scale, the nearest beyond the shares measured); the shares come from the routing, each
     token drawing its experts independently. One token costs what decode does."""
     w = _weights()  # 32 experts, 4 used, 100 kB each
-    cpu = replace(_speeds("CPU", 1e9), prompt_experts={"Q4_K": {1: 1e9, 64: 4e9}})
+    cpu = replace(_speeds("CPU", 1e9), prompt_experts={FFN: {1: 1e9, 64: 4e9}})
     decode = w.used_seconds(0, cpu, "decode")
     assert decode == pytest.approx(4 * 100_000 / 1e9)
     assert w.used_seconds(0, cpu, "prompt", batch=1, routing=UNIFORM) == pytest.approx(decode)
@@ -202,11 +209,11 @@ def test_a_prompts_experts_run_at_the_speed_measured_for_their_share():
     uniform = w.used_seconds(0, cpu, "prompt", batch=64, routing=UNIFORM)
     assert w.used_seconds(0, cpu, "prompt", batch=64, routing=NARROW) < skewed < uniform < decode
     # a block of mixed types runs at its FFN's speed, all its bytes together
-    mixed = replace(w, expert={0: {"Q4_K": 60_000, "Q6_K": 40_000}}, expert_ffn={0: "Q4_K/Q4_K/Q6_K"})
+    mixed = replace(w, expert={0: {"Q4_K": 60_000, "Q6_K": 40_000}}, expert_ffn={0: "Q4_K/Q4_K/Q6_K 256x256"})
     # (not measured: not the Q4_K FFN's speed, but every pair at the batched rate and the 4 experts read once)
     assert mixed.used_seconds(0, cpu, "prompt", batch=64, routing=NARROW) == pytest.approx(
         4 * 100_000 / 4e9 + 4 * 100_000 * (1 / 1e9 - 1 / 4e9) / 64)
-    measured = replace(cpu, prompt_experts={"Q4_K/Q4_K/Q6_K": {1: 1e9, 64: 4e9}})
+    measured = replace(cpu, prompt_experts={"Q4_K/Q4_K/Q6_K 256x256": {1: 1e9, 64: 4e9}})
     assert mixed.used_seconds(0, measured, "prompt", batch=64, routing=NARROW) == pytest.approx(4 * 100_000 / 4e9)
     # the blocks' routing reaches the prediction through the layout; without it, the field figures'
     layouts = [Layout(accelerator=False, routing={i: curve for i in range(4)}) for curve in (NARROW, UNIFORM)]

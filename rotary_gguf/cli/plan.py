@@ -225,14 +225,14 @@ def _print_calibration(cal) -> None:
     for col in ("device", "type", "decode", "prompt", "experts", *(f"x{k}" for k in shares)):
         rates.add_column(col, justify="left" if col in ("device", "type") else "right")
     for dev in devices:
-        mixed = sorted(set(dev.prompt_experts) - set(dev.decode))  # expert FFNs of several types: a row each
-        for i, name in enumerate(sorted(dev.decode) + mixed):
+        for i, name in enumerate(sorted(dev.decode) + sorted(dev.prompt_experts)):  # the types, then the expert FFNs
             by_share = dev.prompt_experts.get(name, {})
             rates.add_row(dev.name if i == 0 else "", name, *(f"{rates_of[name] / 1e9:.1f}" if name in rates_of else "-"
                                                               for rates_of in (dev.decode, dev.prompt, dev.experts)),
                           *(f"{by_share[k] / 1e9:.1f}" if k in by_share else "-" for k in shares))
     out.print(rates)
-    out.print("experts: the expert op at decode; xN: a prompt's expert FFN, N tokens on each expert it selects")
+    out.print("experts: the expert op at decode; xN: a prompt's expert FFN (gate/up/down types, n_embd x n_ff), "
+              "N tokens on each expert the batch selects")
 
     def us(seconds: float | None, digits: int = 1) -> str:
         return "-" if seconds is None else f"{seconds * 1e6:.{digits}f}"
