@@ -63,8 +63,8 @@ class DeviceSpeeds:
     upload_pageable: float | None = None  # from ordinary host memory
     experts: dict[str, float] = field(default_factory=dict)  # decode's expert op (MUL_MAT_ID), per type
     # a prompt's expert FFN (gate, up, down, the weighting and sum of a token's outputs), per `ffn_key`
-    # (types and widths) and tokens of the batch sharing each selected expert: bytes of every token's selected experts per
-    # second, each expert's read from memory included
+    # (types and widths) and tokens of the batch sharing each selected expert: bytes of every token's
+    # selected experts per second, each expert's read from memory included
     prompt_experts: dict[str, dict[int, float]] = field(default_factory=dict)
     host_block_seconds: float | None = None  # what a block with host experts adds beside this accelerator
     recurrent: float | None = None  # recurrent-state bytes per second of a Gated DeltaNet block's update
@@ -81,10 +81,10 @@ class DeviceSpeeds:
         return self.experts.get(type_name) or self.rate("decode", type_name)
 
     def prompt_expert_seconds(self, ffn: str, nbytes: int, pairs: np.ndarray) -> float | None:
-        """Seconds of a prompt's expert FFN `ffn` (an `ffn_key`) over experts of `nbytes`,
-        where `pairs[k]` tokens use an expert that k + 1 tokens of the batch share: at the FFN's
-        speed measured at that share (its seconds per byte interpolated on a log scale between the
-        shares measured, the nearest beyond them). None where it was not measured for `ffn`."""
+        """Seconds of a prompt's expert FFN `ffn` (an `ffn_key`) over experts of `nbytes`, where
+        `pairs[k]` tokens use an expert that k + 1 tokens of the batch share: at the FFN's speed
+        measured at that share (its seconds per byte interpolated on a log scale between the shares
+        measured, the nearest beyond them). None where it was not measured for `ffn`."""
         curve = self.prompt_experts.get(ffn)
         if not curve:
             return None

@@ -11,10 +11,10 @@ from contextlib import contextmanager
 from ..errors import UserError
 from ..plan import Accelerator, LinkFigures
 from .backends import Device, cpu_device, cpu_weight_buffer_type, device_by_name
-from .ggml import (_GGML_TYPE_F32, _GGML_TYPE_I32, _alloc_ctx_tensors, _backend_free, _buffer_base, _buffer_clear, _buffer_free,
-                   _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads, _dev_init, _gated_delta_net, _graph_compute,
-                   _metadata_context, _mul_mat, _new_graph, _new_tensor_2d, _new_tensor_3d, _row_size, _tensor_get, _tensor_set, _add, _mul_mat_id,
-                   _mul, _swiglu_split, _view_2d)
+from .ggml import (_GGML_TYPE_F32, _GGML_TYPE_I32, _add, _alloc_ctx_tensors, _backend_free, _buffer_base, _buffer_clear,
+                   _buffer_free, _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads, _dev_init, _gated_delta_net,
+                   _graph_compute, _metadata_context, _mul, _mul_mat, _mul_mat_id, _new_graph, _new_tensor_2d, _new_tensor_3d,
+                   _row_size, _swiglu_split, _tensor_get, _tensor_set, _view_2d)
 
 
 @contextmanager
