@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from gguf import GGMLQuantizationType
@@ -321,10 +322,7 @@ DEMO_RUNS = 4  # timed generations of each placement per pass of the calibration
 def demo_weight_types() -> tuple[dict[str, int], set[str]]:
     """The built-in demo model's weight types and its KV cache's (name -> ggml type), and its
     expert FFNs' (`ffn_key`s)."""
-    from .demo import DEMO_MODEL
-    from .inventory import read_inventory
-
-    inv = read_inventory(DEMO_MODEL)
+    inv = _demo_inventory()
     f16 = GGMLQuantizationType.F16
     return ({t.type_name: t.ggml_type for t in inv.tensors} | {f16.name: f16.value},
             set(Weights.from_inventory(inv).expert_ffn.values()))
@@ -366,10 +364,16 @@ def demo_host_block_seconds(cpu: DeviceSpeeds, acc: DeviceSpeeds, resident_runs:
 def _demo_weights() -> Weights:
     """The demo model as its timed decodes run it: attention over about half their tokens (their
     prompt is a few tokens; flash attention reads the cells in use)."""
+    return Weights.from_inventory(_demo_inventory(), kv_cells=DEMO_TOKENS // 2)
+
+
+@lru_cache(maxsize=1)
+def _demo_inventory():
+    """The built-in demo model's header, read once per process (a calibration needs it up to three times)."""
     from .demo import DEMO_MODEL
     from .inventory import read_inventory
 
-    return Weights.from_inventory(read_inventory(DEMO_MODEL), kv_cells=DEMO_TOKENS // 2)
+    return read_inventory(DEMO_MODEL)
 
 
 def _demo_decode_seconds(placements: list[str], accelerator_name: str | None, threads: int) -> dict[str, list[float]]:
