@@ -140,6 +140,15 @@ def test_calibration_measures_in_seconds_and_is_kept(cache_home):
     assert calibration.calibrate({"Q4_K": Q4_K}, 256, 1).cpu.decode["Q4_K"] > 0
 
 
+def test_weights_a_device_cannot_hold_are_one_line_not_a_crash():
+    """A timed graph whose weights do not fit (an accelerator already nearly full) stops with a
+    UserError before ggml computes over tensors without memory."""
+    from rotary_gguf.native import measure
+
+    with pytest.raises(UserError, match="could not allocate test tensors on CPU"):  # 2**46 bytes a projection: past any machine
+        measure.prompt_ffn_bytes_per_s(native.cpu_device(), (Q4_K,) * 3, 2048, 512, 8, 1, nbytes=2**46)
+
+
 def test_an_unwritable_cache_folder_is_one_line(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")

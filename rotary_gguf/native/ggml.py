@@ -109,6 +109,7 @@ _gated_delta_net = _bind("ggml_gated_delta_net", c_void_p, c_void_p, c_void_p, c
 
 _tensor_get = _bind("ggml_backend_tensor_get", None, c_void_p, c_void_p, c_size_t, c_size_t)
 _nbytes = _bind("ggml_nbytes", c_size_t, c_void_p)
+_first_tensor = _bind("ggml_get_first_tensor", c_void_p, c_void_p)
 _buffer_is_host = _bind("ggml_backend_buffer_is_host", ctypes.c_bool, c_void_p)
 
 

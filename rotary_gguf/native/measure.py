@@ -12,9 +12,9 @@ from ..errors import UserError
 from ..plan import Accelerator, LinkFigures
 from .backends import Device, cpu_device, cpu_weight_buffer_type, device_by_name
 from .ggml import (_GGML_TYPE_F32, _GGML_TYPE_I32, _add, _alloc_ctx_tensors, _backend_free, _buffer_base, _buffer_clear,
-                   _buffer_free, _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads, _dev_init, _gated_delta_net,
-                   _graph_compute, _metadata_context, _mul, _mul_mat, _mul_mat_id, _new_graph, _new_tensor_2d, _new_tensor_3d,
-                   _row_size, _swiglu_split, _tensor_get, _tensor_set, _view_2d)
+                   _buffer_free, _buft_alloc_buffer, _build_forward_expand, _cpu_set_n_threads, _dev_init, _first_tensor,
+                   _gated_delta_net, _graph_compute, _metadata_context, _mul, _mul_mat, _mul_mat_id, _new_graph,
+                   _new_tensor_2d, _new_tensor_3d, _row_size, _swiglu_split, _tensor_get, _tensor_set, _view_2d)
 
 
 @contextmanager
@@ -77,10 +77,10 @@ def _timed_graph(dev: Device, n_threads: int | None, build, repeats: int, prepar
         result = outputs[-1]
         bufs = [_alloc_ctx_tensors(c, buft) for c, buft in ((ctx, dev.buffer_type), (wctx, weight_buft))]
         try:
-            if not bufs[0]:
-                raise UserError(f"could not allocate test tensors on {dev.name} to measure it")
+            if not bufs[0] or (_first_tensor(wctx) and not bufs[1]):  # a context without tensors gets no buffer
+                raise UserError(f"could not allocate test tensors on {dev.name} to measure it; free some of its memory")
             for buf in bufs:
-                if buf:  # a context without tensors gets no buffer
+                if buf:
                     _buffer_clear(buf, 0)  # zero blocks are valid in every format
 
             def run() -> None:
