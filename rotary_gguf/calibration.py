@@ -325,7 +325,7 @@ def demo_weight_types() -> tuple[dict[str, int], set[str]]:
     inv = _demo_inventory()
     f16 = GGMLQuantizationType.F16
     return ({t.type_name: t.ggml_type for t in inv.tensors} | {f16.name: f16.value},
-            set(Weights.from_inventory(inv).expert_ffn.values()))
+            set(_demo_weights().expert_ffn.values()))
 
 
 def demo_op_seconds(cpu: DeviceSpeeds, acc: DeviceSpeeds | None, runs: list[float]) -> float:
