@@ -184,5 +184,14 @@ def test_help_lists_every_command_and_version():
     assert result.returncode == 0
     for command in ("inspect", "devices", "rpc-device", "generate"):
         assert command in result.stdout
+    import typer
+
+    from rotary_gguf.cli import app
+
+    commands = typer.main.get_command(app).commands
+    for command in commands.values():  # listed by one sentence on one line, not the docstring's line breaks
+        assert command.short_help and "\n" not in command.short_help and command.short_help.endswith(".")
+    assert commands["inspect"].short_help.startswith("Show a GGUF model's architecture, trained context, quantization "
+                                                     "(general.file_type and each tensor type's share of the bytes)")
     version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("rotary-gguf ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,14 +17,24 @@ from ..demo import model_source, resolve_model
 from ..errors import UserError
 
 
+def _first_sentence(text: str) -> str:
+    """A docstring's first sentence on one line: `--help`'s list of commands keeps a docstring's line breaks."""
+    paragraph = " ".join(text.split("\n\n", 1)[0].split())
+    match = re.match(r"(.+?[.!?])(\s|$)", paragraph)
+    return match.group(1) if match else paragraph
+
+
 class _Commands(TyperGroup):
-    """The app's commands, each also taking the app's --verbose/-v after its own name (`rotary-gguf
-    plan M -v`): a copy of the app's option that turns verbose logging on instead of passing a value."""
+    """The app's commands, each listed by its docstring's first sentence, each also taking the app's
+    --verbose/-v after its own name (`rotary-gguf plan M -v`): a copy of the app's option that turns
+    verbose logging on instead of passing a value."""
 
     def __init__(self, **attrs):
         super().__init__(**attrs)
         verbose = next(p for p in self.params if p.name == "verbose")
         for command in self.commands.values():
+            if command.help and not command.short_help:
+                command.short_help = _first_sentence(command.help)
             option = copy.copy(verbose)
             option.expose_value = False
             option.callback = lambda ctx, param, value: log.setup(True) if value else None
