@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("rotary-gguf"))
 sys.path.insert(0, str(REPO / "tools"))
 
-from make_test_model import make_model  # noqa: E402
+from synthetic_models import make_model  # noqa: E402
 
 # The suite keeps its own user cache (calibrations, bench's draft verdicts, Hub headers), shared by
 # every test and the CLI processes they start, and never touches the user's: a calibration measured

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from make_test_model import chat_template_text
+from synthetic_models import chat_template_text
 from rotary_gguf.api.reply import ReplyParser, thinking_open
 from rotary_gguf.api.tools import parameter_types, template_tool_format
 from rotary_gguf.chat_template import render_chat_template

@@ -12,7 +12,8 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from conftest import REPO
-from make_test_model import BIAS_CHANNEL, main as make_test_model_main, make_bench_model
+from make_test_model import main as make_test_model_main
+from synthetic_models import BIAS_CHANNEL, make_bench_model
 from rotary_gguf.engine import Engine
 from rotary_gguf.inventory import read_inventory
 from rotary_gguf.plan import Accelerator, ModelFigures, make_plan

@@ -24,7 +24,7 @@ import pytest
 from gguf import GGUFReader
 
 from conftest import CLI, assert_one_line_error, run_cli
-from make_test_model import simulated_profile
+from synthetic_models import simulated_profile
 
 from rotary_gguf import __version__
 from rotary_gguf.convert import convert, copies_per_token, order_experts, pair_probabilities, plan_conversion
@@ -350,7 +350,7 @@ def test_profile_validation(test_model, tmp_path):
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory):
     """~100 MB: the write takes long enough to be interrupted in the middle."""
-    from make_test_model import make_model
+    from synthetic_models import make_model
 
     return make_model(tmp_path_factory.mktemp("big") / "big.gguf", arch="qwen3moe", layers=2, experts=64, embd=256, ff=256)
 

@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from conftest import CLI, free_port
-from make_test_model import hot_experts
+from synthetic_models import hot_experts
 from test_chat import Terminal
 from rotary_gguf.experts import cache as ec
 from rotary_gguf import native

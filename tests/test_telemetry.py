@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from make_test_model import hot_experts
+from synthetic_models import hot_experts
 from rotary_gguf import native
 from rotary_gguf.arch import expert_pattern
 from rotary_gguf.convert import convert

@@ -1,4 +1,4 @@
-"""Tests for tools/make_test_model.py: the synthetic GGUF models load and run
+"""Tests for tools/make_test_model.py and its synthetic_models: the GGUF models load and run
 in llama-cpp-python, are reproducible, and route the way they claim to."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import hashlib
-import importlib.util
 import logging
 import os
 import pathlib
@@ -16,22 +15,12 @@ import sys
 import numpy as np
 import pytest
 
+import synthetic_models  # tools/ is on sys.path (conftest)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "make_test_model.py"
 
 
-def _load_tool():
-    name = "make_test_model"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mtm = _load_tool()
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -65,7 +54,7 @@ def models(tmp_path_factory):
 
     def get(name, **kw):
         if name not in cache:
-            cache[name] = mtm.make_model(folder / f"{name}.gguf", **kw)
+            cache[name] = synthetic_models.make_model(folder / f"{name}.gguf", **kw)
         return cache[name]
 
     return get
@@ -228,7 +217,7 @@ def test_q4_k_m_uses_k_quants_and_generates(models):
     out = greedy_tokens(path)
     assert out == greedy_tokens(path) and len(out) == 16
     # byte-identical when regenerated
-    again = mtm.make_model(path.parent / "q4km-again.gguf", arch="qwen35moe", quant="q4_k_m", **QK_DIMS)
+    again = synthetic_models.make_model(path.parent / "q4km-again.gguf", arch="qwen35moe", quant="q4_k_m", **QK_DIMS)
     assert sha256(again) == sha256(path)
 
 
@@ -241,7 +230,7 @@ def test_high_level_llama_tokenizer_and_chat(models):
         assert llm.detokenize(toks).decode() == text
         assert len(toks) < len(text.encode())  # merges are applied
         specials = llm.tokenize(b"<|im_start|>user<|im_end|>", add_bos=False, special=True)
-        tok = mtm.build_tokenizer()
+        tok = synthetic_models.build_tokenizer()
         assert specials[0] == tok["im_start_id"]
         assert specials[-1] == tok["eos_id"] == llm.token_eos()
         assert llm.detokenize(specials[1:-1]) == b"user"
@@ -261,9 +250,9 @@ def test_high_level_llama_tokenizer_and_chat(models):
 def test_same_args_same_bytes_different_seed_different_bytes(tmp_path):
     for quant in ("f32", "q8_0"):
         kw = dict(arch="qwen35moe", quant=quant, router_skew=1.0, seed=7)
-        a = mtm.make_model(tmp_path / f"a-{quant}.gguf", **kw)
-        b = mtm.make_model(tmp_path / f"b-{quant}.gguf", **kw)
-        c = mtm.make_model(tmp_path / f"c-{quant}.gguf", **{**kw, "seed": 8})
+        a = synthetic_models.make_model(tmp_path / f"a-{quant}.gguf", **kw)
+        b = synthetic_models.make_model(tmp_path / f"b-{quant}.gguf", **kw)
+        c = synthetic_models.make_model(tmp_path / f"c-{quant}.gguf", **{**kw, "seed": 8})
         assert sha256(a) == sha256(b)
         assert sha256(a) != sha256(c)
     # written atomically: nothing but the outputs is left behind
@@ -308,7 +297,7 @@ def test_fused_gate_up_is_concatenation_and_matches_unfused(models):
 
 def test_fused_gate_up_rejected_where_llama_cpp_ignores_it(tmp_path):
     with pytest.raises(ValueError):
-        mtm.make_model(tmp_path / "x.gguf", arch="qwen3moe", fused_gate_up=True)
+        synthetic_models.make_model(tmp_path / "x.gguf", arch="qwen3moe", fused_gate_up=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -327,7 +316,7 @@ def _field(reader, key):
 def test_qwen35moe_layout(models):
     path = models("qwen35moe-f32", arch="qwen35moe", quant="f32")
     r = gguf.GGUFReader(str(path))
-    d = mtm.model_dims(arch="qwen35moe")
+    d = synthetic_models.model_dims(arch="qwen35moe")
     names = {t.name: t for t in r.tensors}
     assert _field(r, "general.architecture") == "qwen35moe"
     assert _field(r, "qwen35moe.full_attention_interval") == 4
@@ -356,7 +345,7 @@ def test_qwen35moe_layout(models):
         assert list(names[p + "ffn_down_exps.weight"].shape) == [d["ff"], E, 32]
 
 
-@pytest.mark.parametrize("kind", mtm.MTP_KINDS)
+@pytest.mark.parametrize("kind", synthetic_models.MTP_KINDS)
 def test_mtp_block_is_one_more_block_that_llama_cpp_skips_unless_asked(models, kind):
     from rotary_gguf.inventory import read_inventory
     from rotary_gguf.plan import ModelFigures
@@ -364,7 +353,7 @@ def test_mtp_block_is_one_more_block_that_llama_cpp_skips_unless_asked(models, k
     plain = models("qwen35moe-f32", arch="qwen35moe", quant="f32")
     path = models(f"qwen35moe-mtp-{kind}", arch="qwen35moe", quant="f32", mtp=kind)
     r = gguf.GGUFReader(str(path))
-    d = mtm.model_dims(arch="qwen35moe")
+    d = synthetic_models.model_dims(arch="qwen35moe")
     E = d["embd"]
     names = {t.name: t for t in r.tensors}
     assert _field(r, "qwen35moe.block_count") == 5
@@ -388,7 +377,8 @@ def test_mtp_block_is_one_more_block_that_llama_cpp_skips_unless_asked(models, k
 
 
 def test_trunk_gain_scales_what_blocks_write_and_nothing_else(models):
-    plain = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(models("qwen35moe-f32", arch="qwen35moe", quant="f32"))).tensors}
+    plain_path = models("qwen35moe-f32", arch="qwen35moe", quant="f32")
+    plain = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(plain_path)).tensors}
     quiet = models("qwen35moe-gain0.25", arch="qwen35moe", quant="f32", trunk_gain=0.25)
     writes = ("attn_output.weight", "ssm_out.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")
     for t in gguf.GGUFReader(str(quiet)).tensors:
@@ -398,11 +388,11 @@ def test_trunk_gain_scales_what_blocks_write_and_nothing_else(models):
 
 def test_mtp_block_rejected_where_llama_cpp_has_none(tmp_path):
     with pytest.raises(ValueError, match="only supported"):
-        mtm.make_model(tmp_path / "x.gguf", arch="qwen3moe", mtp="random")
+        synthetic_models.make_model(tmp_path / "x.gguf", arch="qwen3moe", mtp="random")
     with pytest.raises(ValueError, match="unknown mtp kind"):
-        mtm.make_model(tmp_path / "x.gguf", arch="qwen35moe", mtp="perfect")
+        synthetic_models.make_model(tmp_path / "x.gguf", arch="qwen35moe", mtp="perfect")
     with pytest.raises(ValueError, match="trunk_gain"):
-        mtm.make_model(tmp_path / "x.gguf", arch="qwen35moe", mtp="mirror", trunk_gain=-1)
+        synthetic_models.make_model(tmp_path / "x.gguf", arch="qwen35moe", mtp="mirror", trunk_gain=-1)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -421,8 +411,8 @@ def test_dense_qwen3_has_no_experts(models):
 def test_router_skew_concentrates_routing(tmp_path, arch):
     used, experts, layers, seed = 4, 32, 4, 3
     k = 2 * used
-    uniform = routing_counts(mtm.make_model(tmp_path / "s0.gguf", arch=arch, seed=seed))
-    skewed = routing_counts(mtm.make_model(tmp_path / "s2.gguf", arch=arch, seed=seed, router_skew=2.0))
+    uniform = routing_counts(synthetic_models.make_model(tmp_path / "s0.gguf", arch=arch, seed=seed))
+    skewed = routing_counts(synthetic_models.make_model(tmp_path / "s2.gguf", arch=arch, seed=seed, router_skew=2.0))
     assert sorted(uniform) == sorted(skewed) == list(range(layers))
 
     s0, s2 = top_share(uniform, k), top_share(skewed, k)
@@ -430,7 +420,7 @@ def test_router_skew_concentrates_routing(tmp_path, arch):
     assert s2 > 0.9, s2
 
     # the favoured experts are the advertised ones, and differ between layers
-    hot = mtm.hot_experts(layers, experts, used, seed)
+    hot = synthetic_models.hot_experts(layers, experts, used, seed)
     assert len({tuple(h) for h in hot}) > 1
     for il, c in skewed.items():
         total = sum(c.values())
@@ -451,7 +441,7 @@ def test_cli_writes_model_and_prints_summary(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout and str(out.stat().st_size) in proc.stdout
-    same = mtm.make_model(tmp_path / "api.gguf", arch="qwen35moe", layers=4, experts=8, used=2,
+    same = synthetic_models.make_model(tmp_path / "api.gguf", arch="qwen35moe", layers=4, experts=8, used=2,
                           embd=64, ff=32, quant="f16", router_skew=1.5, seed=11, fused_gate_up=True)
     assert sha256(same) == sha256(out)
 

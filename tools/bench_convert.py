@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_test_model import make_model, simulated_profile  # noqa: E402
+from synthetic_models import make_model, simulated_profile  # noqa: E402
 
 from rotary_gguf.convert import plan_conversion  # noqa: E402
 from rotary_gguf.inventory import read_inventory  # noqa: E402

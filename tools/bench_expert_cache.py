@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_test_model import make_model  # noqa: E402
+from synthetic_models import make_model  # noqa: E402
 from rotary_gguf import native  # noqa: E402
 from rotary_gguf.arch import expert_pattern  # noqa: E402
 from rotary_gguf.engine import Engine  # noqa: E402

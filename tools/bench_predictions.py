@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_test_model import make_bench_model, make_model  # noqa: E402
+from synthetic_models import make_bench_model, make_model  # noqa: E402
 from rotary_gguf import native  # noqa: E402
 
 CLI = [sys.executable, "-m", "rotary_gguf.cli"]

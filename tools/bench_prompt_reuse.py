@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_test_model import make_model  # noqa: E402
+from synthetic_models import make_model  # noqa: E402
 
 from rotary_gguf.engine import Engine  # noqa: E402
 from rotary_gguf.prompt_cache import DEFAULT_CHECKPOINT_BYTES  # noqa: E402

@@ -40,7 +40,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_test_model import make_model  # noqa: E402
+from synthetic_models import make_model  # noqa: E402
 
 from rotary_gguf.cli import plan_or_cpu  # noqa: E402
 from rotary_gguf.plan import ContextSettings  # noqa: E402

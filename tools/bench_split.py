@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_test_model import BENCH_EXPERTS, BENCH_USED, make_bench_model  # noqa: E402
+from synthetic_models import BENCH_EXPERTS, BENCH_USED, make_bench_model  # noqa: E402
 from rotary_gguf import native  # noqa: E402
 from rotary_gguf.arch import expert_pattern  # noqa: E402
 from rotary_gguf.engine import Engine  # noqa: E402

@@ -36,7 +36,7 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from make_test_model import make_model  # noqa: E402
+from synthetic_models import make_model  # noqa: E402
 
 from rotary_gguf import native  # noqa: E402
 from rotary_gguf.dashboard import SAMPLE_SECONDS, Dashboard  # noqa: E402

@@ -412,7 +412,7 @@ class Report:
 
 
 def base_models(folder: Path) -> list[Path]:
-    from make_test_model import make_model
+    from synthetic_models import make_model
 
     variants = [dict(arch="qwen3moe"), dict(arch="qwen35moe"), dict(arch="qwen35moe", fused_gate_up=True)]
     return [make_model(folder / f"base-{i}.gguf", **kw) for i, kw in enumerate(variants)]
