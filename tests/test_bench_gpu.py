@@ -88,6 +88,7 @@ def test_every_variant_in_its_own_process_on_the_rpc_device(tmp_path, rpc_endpoi
     assert cpu["host_blocks"] > 0 and cpu["decode_tps"] > 0 and cpu["prompt_tps"] > 0
     assert 0 < cpu["peak_vram_bytes"] <= budget == cpu["budget_bytes"] and cpu["predicted_accelerator_bytes"] <= budget
     assert len(cpu["tokens"]) == 8
+    assert cpu["predicted_decode_tps"] > 0 and cpu["predicted_prompt_tps"] > 0 and "RPC0" in cpu["speeds_source"]
 
     rotary = runs["rotary"]
     assert rotary["status"] == "skipped" and "rotary mode needs a CUDA GPU" in rotary["reason"]
@@ -99,6 +100,7 @@ def test_every_variant_in_its_own_process_on_the_rpc_device(tmp_path, rpc_endpoi
         assert 0 < cache["hit_rate"] < 1 and cache["decode_tps"] > 0
         assert cache["predicted_accelerator_bytes"] <= budget
         assert cache["tokens"] == cpu["tokens"]  # the same greedy output
+        assert cache["predicted_decode_tps"] > 0 and cache["predicted_prompt_tps"] > 0
     assert runs["upload-8"]["cache_uploaded_bytes"] > 0  # every miss is uploaded
     assert runs["split-8"]["cache_slots"] == runs["upload-8"]["cache_slots"] == 8
 
@@ -107,6 +109,9 @@ def test_every_variant_in_its_own_process_on_the_rpc_device(tmp_path, rpc_endpoi
     assert "| cpu | " in table and " 1.00x " in table and "| rotary | skipped |" in table
     assert "| split-8 | " in table and f"| upload-auto ({runs['upload-auto']['cache_slots']} slots) | " in table
     assert "- rotary skipped: rotary mode needs a CUDA GPU" in table
+    error = cpu["decode_tps"] / cpu["predicted_decode_tps"] - 1
+    assert f"| cpu | {cpu['decode_tps']:.1f} | {cpu['predicted_decode_tps']:.1f} ({error:+.0%}) | 1.00x | " in table
+    assert "- predicted t/s: the speed model (calibrated: " in table
 
 
 def test_a_failing_variant_is_recorded_and_the_rest_go_on(tmp_path, test_model):

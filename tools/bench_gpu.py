@@ -21,7 +21,9 @@ and OUT/table.md; the exit status is 1 when a variant failed.
 
 Peak VRAM is NVML's used memory at its highest during the timed run less what was used before the
 variant's process touched the GPU; on an RPC device (--rpc, a simulated accelerator) it is what
-llama.cpp placed there. The hit rate is the expert cache's over the timed run.
+llama.cpp placed there. The hit rate is the expert cache's over the timed run. Beside the measured
+decode and prompt t/s: the speed model's prediction for the variant (`plan`'s, from this
+machine's calibration, measured on first use) and the measured figure's difference from it.
 
     python tools/bench_gpu.py MODEL [--vram 6.3GB] [--split auto 64] [--upload 64] [--ctx 4096] [--out DIR]
                               [--prompt-tokens 128] [--gen-tokens 64] [--timeout 300] [--rpc HOST:PORT]
@@ -79,6 +81,25 @@ def cache_counts(cache) -> tuple[int, int, int] | None:
     return stats.hits, stats.misses, cache.uploaded_bytes
 
 
+def predicted_speeds(plan, inv, misses: str, args: argparse.Namespace) -> dict:
+    """The speed model's decode and prompt t/s for a cpu-mode plan, from this machine's calibration
+    (measured on first use, then kept), at the prompt and KV cache the timed run sees; nothing for
+    rotary mode, which the speed model does not cover."""
+    if plan.mode != "cpu":
+        return {}
+    from rotary_gguf.calibration import plan_speeds
+    from rotary_gguf.engine import default_threads
+    from rotary_gguf.speed_model import kv_cells_read
+
+    speeds, _ = plan_speeds(inv, plan.accelerator.name, args.threads or default_threads(),
+                            kv_cells=kv_cells_read(args.prompt_tokens + args.gen_tokens // 2))
+    slots = plan.expert_cache.slots if plan.expert_cache else 0
+    layout = plan.speed_layout(plan.host_layers, slots, misses)
+    predicted = speeds.predict(layout, prompt_batch=min(args.prompt_tokens, N_BATCH))
+    return {"predicted_decode_tps": predicted.decode_tps, "predicted_prompt_tps": predicted.prompt_tps,
+            "speeds_source": speeds.source}
+
+
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     """Plan, load, warm up and time one variant; its figures as one JSON-ready dict."""
     mode, cache_setting, misses = variant_setting(name)
@@ -111,7 +132,9 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         predicted_accelerator=plan.accelerator_use.parts(),
         plan_notes=[plan.mode_reason, *plan.notes, *([plan.expert_cache_reason] if plan.expert_cache_reason else [])],
     )
-    cache = ExpertCache.for_plan(plan, read_inventory(args.model), n_threads=args.threads)
+    inv = read_inventory(args.model)
+    result.update(predicted_speeds(plan, inv, misses, args))
+    cache = ExpertCache.for_plan(plan, inv, n_threads=args.threads)
     start = time.perf_counter()
     with Engine.load(args.model, plan.placement, n_ctx=args.ctx, n_batch=plan.n_batch, n_threads=args.threads or None,
                      expert_cache=cache) as engine:
@@ -176,6 +199,13 @@ def measure_variant(name: str, args: argparse.Namespace, out: Path) -> dict:
     return result
 
 
+def _beside(measured: float, predicted: float | None) -> str:
+    """A predicted t/s and the measured one's difference from it: "52.1 (-8%)"; "-" without one."""
+    if not predicted:
+        return "-"
+    return f"{predicted:.1f} ({measured / predicted - 1:+.0%})"
+
+
 def _text(data: bytes | str | None) -> str:
     if isinstance(data, bytes):
         return data.decode(errors="replace")
@@ -190,13 +220,14 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         f"`{args.model.name}`, budget {args.vram} ({human_bytes(budget)}), ctx {args.ctx}, "
         f"{args.prompt_tokens} prompt tokens, {args.gen_tokens} generated (after one warm-up)",
         "",
-        "| variant | decode t/s | vs cpu | prompt t/s | peak VRAM | predicted | hit rate | expert blocks on GPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | decode t/s | predicted | vs cpu | prompt t/s | predicted | peak VRAM | predicted | hit rate | "
+        "expert blocks on GPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['variant']} | {r['status']} | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['status']} | | | | | | | | |")
             notes.append(f"- {r['variant']} {r['status']}: {r['reason']}")
             continue
         ratio = f"{r['decode_tps'] / base['decode_tps']:.2f}x" if base and base["decode_tps"] else "-"
@@ -204,10 +235,14 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         hits = f"{r['hit_rate']:.1%}" if r["hit_rate"] is not None else "-"
         slots = f" ({r['cache_slots'] or 'no'} slots)" if r["variant"].endswith("-auto") else ""
         blocks = f"{r['resident_blocks']} of {r['resident_blocks'] + r['host_blocks']}"
-        lines.append(f"| {r['variant']}{slots} | {r['decode_tps']:.1f} | {ratio} | {r['prompt_tps']:.1f} | {peak} | "
-                     f"{human_bytes(r['predicted_accelerator_bytes'])} | {hits} | {blocks} |")
+        decode, prompt = (_beside(r[f"{figure}_tps"], r.get(f"predicted_{figure}_tps")) for figure in ("decode", "prompt"))
+        lines.append(f"| {r['variant']}{slots} | {r['decode_tps']:.1f} | {decode} | {ratio} | {r['prompt_tps']:.1f} | "
+                     f"{prompt} | {peak} | {human_bytes(r['predicted_accelerator_bytes'])} | {hits} | {blocks} |")
         if r.get("cache_disabled_reason"):
             notes.append(f"- {r['variant']}: the expert cache turned itself off: {r['cache_disabled_reason']}")
+    for source in sorted({r["speeds_source"] for r in results if r.get("speeds_source")}):
+        notes.append(f"- predicted t/s: the speed model ({source}); the measured figure's difference from it in "
+                     "brackets (rotary mode is not predicted)")
     for source in sorted({r["peak_accelerator_source"] for r in results if r.get("peak_accelerator_source")}):
         notes.append(f"- peak VRAM ({source}): {PEAK_SOURCES.get(source, source)}")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

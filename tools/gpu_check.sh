@@ -5,7 +5,8 @@
 #   tests      the tests that skip without CUDA
 #   bench      a synthetic qwen35moe with the real expert widths (Q4_K), LAYERS blocks:
 #              tools/bench_gpu.py's variants (resident blocks only, rotary streaming, split compute and
-#              an uploading expert cache) under a VRAM budget, decode t/s and NVML peak memory
+#              an uploading expert cache) under a VRAM budget, decode t/s and NVML peak memory, and
+#              the speed model's predicted t/s beside them
 #   telemetry  tools/bench_telemetry.py on the GPU (what the routing tap costs there)
 # and two more, not in the default list (a session has 15 minutes of GPU in all):
 #   mtp        tools/bench_mtp.py: decode with and without MTP drafts, experts on the host, the rest
