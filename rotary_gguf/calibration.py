@@ -37,7 +37,11 @@ from .speed_model import (KV_WINDOW, REFERENCE_GPU, DeviceSpeeds, Layout, PlanSp
                           token_seconds)
 from .user_cache import cache_dir
 
-CALIBRATION_FORMAT = 16
+CALIBRATION_FORMAT = 17
+# An expert cache's uploads: one expert's projection per copy (Qwen3.6's: 0.6-0.9 MB), from the
+# host memory the cache uploads from; timed at these copy sizes, this many bytes each time.
+EXPERT_UPLOAD_SIZES = (256 * 2**10, 2**20, 4 * 2**20)
+EXPERT_UPLOAD_BYTES = 32 * 2**20
 PROMPT_BATCH = 128  # tokens per batched multiply measured (prompt speed); large enough to be compute-bound
 # A prompt's experts: their whole FFN as a MoE block runs it (gate, up, SwiGLU, down, weighting, sum),
 # far from the dense multiply's speed on CPUs, timed for 64 tokens at each of these shares (tokens
@@ -308,6 +312,8 @@ def _device_speeds(dev, previous: DeviceSpeeds | None, decode: dict, types: dict
         extra["upload_pageable"] = measure.upload_bytes_per_s(dev, 64 * 2**20, pinned=False)
         if dev.host_buffer_type:
             extra["upload_pinned"] = measure.upload_bytes_per_s(dev, 64 * 2**20)
+        extra["expert_uploads"] = {size: measure.upload_bytes_per_s(dev, EXPERT_UPLOAD_BYTES, copy_bytes=size)
+                                   for size in EXPERT_UPLOAD_SIZES}
     step(f"{dev.name}: recurrent state update")
     extra["recurrent"] = measure.recurrent_bytes_per_s(dev, n_threads)
     extra["prompt_recurrent"] = measure.recurrent_bytes_per_s(dev, n_threads, tokens=PROMPT_RECURRENT_TOKENS)

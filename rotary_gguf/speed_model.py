@@ -61,6 +61,9 @@ class DeviceSpeeds:
     copy_seconds: float = 0.0  # the fixed cost of one small host <-> device copy
     upload_pinned: float | None = None  # host -> device bytes per second, from page-locked memory
     upload_pageable: float | None = None  # from ordinary host memory
+    # an expert cache's uploads, one expert's projection per copy, from the host memory it uses
+    # (pinned where the device has it): bytes per second by copy size
+    expert_uploads: dict[int, float] = field(default_factory=dict)
     experts: dict[str, float] = field(default_factory=dict)  # decode's expert op (MUL_MAT_ID), per type
     # a prompt's expert FFN (gate, up, down, the weighting and sum of a token's outputs), per `ffn_key`
     # (types and widths) and tokens of the batch sharing each selected expert: bytes of every token's
@@ -92,6 +95,15 @@ class DeviceSpeeds:
         per_byte = np.interp(np.log(np.arange(1, len(pairs) + 1)), np.log(shares), [1.0 / curve[k] for k in shares])
         return float(nbytes * np.dot(pairs, per_byte))
 
+    def expert_upload_rate(self, copy_bytes: float) -> float:
+        """Bytes per second of uploads in copies of `copy_bytes`: interpolated on a log scale
+        between the copy sizes measured (the nearest beyond them), else the bulk upload speed."""
+        if not self.expert_uploads:
+            return self.upload_pinned or self.upload_pageable or 1e9
+        sizes = sorted(self.expert_uploads)
+        seconds_per_byte = np.interp(np.log(copy_bytes), np.log(sizes), [1.0 / self.expert_uploads[k] for k in sizes])
+        return float(1.0 / seconds_per_byte)
+
     def read_seconds(self, nbytes: float, phase: str, type_name: str, batch: int = 1) -> float:
         """Seconds per token to use `nbytes` of weights of `type_name`: at decode, their read; in a
         prompt of `batch` tokens, one read shared by the batch unless its compute takes longer."""
@@ -117,6 +129,8 @@ class DeviceSpeeds:
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         if "prompt_experts" in fields:  # JSON keys are strings: the shares back to ints
             fields["prompt_experts"] = {t: {int(k): v for k, v in c.items()} for t, c in fields["prompt_experts"].items()}
+        if "expert_uploads" in fields:  # and the copy sizes
+            fields["expert_uploads"] = {int(k): v for k, v in fields["expert_uploads"].items()}
         return cls(**fields)
 
 
@@ -252,6 +266,7 @@ NODES_OUTSIDE_BLOCKS = 6
 STATE_COPIES = 4  # reads and writes of the whole recurrent state besides its update (get_rows in, cpy out)
 GRAPH_INPUTS = 6  # tensors set before every decode graph (token, position, mask, KV indices, ...)
 SPLIT_SYNCS = 3  # graph syncs split compute adds per cached block (its eval callback reads three nodes)
+EXPERT_PROJECTIONS = 3  # an expert's gate, up and down: the cache uploads each in its own copy
 
 
 def estimated_nodes(attention: list[str]) -> int:
@@ -328,8 +343,9 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
     for i in layout.host:
         hit = layout.hit_rates.get(i, 0.0) if layout.slots else 0.0
         if layout.slots and layout.misses == "upload":  # the missed experts cross the link, then all run on the accelerator
-            missed = (1.0 - hit) * weights.n_expert_used * sum(weights.expert.get(i, {}).values())
-            upload = main.upload_pinned or main.upload_pageable or 1e9
+            expert_bytes = sum(weights.expert.get(i, {}).values())
+            missed = (1.0 - hit) * weights.n_expert_used * expert_bytes
+            upload = main.expert_upload_rate(expert_bytes / EXPERT_PROJECTIONS)
             parts["host experts"] += missed / (upload * batch) + experts(i, main)
             continue
         parts["host experts"] += max(experts(i, cpu, 1.0 - hit), experts(i, main, hit))

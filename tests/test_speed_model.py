@@ -83,8 +83,27 @@ def test_measured_host_blocks_cost_what_was_measured():
     assert two.decode_parts["splits"] == pytest.approx(2 * 5e-4, rel=1e-6)
 
 
+def test_a_caches_missed_experts_upload_at_the_speed_measured_for_their_copies():
+    """An uploading cache copies each missed expert's projections one at a time: they cross the link
+    at the speed measured for copies of that size (interpolated on a log scale), not at the speed
+    of one bulk copy, which some links (ggml-rpc: 0.5 GB/s for 64 MiB, 1-3 GB/s for 1 MiB) differ from."""
+    w, cpu = _weights(), _speeds("CPU", 1e9)
+    acc = replace(_speeds("GPU", 1e10), upload_pageable=1e8, expert_uploads={2**15: 1e9, 2**17: 4e9})
+    assert acc.expert_upload_rate(2**16) == pytest.approx(1 / ((1 / 1e9 + 1 / 4e9) / 2))
+    assert acc.expert_upload_rate(2**10) == pytest.approx(1e9) and acc.expert_upload_rate(2**20) == pytest.approx(4e9)  # the nearest
+    assert replace(acc, expert_uploads={}).expert_upload_rate(2**16) == 1e8  # not measured: the bulk speed
+    layout = Layout(host=(0,), slots=8, hit_rates={0: 0.75}, misses="upload")
+    host = predict(w, layout, cpu, acc).decode_parts["host experts"]
+    on_gpu = predict(w, Layout(), cpu, acc).decode_parts["resident experts"] / 4  # one block's experts on the GPU
+    missed = 0.25 * 4 * 100_000  # a quarter of a token's 4 experts of 100 kB, in copies of a third of one
+    assert host == pytest.approx(missed / acc.expert_upload_rate(100_000 / 3) + on_gpu, rel=1e-6)
+    bulk = predict(w, layout, cpu, replace(acc, expert_uploads={})).decode_parts["host experts"]
+    assert bulk == pytest.approx(missed / 1e8 + on_gpu, rel=1e-6)
+
+
 def test_an_unmeasured_type_takes_the_slowest_rate():
-    s = DeviceSpeeds("CPU", "", {"Q4_K": 2e9, "F32": 8e9}, {}, 128, 0.0, prompt_experts={FFN: {1: 1e9, 64: 3e9}})
+    s = DeviceSpeeds("CPU", "", {"Q4_K": 2e9, "F32": 8e9}, {}, 128, 0.0, prompt_experts={FFN: {1: 1e9, 64: 3e9}},
+                     expert_uploads={2**20: 2e9})
     assert s.rate("decode", "Q6_K") == 2e9
     assert DeviceSpeeds.from_json(json.loads(json.dumps(s.to_json()))) == s
 
@@ -165,6 +184,8 @@ def test_an_rpc_accelerator_is_calibrated_too(cache_home, rpc_endpoint, test_mod
     acc = cal.accelerator
     assert acc is not None and acc.name == dev.name
     assert set(acc.decode) == set(types) | set(calibration.demo_weight_types()[0]) and acc.upload_pageable > 0 and acc.upload_pinned is None  # RPC has no pinned memory
+    assert set(acc.expert_uploads) == set(calibration.EXPERT_UPLOAD_SIZES) and min(acc.expert_uploads.values()) > 0
+    assert calibration.calibrate(types, inv.n_embd, 1, dev.name).accelerator.expert_uploads == acc.expert_uploads  # kept
     assert acc.graph_seconds > cal.cpu.graph_seconds  # a round trip over a socket
     # a host block's splits: round trips and graphs both ways, more than one graph's round trip
     assert acc.host_block_seconds > acc.graph_seconds and cal.cpu.host_block_seconds is None

@@ -238,15 +238,20 @@ def _print_calibration(cal) -> None:
         return "-" if seconds is None else f"{seconds * 1e6:.{digits}f}"
 
     fixed = Table(title="fixed costs", title_justify="left", box=None, pad_edge=False)
-    for col in ("device", "graph us", "op us", "copy us", "host block us", "state GB/s", "upload GB/s"):
+    for col in ("device", "graph us", "op us", "copy us", "host block us", "state GB/s", "upload GB/s",
+                "expert uploads GB/s"):
         fixed.add_column(col, justify="left" if col == "device" else "right")
+    copy_sizes = sorted({k for dev in devices for k in dev.expert_uploads})
     for dev in devices:
         upload = "/".join(f"{v / 1e9:.1f}" for v in (dev.upload_pinned, dev.upload_pageable) if v) or "-"
         state = "/".join(f"{v / 1e9:.1f}" for v in (dev.recurrent, dev.prompt_recurrent) if v) or "-"
+        expert_uploads = "/".join(f"{dev.expert_uploads[k] / 1e9:.1f}" for k in copy_sizes if k in dev.expert_uploads)
         fixed.add_row(dev.name, us(dev.graph_seconds), us(dev.op_seconds, 2), us(dev.copy_seconds),
-                      us(dev.host_block_seconds), state, upload)
+                      us(dev.host_block_seconds), state, upload, expert_uploads or "-")
     out.print(fixed)
-    out.print("state: the recurrent update at decode / in a prompt; upload: from page-locked / ordinary memory")
+    sizes = " / ".join(human_bytes(k) for k in copy_sizes)
+    out.print("state: the recurrent update at decode / in a prompt; upload: from page-locked / ordinary memory"
+              + (f"; expert uploads: an expert cache's, in copies of {sizes}" if sizes else ""))
     for name, by_threads in sorted(cal.cpu_decode_by_threads.items()):
         out.print(f"CPU {name} decode by threads: " + ", ".join(f"{n}: {v / 1e9:.1f} GB/s" for n, v in sorted(by_threads.items())))
 

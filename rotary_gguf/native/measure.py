@@ -31,16 +31,27 @@ def _device_tensor(dev: Device, nbytes: int) -> Iterator[int]:
             _buffer_free(buf)
 
 
-def upload_bytes_per_s(dev: Device, nbytes: int = 256 * 2**20, repeats: int = 3, pinned: bool = True) -> float:
+def upload_bytes_per_s(dev: Device, nbytes: int = 256 * 2**20, repeats: int = 3, pinned: bool = True,
+                       copy_bytes: int | None = None) -> float:
     """Measured host -> device copy speed, from the device's pinned host memory where it has one
-    (and `pinned`), else from ordinary (pageable) host memory."""
+    (and `pinned`), else from ordinary (pageable) host memory: `nbytes` in one copy, or in copies
+    of `copy_bytes` one after another (as an expert cache uploads one expert's projection at a
+    time: a copy's fixed cost, and on some links a size-dependent speed, show there)."""
     src_buft = (dev.host_buffer_type if pinned else None) or cpu_device().buffer_type
     src = _buft_alloc_buffer(src_buft, nbytes)
     if not src:
         raise UserError(f"could not allocate {nbytes} bytes of host memory to measure uploads to {dev.name}")
+    step = min(copy_bytes or nbytes, nbytes)
+    offsets = range(0, nbytes - step + 1, step)
+
+    def copy() -> None:
+        base = _buffer_base(src)
+        for offset in offsets:
+            _tensor_set(tensor, base + offset, offset, step)
+
     try:
         with _device_tensor(dev, nbytes) as tensor:
-            return nbytes / _typical_time(repeats, lambda: _tensor_set(tensor, _buffer_base(src), 0, nbytes))
+            return len(offsets) * step / _typical_time(repeats, copy)
     finally:
         _buffer_free(src)
 
