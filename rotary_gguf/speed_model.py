@@ -284,6 +284,7 @@ class Layout:
     slots: int = 0
     hit_rates: dict[int, float] = field(default_factory=dict)
     misses: str = "split"  # a cache miss: computed by the CPU meanwhile ("split") or uploaded first ("upload")
+    admit_bytes: int | None = None  # split: the most bytes of missed experts admitted into slots between calls
     streams_prompt: bool = False  # the accelerator runs host experts itself at prompt batches (CUDA)
     # per block, the hit-rate curve of its routing (a profile's; the field figures for blocks without one):
     # how many tokens of a prompt's batch share each expert
@@ -340,17 +341,24 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
         parts["host experts"] = sum(experts(i, main) for i in layout.host) + (
             uploads / ((main.upload_pinned or main.upload_pageable or 1e9) * batch))
         return parts
+    # split compute: a token's missed experts, uploaded into slots between calls (their bytes, seconds)
+    admitted_bytes = admitted_seconds = 0.0
     for i in layout.host:
         hit = layout.hit_rates.get(i, 0.0) if layout.slots else 0.0
+        expert_bytes = sum(weights.expert.get(i, {}).values())
+        missed = (1.0 - hit) * weights.n_expert_used * expert_bytes
+        upload = main.expert_upload_rate(expert_bytes / EXPERT_PROJECTIONS)
         if layout.slots and layout.misses == "upload":  # the missed experts cross the link, then all run on the accelerator
-            expert_bytes = sum(weights.expert.get(i, {}).values())
-            missed = (1.0 - hit) * weights.n_expert_used * expert_bytes
-            upload = main.expert_upload_rate(expert_bytes / EXPERT_PROJECTIONS)
             parts["host experts"] += missed / (upload * batch) + experts(i, main)
             continue
         parts["host experts"] += max(experts(i, cpu, 1.0 - hit), experts(i, main, hit))
         if layout.slots:  # split compute syncs three more times per block: routing, weights, the weighted sum
             parts["splits"] += SPLIT_SYNCS * main.graph_seconds / batch
+            admitted_bytes += missed
+            admitted_seconds += missed / upload
+    if admitted_bytes:  # a call admits up to the cache's budget of them
+        capped = 1.0 if layout.admit_bytes is None else min(1.0, layout.admit_bytes / (admitted_bytes * batch))
+        parts["host experts"] += admitted_seconds * capped
     parts["splits"] += len(layout.host) * host_block_seconds(main, cpu) / batch
     return parts
 

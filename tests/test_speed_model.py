@@ -101,6 +101,21 @@ def test_a_caches_missed_experts_upload_at_the_speed_measured_for_their_copies()
     assert bulk == pytest.approx(missed / 1e8 + on_gpu, rel=1e-6)
 
 
+def test_split_compute_uploads_its_misses_into_slots_between_calls_up_to_its_budget():
+    """A split-compute cache computes a token's misses on the CPU, then admits them into slots
+    before the next call: their upload is part of the token's time, up to the cache's budget a call."""
+    w, cpu = _weights(), _speeds("CPU", 1e9)
+    acc = replace(_speeds("GPU", 1e10), expert_uploads={2**15: 1e9})
+    layout = Layout(host=(0, 1), slots=8, hit_rates={0: 0.75, 1: 0.5}, misses="split")
+    missed = (0.25 + 0.5) * 4 * 100_000  # a token's missed experts in both blocks
+    unbounded = predict(w, layout, cpu, acc).decode_parts["host experts"]
+    without = predict(w, layout, cpu, replace(acc, expert_uploads={}, upload_pageable=1e30)).decode_parts["host experts"]
+    assert unbounded - without == pytest.approx(missed / 1e9, rel=1e-6)
+    bounded = predict(w, replace(layout, admit_bytes=int(missed / 3)), cpu, acc).decode_parts["host experts"]
+    assert bounded - without == pytest.approx(missed / 3 / 1e9, rel=1e-3)
+    assert predict(w, replace(layout, hit_rates={0: 1.0, 1: 1.0}), cpu, acc).decode_parts["host experts"] < without
+
+
 def test_an_unmeasured_type_takes_the_slowest_rate():
     s = DeviceSpeeds("CPU", "", {"Q4_K": 2e9, "F32": 8e9}, {}, 128, 0.0, prompt_experts={FFN: {1: 1e9, 64: 3e9}},
                      expert_uploads={2**20: 2e9})

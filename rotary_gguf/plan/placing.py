@@ -114,7 +114,8 @@ class Plan:
 
     def speed_layout(self, host, slots: int = 0, misses: str = "split") -> Layout:
         """A placement of this plan's model and accelerator(s) as the speed model sees it (`speed_layout`)."""
-        layout = speed_layout(self.model, self.accelerator, self.hit_rates, host, slots, misses)
+        admit = self.expert_cache.upload_budget if self.expert_cache and slots else None
+        layout = speed_layout(self.model, self.accelerator, self.hit_rates, host, slots, misses, admit)
         return replace(layout, **spread_layout(self.shares, self.model.n_layer)) if self.shares else layout
 
     def device_of(self, layer: int) -> Accelerator:
@@ -377,7 +378,8 @@ def make_plan(
     cpu_bps = cpu_expert_bytes_per_s or DEFAULT_CPU_EXPERT_BYTES_PER_S
 
     def layout(host: list[int], slots: int = 0, misses: str = cache_misses) -> Layout:
-        return speed_layout(model, accelerator, hit_rates, host, slots, misses)
+        admit = split_admit_bytes(model, [slot_bytes[i] for i in host], upload_bytes_per_s) if slots and host else None
+        return speed_layout(model, accelerator, hit_rates, host, slots, misses, admit)
 
     def decode_seconds(resident: set[int], slots: int) -> float:
         host = [i for i in layers if i not in resident]
@@ -437,10 +439,7 @@ def make_plan(
                          f"{1 / decode_seconds(most, slots):.1f} t/s with all of them ({speeds.source}; the "
                          f"accelerator's expert op is slower than the CPU's)")
     cache_split = split and 0 < slots < model.n_expert
-    budget_bytes = None
-    if cache_split:
-        budget_bytes = (int(upload_bytes_per_s * SPLIT_UPLOAD_SECONDS) if upload_bytes_per_s
-                        else model.n_expert_used * max(slot_bytes[i] for i in host_layers))
+    budget_bytes = split_admit_bytes(model, [slot_bytes[i] for i in host_layers], upload_bytes_per_s) if cache_split else None
     cache = (ExpertCachePlan(slots, tuple(host_layers), tuple(slot_bytes[i] for i in host_layers), cache_reason,
                              cache_split, budget_bytes)
              if slots and host_layers else None)
@@ -519,12 +518,22 @@ def _weighed(speeds: PlanSpeeds, layout, layers: list[int], host: list[int], slo
 
 
 def speed_layout(model: ModelFigures, accelerator: Accelerator, hit_rates: HitRates | None, host, slots: int = 0,
-                 misses: str = "split") -> Layout:
+                 misses: str = "split", admit_bytes: int | None = None) -> Layout:
     """How the speed model sees a placement with the experts of `host` in host memory, each with a
-    cache of `slots` whose misses are split or uploaded."""
+    cache of `slots` whose misses are split (and admitted into slots between calls, `admit_bytes`
+    at most) or uploaded."""
     rates = {i: cache_hit_rate(hit_rates, i, slots, model.n_expert) for i in host} if slots else {}
-    return Layout(tuple(host), slots=slots, hit_rates=rates, misses=misses, streams_prompt=accelerator.streams_host_ops,
-                  routing=dict(hit_rates.by_layer) if hit_rates else {})
+    return Layout(tuple(host), slots=slots, hit_rates=rates, misses=misses, admit_bytes=admit_bytes,
+                  streams_prompt=accelerator.streams_host_ops, routing=dict(hit_rates.by_layer) if hit_rates else {})
+
+
+def split_admit_bytes(model: ModelFigures, slot_bytes: list[int], upload_bytes_per_s: float | None) -> int:
+    """The bytes of missed experts a split-compute cache admits into slots between two calls: as
+    many as upload in `SPLIT_UPLOAD_SECONDS` at the measured speed, else the experts one token
+    uses in one block (of the host blocks' `slot_bytes`, the largest)."""
+    if upload_bytes_per_s:
+        return int(upload_bytes_per_s * SPLIT_UPLOAD_SECONDS)
+    return model.n_expert_used * max(slot_bytes)
 
 
 def spread_layout(shares, n_layer: int) -> dict:
