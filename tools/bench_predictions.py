@@ -1,7 +1,10 @@
 """The speed model against measurement on ggml-rpc: `rotary-gguf bench --calibrate --json` on
 test models of two shapes at three budgets (every expert in host memory, about half of the blocks
-resident, every block resident), each candidate's predicted decode and prompt t/s beside what bench
-measured, and how many are within the target (20% of the measured speed).
+resident, every block resident), and at the half budget once more with an expert cache of a
+quarter of the experts per host block (split compute, and the same slots uploading every miss),
+its hit rates from the model's routing profile (`rotary-gguf profile`, made once); each
+candidate's predicted decode and prompt t/s beside what bench measured, and how many are within
+the target (20% of the measured speed).
 
 Shapes, built once into --work-dir:
 - mid: qwen3moe, 8 blocks, n_embd 1024, 64 experts of FFN 512, top-8, Q4_K_M (482 MiB): larger
@@ -12,7 +15,8 @@ Shapes, built once into --work-dir:
 A ggml-rpc server on this machine is the accelerator (its own CPU thread, `--rpc-threads`). Runs
 are interleaved by bench; on a shared machine the spread column says how far to trust them.
 
-    python tools/bench_predictions.py [--shapes mid,bench-dims] [--runs 3] [--tokens 48] [--threads 1] [--json]
+    python tools/bench_predictions.py [--shapes mid,bench-dims] [--runs 3] [--tokens 48] [--threads 1] [--no-cache]
+                                      [--json]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_models import make_bench_model, make_model  # noqa: E402
 from rotary_gguf import native  # noqa: E402
+from rotary_gguf.inventory import read_inventory  # noqa: E402
 
 CLI = [sys.executable, "-m", "rotary_gguf.cli"]
 TARGET = 0.20
@@ -78,6 +83,18 @@ def budgets(path: Path, endpoint: str, ctx: int) -> dict[str, int]:
     return {"host": least, "half": least + sum(experts[len(experts) // 2:]), "resident": least + sum(experts) + 2**20}
 
 
+def routing_profile(path: Path) -> Path:
+    """The model's routing profile (the built-in prompts, 32 tokens after each), made once beside it."""
+    profile = path.with_name(path.stem + "-profile.json")
+    if not profile.exists():
+        print(f"profiling {path.name} ...", file=sys.stderr)
+        done = subprocess.run([*CLI, "profile", str(path), "-o", str(profile), "--tokens", "32", "--ctx", "1024"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"rotary-gguf profile failed: {done.stderr.strip().splitlines()[-1:]}")
+    return profile
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="mid,bench-dims", help="comma-separated: " + ", ".join(SHAPES))
@@ -87,6 +104,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the engine")
     parser.add_argument("--rpc-threads", type=int, default=1, help="CPU threads of the ggml-rpc device")
     parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="skip the run with an expert cache (and the routing profile it needs)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     unknown = set(args.shapes.split(",")) - set(SHAPES)
@@ -101,10 +120,16 @@ def main() -> None:
             if not path.exists():
                 print(f"building the {shape} model ...", file=sys.stderr)
                 SHAPES[shape](path)
-            for budget_name, budget in budgets(path, endpoint, args.ctx).items():
-                print(f"{shape}, budget {budget_name} ({budget / 2**20:.0f} MiB): bench ...", file=sys.stderr)
+            sizes = budgets(path, endpoint, args.ctx)
+            runs = [(name, budget, ["--expert-cache", "off"]) for name, budget in sizes.items()]
+            if args.cache:
+                slots = max(1, read_inventory(path).n_expert // 4)
+                runs.append(("half", sizes["half"], ["--expert-cache", str(slots), "--profile", str(routing_profile(path))]))
+            for budget_name, budget, cache in runs:
+                print(f"{shape}, budget {budget_name} ({budget / 2**20:.0f} MiB), {' '.join(cache)}: bench ...",
+                      file=sys.stderr)
                 doc = cli_json("bench", str(path), "--rpc", endpoint, "--vram", f"{budget}B", "--ctx", str(args.ctx),
-                               "--expert-cache", "off", "--threads", str(args.threads), "--runs", str(args.runs),
+                               *cache, "--threads", str(args.threads), "--runs", str(args.runs),
                                "--prompt-tokens", "64", "--gen-tokens", str(args.tokens), "--calibrate")
                 for cand in doc["candidates"]:
                     figures, predicted = cand["figures"], cand["predicted"]
