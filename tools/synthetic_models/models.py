@@ -23,6 +23,13 @@ BENCH_USED = 8
 BENCH_FF = 512
 
 
+def _output_path(output) -> pathlib.Path:
+    """`output` as a path, its folder made."""
+    out = pathlib.Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def make_model(
     output,
     *,
@@ -71,10 +78,8 @@ def make_model(
     add_mtp(d, mtp, trunk_gain)
     tok = build_tokenizer()
 
-    out = pathlib.Path(output)
-    folder = out.parent if str(out.parent) else pathlib.Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-
+    out = _output_path(output)
+    folder = out.parent
     tmp_final = tmp_path(folder, out.name, ".tmp")
     tmp_f32 = None
     try:
@@ -122,10 +127,8 @@ def make_bench_model(
     add_mtp(d, mtp, trunk_gain)
     tok = build_tokenizer()
 
-    out = pathlib.Path(output)
-    folder = out.parent if str(out.parent) else pathlib.Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(folder, out.name, ".tmp")
+    out = _output_path(output)
+    tmp = tmp_path(out.parent, out.name, ".tmp")
     try:
         write_gguf(tmp, d, tok, seed, router_skew, fused_gate_up=False, f16=True, file_type=FTYPE_MOSTLY_Q4_K_S,
                     routed_experts=q4k_experts(Weights(seed), d))
