@@ -95,11 +95,16 @@ class DeviceSpeeds:
         per_byte = np.interp(np.log(np.arange(1, len(pairs) + 1)), np.log(shares), [1.0 / curve[k] for k in shares])
         return float(nbytes * np.dot(pairs, per_byte))
 
+    @property
+    def bulk_upload_rate(self) -> float:
+        """Bytes per second of one large upload: from pinned memory where measured, else ordinary."""
+        return self.upload_pinned or self.upload_pageable or 1e9
+
     def expert_upload_rate(self, copy_bytes: float) -> float:
         """Bytes per second of uploads in copies of `copy_bytes`: interpolated on a log scale
         between the copy sizes measured (the nearest beyond them), else the bulk upload speed."""
         if not self.expert_uploads:
-            return self.upload_pinned or self.upload_pageable or 1e9
+            return self.bulk_upload_rate
         sizes = sorted(self.expert_uploads)
         seconds_per_byte = np.interp(np.log(copy_bytes), np.log(sizes), [1.0 / self.expert_uploads[k] for k in sizes])
         return float(1.0 / seconds_per_byte)
@@ -339,7 +344,7 @@ def token_seconds(weights: Weights, layout: Layout, cpu: DeviceSpeeds, acc: Devi
     if phase == "prompt" and layout.streams_prompt:
         uploads = sum(sum(weights.expert.get(i, {}).values()) * weights.n_expert for i in layout.host)
         parts["host experts"] = sum(experts(i, main) for i in layout.host) + (
-            uploads / ((main.upload_pinned or main.upload_pageable or 1e9) * batch))
+            uploads / (main.bulk_upload_rate * batch))
         return parts
     # split compute: a token's missed experts, uploaded into slots between calls (their bytes, seconds)
     admitted_bytes = admitted_seconds = 0.0
