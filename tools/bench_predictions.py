@@ -68,11 +68,16 @@ def start_rpc(threads: int) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
 
 
-def cli_json(*args: str) -> dict:
-    done = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True)
+def run_cli(*args: str) -> str:
+    """`rotary-gguf ARGS`'s output; its last error line, and a stop, when it fails."""
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"rotary-gguf {' '.join(args[:2])} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout)
+    return done.stdout
+
+
+def cli_json(*args: str) -> dict:
+    return json.loads(run_cli(*args, "--json"))
 
 
 def budgets(path: Path, endpoint: str, ctx: int) -> dict[str, int]:
@@ -88,10 +93,7 @@ def routing_profile(path: Path) -> Path:
     profile = path.with_name(path.stem + "-profile.json")
     if not profile.exists():
         print(f"profiling {path.name} ...", file=sys.stderr)
-        done = subprocess.run([*CLI, "profile", str(path), "-o", str(profile), "--tokens", "32", "--ctx", "1024"],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"rotary-gguf profile failed: {done.stderr.strip().splitlines()[-1:]}")
+        run_cli("profile", str(path), "-o", str(profile), "--tokens", "32", "--ctx", "1024")
     return profile
 
 
