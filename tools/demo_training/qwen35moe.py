@@ -65,6 +65,17 @@ def moe_ffn(h: torch.Tensor, router: nn.Linear, gate: torch.Tensor, up: torch.Te
     return y, aux, chosen
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """`x` through each block in turn: the last hidden state, the blocks' mean balance loss and each
+    block's chosen experts (both demo models' trunks)."""
+    aux, chosen = x.new_zeros(()), []
+    for block in blocks:
+        x, a, c = block(x)
+        aux = aux + a
+        chosen.append(c)
+    return x, aux / len(blocks), chosen
+
+
 def rope_dims(s) -> int:
     """Rotary dimensions per head: a quarter, as Qwen3.5/3.6 rotate 64 of 256."""
     return max(4, s.head_dim // 4)
@@ -261,13 +272,8 @@ class Qwen35MoE(nn.Module):
     def trunk(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """The normed last hidden state (what llama.cpp hands the MTP head), the mean balance loss
         and each block's chosen experts."""
-        x = self.token_embd(tokens)
-        aux, chosen = x.new_zeros(()), []
-        for block in self.blocks:
-            x, a, c = block(x)
-            aux = aux + a
-            chosen.append(c)
-        return self.output_norm(x), aux / len(self.blocks), chosen
+        x, aux, chosen = run_blocks(self.blocks, self.token_embd(tokens))
+        return self.output_norm(x), aux, chosen
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         hidden, aux, chosen = self.trunk(tokens)

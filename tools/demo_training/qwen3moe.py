@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .qwen35moe import RMSNorm, moe_ffn
+from .qwen35moe import RMSNorm, moe_ffn, run_blocks
 from .settings import Settings
 
 
@@ -82,11 +82,5 @@ class DemoMoE(nn.Module):
             nn.init.normal_(p, std=std)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        x = self.token_embd(tokens)
-        aux, chosen = x.new_zeros(()), []
-        for block in self.blocks:
-            x, a, c = block(x)
-            aux = aux + a
-            chosen.append(c)
-        logits = self.output_norm(x) @ self.token_embd.weight.T
-        return logits, aux / len(self.blocks), chosen
+        x, aux, chosen = run_blocks(self.blocks, self.token_embd(tokens))
+        return self.output_norm(x) @ self.token_embd.weight.T, aux, chosen
